@@ -1,0 +1,214 @@
+"""The `brainseg` command line. Each verb parses its arguments and calls one API function.
+
+Heavy modules are imported inside the verbs so that `brainseg --help` starts quickly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from brainseg import __version__
+from brainseg.errors import BrainsegError
+
+app = typer.Typer(
+    name="brainseg",
+    help="Brain tumour segmentation in MRI: index and check data, explore it, split it by patient.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+DataDir = Annotated[Path, typer.Argument(help="Data set folder (kaggle_3m patient folders, or "
+                                              "images/ + masks/).", show_default=False)]
+Layout = Annotated[str, typer.Option(help="Layout: auto, kaggle_3m or images_masks.")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Decode every file again; do not "
+                                                          "read or write the slice cache.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"brainseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
+    """Brain tumour segmentation in MRI with 2D U-Net-family networks."""
+
+
+def _echo_scan(result, per_kind: int = 5) -> None:
+    for note in result.notes:
+        typer.echo(note, err=True)
+    table = result.table
+    cached = " (from cache)" if result.from_cache else ""
+    typer.echo(f"{len(table)} slices, {table['patient'].nunique()} "
+               f"{'patients' if result.layout == 'kaggle_3m' else 'cases'}, "
+               f"{int(table['has_tumour'].sum())} with tumour{cached}", err=True)
+    if not result.report.ok:
+        typer.echo(f"{len(result.report.problems)} problems, "
+                   f"{result.report.excluded_images()} pairs left out:", err=True)
+        for line in result.report.lines(per_kind):
+            typer.echo(f"  {line}", err=True)
+
+
+@app.command("index")
+def index_command(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index CSV to write.")] = Path("index.csv"),
+    layout: Layout = "auto",
+    strict: Annotated[bool, typer.Option(help="Exit non-zero when any check finds a problem.")] = False,
+    no_cache: NoCache = False,
+) -> None:
+    """Index a data set into a CSV with one row per slice, checking every image/mask pair.
+
+    Broken pairs are reported with their file names and left out (or, with --strict, the
+    command fails). Nothing is written into DATA_DIR.
+
+    Example: brainseg index ../shared/data/lgg --out lgg_index.csv
+    """
+    from brainseg.data.index import write_index
+
+    result = write_index(data_dir, out, layout=layout, cache=not no_cache, progress=True)
+    _echo_scan(result)
+    typer.echo(f"wrote {out}")
+    if strict and not result.report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("check")
+def check_command(
+    data_dir: DataDir,
+    layout: Layout = "auto",
+    strict: Annotated[bool, typer.Option(help="Exit non-zero when any problem is found.")] = False,
+    all_files: Annotated[bool, typer.Option("--all", help="List every problem, not 5 a kind.")] = False,
+    no_cache: NoCache = False,
+) -> None:
+    """Check every image/mask pair and explain what is broken, without writing an index.
+
+    Example: brainseg check ../shared/data/figshare --strict
+    """
+    from brainseg.data.index import scan
+
+    result = scan(data_dir, layout, cache=not no_cache, progress=True)
+    _echo_scan(result, per_kind=10**9 if all_files else 5)
+    if result.report.ok:
+        typer.echo("no problems found", err=True)
+    elif strict:
+        raise typer.Exit(1)
+
+
+@app.command("split")
+def split_command(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Split JSON to write.")] = Path("split.json"),
+    val: Annotated[float, typer.Option(help="Fraction of patients for validation.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Fraction of patients for testing.")] = 0.15,
+    folds: Annotated[int, typer.Option(help="k-fold cross-validation over the non-test "
+                                            "patients (0: a single train/val split).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    test_patients: Annotated[str, typer.Option(help="Comma-separated patients to use as the "
+                                                    "test set (overrides --test).")] = "",
+    layout: Layout = "auto",
+) -> None:
+    """Split patients (never slices) into train/val/test or k folds, stratified by tumour volume.
+
+    Example: brainseg split ../shared/data/lgg --val 0.15 --test 0.15 --seed 0 --out split.json
+    """
+    from brainseg.data.splits import make_split
+
+    split = make_split(data_dir, out, val=val, test=test, folds=folds or None, seed=seed,
+                       test_patients=[p.strip() for p in test_patients.split(",") if p.strip()],
+                       layout=layout)
+    if split["unit"] == "image":
+        typer.echo("note: this layout has no patient ids, so the split is per image", err=True)
+    counts = split["counts"]
+    if "folds" in counts:
+        described = f"test {counts['test']}, " + ", ".join(
+            f"fold {i}: train {c['train']} / val {c['val']}" for i, c in enumerate(counts["folds"]))
+    else:
+        described = ", ".join(f"{side} {n}" for side, n in counts.items())
+    typer.echo(f"{split['unit']}s: {described}")
+    typer.echo(f"wrote {out}")
+
+
+@app.command("explore")
+def explore_command(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for summary.json and PNGs.")]
+    = Path("explore"),
+    seed: Annotated[int, typer.Option(help="Seed for the sample grid.")] = 0,
+    samples: Annotated[int, typer.Option(help="Slices in the sample grid.")] = 6,
+    layout: Layout = "auto",
+) -> None:
+    """Summarise a data set (counts, shapes, intensities) and draw figures into OUT.
+
+    Example: brainseg explore ../shared/data/lgg --out lgg_explore
+    """
+    from brainseg.data.explore import explore, summary_lines
+
+    summary = explore(data_dir, out, layout=layout, seed=seed, samples=samples, progress=True)
+    for line in summary_lines(summary):
+        typer.echo(line)
+    typer.echo(f"wrote {out}/summary.json and {', '.join(summary['figures'])}")
+
+
+@app.command("synth")
+def synth_command(
+    out: Annotated[Path, typer.Argument(help="New folder for the synthetic data set.",
+                                        show_default=False)],
+    patients: Annotated[int, typer.Option(help="Number of patients.")] = 6,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    layout: Annotated[str, typer.Option(help="kaggle_3m or images_masks.")] = "kaggle_3m",
+) -> None:
+    """Write a synthetic data set with kaggle_3m names: FLAIR-bright lesions and their masks.
+
+    Example: brainseg synth synthetic --patients 8 --seed 1
+    """
+    from brainseg.data.synth import synthesize
+
+    folder = synthesize(out, patients=patients, seed=seed, size=size, layout=layout,
+                        progress=True)
+    typer.echo(f"wrote {folder}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo "
+                                                          "writes.")] = Path("demo-out"),
+    patients: Annotated[int, typer.Option(help="Synthetic patients.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the main job on embedded synthetic data: synthesize, index, split and explore.
+
+    Example: brainseg demo --out demo-out
+    """
+    from brainseg.demo import run_demo
+
+    run_demo(out, patients=patients, seed=seed, echo=typer.echo)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr, never a traceback."""
+    try:
+        app()
+    except BrainsegError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except OSError as error:  # e.g. an output folder that cannot be written
+        name = f"{error.filename}: " if error.filename else ""
+        typer.echo(f"error: {name}{error.strerror or error}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data layer: index and checks, slice cache, splits by patient, exploration, synthetic data."""

@@ -1,0 +1,370 @@
+"""Index a data set folder into a table with one row per slice, checking every pair.
+
+Two layouts are understood:
+
+* ``kaggle_3m`` - LGG MRI Segmentation: one folder per patient, slices ``<folder>_<n>.tif`` and
+  masks ``<folder>_<n>_mask.tif``; ``data.csv`` is joined on the first three parts of the
+  folder name.
+* ``images_masks`` - a generic ``images/`` + ``masks/`` pair of folders (the Figshare PNG
+  conversion): pairs by file stem; ``labels.csv`` is joined on its first column. These layouts
+  carry no patient ids, so every image is its own case.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from brainseg.data.cache import (
+    SliceStore,
+    StoreWriter,
+    cache_dir_for,
+    fingerprint,
+    open_store,
+    read_manifest,
+)
+from brainseg.data.checks import CheckReport, DecodedPair, Kind, Problem, decode_pair, relative
+from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES
+from brainseg.errors import BadInputError
+
+LAYOUTS = ("kaggle_3m", "images_masks")
+COLUMNS = ["patient", "slice", "image_path", "mask_path", "height", "width", "channels",
+           "tumour_pixels", "has_tumour", "layout"]
+_SLICE_NAME = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)(?P<mask>_mask)?$", re.IGNORECASE)
+_NATURAL = re.compile(r"(\d+)")
+
+
+@dataclass
+class Pair:
+    patient: str
+    slice: int
+    image: Path
+    mask: Path
+
+
+@dataclass
+class Discovery:
+    """What listing the folder found, before any file is decoded."""
+
+    layout: str
+    root: Path
+    pairs: list[Pair]
+    problems: list[Problem]
+    files: list[tuple[str, int, int]]  # (relative name, size, mtime_ns) of every source file
+    metadata: pd.DataFrame | None = None
+    metadata_key: str = ""
+
+
+@dataclass
+class Scan:
+    """An indexed data set: its table, its decoded slices and what the checks found."""
+
+    table: pd.DataFrame
+    store: SliceStore
+    report: CheckReport
+    layout: str
+    root: Path
+    from_cache: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders 'slice_10' after 'slice_9'."""
+    return [int(part) if part.isdigit() else part.lower() for part in _NATURAL.split(text)]
+
+
+def detect_layout(root: Path) -> tuple[str, Path]:
+    """Return the layout name and the folder that holds it (kaggle_3m may sit one level down)."""
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "images_masks", root
+    for candidate in (root, root / "kaggle_3m"):
+        if candidate.is_dir() and any(_is_patient_folder(p) for p in _subfolders(candidate)):
+            return "kaggle_3m", candidate
+    raise BadInputError(root, "cannot tell the layout: expected patient folders of .tif slices "
+                              "(kaggle_3m) or images/ and masks/ folders (images_masks)")
+
+
+def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress: bool = False,
+         workers: int | None = None) -> Scan:
+    """Index, check and decode a data set, reusing the on-disk cache when nothing changed."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise BadInputError(root, "folder does not exist")
+    if not root.is_dir():
+        raise BadInputError(root, "not a folder")
+    notes = []
+    if layout == "auto":
+        layout, root = detect_layout(root)
+        notes.append(f"layout: {layout} (auto-detected)")
+    elif layout not in LAYOUTS:
+        raise BadInputError(root, f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    elif layout == "kaggle_3m" and not any(map(_is_patient_folder, _subfolders(root))) \
+            and (root / "kaggle_3m").is_dir():
+        root = root / "kaggle_3m"
+    found = _discover_kaggle(root) if layout == "kaggle_3m" else _discover_images_masks(root)
+    if not found.pairs:
+        details = "; ".join(p.line() for p in found.problems[:3])
+        raise BadInputError(root, "no usable image/mask pairs found"
+                                  + (f" ({details})" if details else ""))
+
+    digest = fingerprint(found.files)
+    directory = cache_dir_for(root, layout) if cache else None
+    manifest = read_manifest(directory) if directory is not None else None
+    if manifest is not None and manifest.get("fingerprint") == digest:
+        table = pd.read_csv(directory / "index.csv", dtype={"patient": str})
+        store = open_store(directory)
+        content_problems = CheckReport.from_dicts(manifest["problems"]).problems
+        from_cache = True
+    else:
+        table, store, content_problems = _decode(found, directory, digest, progress, workers)
+        from_cache = False
+    table.attrs.update(layout=layout, root=str(root))
+    report = CheckReport(found.problems + content_problems)
+    return Scan(table, store, report, layout, root, from_cache, notes)
+
+
+def index_dataset(root: str | Path, layout: str = "auto", **options) -> pd.DataFrame:
+    """One row per usable slice: patient, slice, paths, size, channels and tumour pixels.
+
+    Pairs that fail a check are left out; ``table.attrs['problems']`` lists them.
+    """
+    result = scan(root, layout, **options)
+    result.table.attrs["problems"] = result.report.to_dicts()
+    return result.table
+
+
+def check_dataset(root: str | Path, layout: str = "auto", **options) -> CheckReport:
+    """Every problem found in the data set's files."""
+    return scan(root, layout, **options).report
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+def _subfolders(root: Path) -> list[Path]:
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+        return sorted(folders, key=lambda p: natural_key(p.name))
+    except OSError:
+        return []
+
+
+def _is_patient_folder(folder: Path) -> bool:
+    return any(entry.suffix.lower() in TIFF_SUFFIXES for entry in folder.iterdir())
+
+
+def _listing(folder: Path, root: Path) -> list[tuple[Path, int, int]]:
+    """Visible files of a folder with their size and mtime, in natural order."""
+    entries = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            stat = entry.stat()
+            entries.append((Path(entry.path), stat.st_size, stat.st_mtime_ns))
+    return sorted(entries, key=lambda e: natural_key(e[0].name))
+
+
+def _discover_kaggle(root: Path) -> Discovery:
+    pairs: list[Pair] = []
+    problems: list[Problem] = []
+    files: list[tuple[str, int, int]] = []
+    folders = _subfolders(root)
+    if not folders:
+        problems.append(Problem(Kind.EMPTY_FOLDER, (str(root),), "no patient folders"))
+    for folder in folders:
+        listing = _listing(folder, root)
+        files += [(relative(path, root), size, mtime) for path, size, mtime in listing]
+        if not listing:
+            problems.append(Problem(Kind.EMPTY_FOLDER, (relative(folder, root),)))
+            continue
+        images: dict[int, list[Path]] = {}
+        masks: dict[int, list[Path]] = {}
+        for path, _, _ in listing:
+            match = _SLICE_NAME.match(path.stem)
+            if path.suffix.lower() not in TIFF_SUFFIXES or match is None:
+                problems.append(Problem(Kind.UNRECOGNISED, (relative(path, root),),
+                                        "expected <folder>_<n>.tif or <folder>_<n>_mask.tif"))
+                continue
+            group = masks if match["mask"] else images
+            group.setdefault(int(match["number"]), []).append(path)
+        pairs += _pair_numbers(folder.name, images, masks, root, problems)
+    metadata = None
+    data_csv = root / "data.csv"
+    if data_csv.is_file():
+        stat = data_csv.stat()
+        files.append(("data.csv", stat.st_size, stat.st_mtime_ns))
+        metadata = _read_metadata(data_csv)
+    return Discovery("kaggle_3m", root, pairs, problems, files, metadata, "Patient")
+
+
+def _pair_numbers(patient: str, images: dict[int, list[Path]], masks: dict[int, list[Path]],
+                  root: Path, problems: list[Problem]) -> list[Pair]:
+    pairs = []
+    numbers = sorted(set(images) | set(masks))
+    for number in numbers:
+        found_images, found_masks = images.get(number, []), masks.get(number, [])
+        names = tuple(relative(p, root) for p in found_images + found_masks)
+        if len(found_images) > 1 or len(found_masks) > 1:
+            problems.append(Problem(Kind.DUPLICATE_SLICE, names, f"slice {number} appears twice"))
+        elif not found_masks:
+            problems.append(Problem(Kind.MISSING_MASK, names))
+        elif not found_images:
+            problems.append(Problem(Kind.MISSING_IMAGE, names))
+        else:
+            pairs.append(Pair(patient, number, found_images[0], found_masks[0]))
+    if numbers:
+        missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            problems.append(Problem(Kind.SLICE_GAP, (patient,), f"{len(missing)} missing: {shown}"))
+    return pairs
+
+
+def _discover_images_masks(root: Path) -> Discovery:
+    problems: list[Problem] = []
+    files: list[tuple[str, int, int]] = []
+    by_stem: dict[str, dict[str, list[Path]]] = {"images": {}, "masks": {}}
+    for side in ("images", "masks"):
+        listing = _listing(root / side, root)
+        files += [(relative(path, root), size, mtime) for path, size, mtime in listing]
+        if not listing:
+            problems.append(Problem(Kind.EMPTY_FOLDER, (side,)))
+        for path, _, _ in listing:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                problems.append(Problem(Kind.UNRECOGNISED, (relative(path, root),),
+                                        f"not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"))
+                continue
+            stem = path.stem
+            if side == "masks" and stem.lower().endswith("_mask"):
+                stem = stem[: -len("_mask")]
+            by_stem[side].setdefault(stem, []).append(path)
+    pairs = []
+    images, masks = by_stem["images"], by_stem["masks"]
+    for stem in sorted(set(images) | set(masks), key=natural_key):
+        found_images, found_masks = images.get(stem, []), masks.get(stem, [])
+        names = tuple(relative(p, root) for p in found_images + found_masks)
+        if len(found_images) > 1 or len(found_masks) > 1:
+            problems.append(Problem(Kind.DUPLICATE_SLICE, names, f"stem {stem!r} appears twice"))
+        elif not found_masks:
+            problems.append(Problem(Kind.MISSING_MASK, names))
+        elif not found_images:
+            problems.append(Problem(Kind.MISSING_IMAGE, names))
+        else:
+            pairs.append(Pair(stem, 1, found_images[0], found_masks[0]))
+    metadata = None
+    labels_csv = root / "labels.csv"
+    if labels_csv.is_file():
+        stat = labels_csv.stat()
+        files.append(("labels.csv", stat.st_size, stat.st_mtime_ns))
+        metadata = _read_metadata(labels_csv)
+    key = str(metadata.columns[0]) if metadata is not None and len(metadata.columns) else ""
+    return Discovery("images_masks", root, pairs, problems, files, metadata, key)
+
+
+def _read_metadata(path: Path) -> pd.DataFrame | None:
+    """Read a metadata CSV with the same type inference a cached index.csv gets on reading."""
+    try:
+        table = pd.read_csv(path)
+        if len(table.columns):  # the join key is matched as text
+            table[table.columns[0]] = table[table.columns[0]].astype(str)
+        return table
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        print(f"warning: {path}: cannot read ({error}); not joined", file=sys.stderr)
+        return None
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+def _decode(found: Discovery, directory: Path | None, digest: str, progress: bool,
+            workers: int | None) -> tuple[pd.DataFrame, SliceStore, list[Problem]]:
+    writer = StoreWriter(directory)
+    rows, keys, problems = [], [], []
+    workers = workers or min(4, os.cpu_count() or 1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            decoded = pool.map(lambda p: decode_pair(p.image, p.mask, found.root), found.pairs)
+            results = zip(found.pairs, decoded, strict=True)
+            for pair, result in _progress(results, len(found.pairs), progress):
+                if isinstance(result, Problem):
+                    problems.append(result)
+                    continue
+                writer.add(result.image, result.mask)
+                keys.append(str(pair.image))
+                rows.append(_row(pair, result, found.layout))
+        table = _join_metadata(pd.DataFrame(rows, columns=COLUMNS), found)
+        if directory is not None:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+        store = writer.finish(keys, {"fingerprint": digest, "root": str(found.root),
+                                     "layout": found.layout,
+                                     "problems": [p.to_dict() for p in problems]})
+    except BaseException:
+        writer.abort()
+        raise
+    if directory is not None:
+        table.to_csv(directory / "index.csv", index=False)
+    return table, store, problems
+
+
+def _row(pair: Pair, decoded: DecodedPair, layout: str) -> dict:
+    height, width, channels = decoded.image.shape
+    tumour = int(decoded.mask.sum(dtype="int64"))
+    return {"patient": pair.patient, "slice": pair.slice, "image_path": str(pair.image),
+            "mask_path": str(pair.mask), "height": height, "width": width, "channels": channels,
+            "tumour_pixels": tumour, "has_tumour": tumour > 0, "layout": layout}
+
+
+def _join_metadata(table: pd.DataFrame, found: Discovery) -> pd.DataFrame:
+    metadata = found.metadata
+    if metadata is None or found.metadata_key not in metadata.columns or table.empty:
+        return table
+    metadata = metadata.drop_duplicates(found.metadata_key).set_index(found.metadata_key)
+    metadata = metadata.drop(columns=[c for c in metadata.columns if c in table.columns])
+    if found.layout == "kaggle_3m":
+        keys = table["patient"].str.split("_").str[:3].str.join("_")
+    else:
+        keys = table["patient"]
+    joined = metadata.reindex(keys.to_numpy())
+    joined.index = table.index
+    return pd.concat([table, joined], axis=1)
+
+
+def _progress(items, total: int, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc="reading slices", unit="slice", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def ensure_outside(path: str | Path, data_root: str | Path) -> Path:
+    """Refuse an output path inside the data folder: nothing is ever written there."""
+    path, data_root = Path(path), Path(data_root)
+    resolved, root = path.resolve(), data_root.resolve()
+    if resolved == root or root in resolved.parents:
+        raise BadInputError(path, f"is inside the data folder {data_root}; write outputs elsewhere")
+    return path
+
+
+def write_index(root: str | Path, out: str | Path, layout: str = "auto", **options) -> Scan:
+    """Index a data set and write the table as CSV (and its problems beside it, if any)."""
+    ensure_outside(out, root)
+    result = scan(root, layout, **options)
+    out = ensure_outside(out, result.root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.table.to_csv(out, index=False)
+    problems_csv = out.with_name(f"{out.stem}_problems.csv")
+    if not result.report.ok:
+        rows = [{**p, "files": " ".join(p["files"])} for p in result.report.to_dicts()]
+        pd.DataFrame(rows, columns=["kind", "files", "detail"]).to_csv(problems_csv, index=False)
+    elif problems_csv.exists():
+        problems_csv.unlink()  # a stale list from an earlier run would mislead
+    return result

@@ -1,0 +1,182 @@
+"""Splits by patient (never by slice), stratified by tumour volume, saved as JSON.
+
+Layouts without patient ids (images_masks) are split per image, and the split says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainseg.errors import BadInputError, SplitLeakError
+
+SPLIT_FORMAT = "brainseg-split/1"
+SIDES = ("train", "val", "test")
+
+
+def patient_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient: slices, tumour slices, tumour voxels and a size class.
+
+    A patient's volume is 'large' when its tumour voxels reach the median of the patients
+    with a tumour, 'small' below it, and 'none' without a tumour.
+    """
+    patients = table.groupby("patient", sort=True).agg(
+        slices=("slice", "size"), tumour_slices=("has_tumour", "sum"),
+        tumour_voxels=("tumour_pixels", "sum"))
+    with_tumour = patients["tumour_voxels"] > 0
+    median = patients.loc[with_tumour, "tumour_voxels"].median() if with_tumour.any() else 0
+    by_size = np.where(patients["tumour_voxels"] >= median, "large", "small")
+    patients["size_class"] = np.where(with_tumour, by_size, "none")
+    return patients
+
+
+def split_unit(table: pd.DataFrame) -> str:
+    layouts = set(table["layout"]) if "layout" in table else {"kaggle_3m"}
+    return "image" if layouts == {"images_masks"} else "patient"
+
+
+def split_patients(table: pd.DataFrame, *, val: float = 0.15, test: float = 0.15,
+                   folds: int | None = None, seed: int = 0,
+                   test_patients: Sequence[str] = ()) -> dict:
+    """Split the patients of an index table into train/val/test or k folds plus a test set.
+
+    `test_patients` fixes the test set (the other `test` fraction is then ignored). With `folds`,
+    the non-test patients are divided into k stratified folds, each with its own train and val.
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
+    patients = patient_table(table)
+    names = patients.index.to_numpy(dtype=str)
+    unknown = sorted(set(test_patients) - set(names))
+    if unknown:
+        raise BadInputError("test patients", f"not in the data set: {', '.join(unknown)}")
+    if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
+        raise BadInputError("split", f"fractions val={val} and test={test} must be in [0, 1) "
+                                     "and leave patients for training")
+    strata = _strata(patients["size_class"])
+    split: dict = {"format": SPLIT_FORMAT, "unit": split_unit(table), "seed": seed,
+                   "stratified_by": "tumour volume: none/small/large (median of tumour patients)"}
+
+    if test_patients:
+        test_names = sorted(test_patients)
+    elif test > 0:
+        _, test_names = _draw(names, strata, test, seed, train_test_split)
+    else:
+        test_names = []
+    rest_mask = ~np.isin(names, test_names)
+    rest, rest_strata = names[rest_mask], strata[rest_mask]
+    split["test"] = sorted(test_names)
+
+    if folds:
+        if folds < 2 or folds > len(rest):
+            raise BadInputError("split", f"folds must be between 2 and {len(rest)} (the patients "
+                                         "left after the test set)")
+        counts = pd.Series(rest_strata).value_counts()
+        splitter = (StratifiedKFold(folds, shuffle=True, random_state=seed) if counts.min() >= folds
+                    else KFold(folds, shuffle=True, random_state=seed))
+        split["folds"] = [{"train": sorted(rest[train]), "val": sorted(rest[val_idx])}
+                          for train, val_idx in splitter.split(rest, rest_strata)]
+        split["fractions"] = {"test": len(test_names) / len(names), "folds": folds}
+    else:
+        val_share = val / (1 - len(test_names) / len(names)) if len(rest) else 0
+        train_names, val_names = (_draw(rest, rest_strata, val_share, seed, train_test_split)
+                                  if val > 0 else (rest, np.array([], dtype=str)))
+        split["train"], split["val"] = sorted(train_names), sorted(val_names)
+        split["fractions"] = {side: len(split[side]) / len(names) for side in SIDES}
+    split["counts"] = _counts(split)
+    validate_split(split)
+    return split
+
+
+def _strata(size_class: pd.Series) -> np.ndarray:
+    """Merge a class too small to stratify (fewer than 2 members) into its neighbour."""
+    strata = size_class.to_numpy(dtype=str).copy()
+    counts = pd.Series(strata).value_counts()
+    for rare in counts[counts < 2].index:
+        strata[strata == rare] = "small" if rare != "small" else "large"
+    return strata
+
+
+def _draw(names: np.ndarray, strata: np.ndarray, fraction: float, seed: int, splitter):
+    """Draw a stratified share of names; fall back to a plain draw when strata are too thin."""
+    count = max(1, round(fraction * len(names)))
+    if count >= len(names):
+        raise BadInputError("split", f"too few patients ({len(names)}) for the requested fractions")
+    try:
+        kept, drawn = splitter(names, test_size=count, random_state=seed, stratify=strata)
+    except ValueError:
+        kept, drawn = splitter(names, test_size=count, random_state=seed)
+    return np.asarray(kept, dtype=str), np.asarray(drawn, dtype=str)
+
+
+def _counts(split: dict) -> dict:
+    if "folds" in split:
+        folds = [{"train": len(fold["train"]), "val": len(fold["val"])} for fold in split["folds"]]
+        return {"test": len(split["test"]), "folds": folds}
+    return {side: len(split[side]) for side in SIDES}
+
+
+def validate_split(split: dict, source: str = "split") -> None:
+    """Raise SplitLeakError when any patient stands on two sides of a split or fold."""
+    groups = [("", {side: split.get(side, []) for side in SIDES if side in split})]
+    for number, fold in enumerate(split.get("folds", [])):
+        groups.append((f"fold {number}: ", {"train": fold.get("train", []),
+                                            "val": fold.get("val", []),
+                                            "test": split.get("test", [])}))
+    for prefix, sides in groups:
+        for side, names in sides.items():
+            repeated = sorted({n for n in names if list(names).count(n) > 1})
+            if repeated:
+                raise SplitLeakError(f"{source}: {prefix}{repeated[0]} is listed twice in {side}")
+        for (side_a, a), (side_b, b) in combinations(sides.items(), 2):
+            both = sorted(set(a) & set(b))
+            if both:
+                more = f" and {len(both) - 1} more" if len(both) > 1 else ""
+                raise SplitLeakError(f"{source}: {prefix}patient {both[0]}{more} is in both "
+                                     f"{side_a} and {side_b}")
+
+
+def save_split(split: dict, path: str | Path) -> Path:
+    validate_split(split)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(split, indent=2) + "\n")
+    return path
+
+
+def load_split(path: str | Path) -> dict:
+    """Read a split JSON and check that it leaks no patient across sides."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except OSError as error:
+        raise BadInputError(path, f"cannot read split ({error.strerror})") from None
+    except ValueError as error:
+        raise BadInputError(path, f"not valid JSON ({error})") from None
+    if not isinstance(split, dict) or not ({"train", "folds"} & set(split)):
+        raise BadInputError(path, "not a brainseg split (needs 'train'/'val'/'test' or 'folds')")
+    validate_split(split, str(path))
+    return split
+
+
+def select(table: pd.DataFrame, split: dict, side: str, fold: int | None = None) -> pd.DataFrame:
+    """Rows of the table whose patient is on `side` of the split (or of one of its folds)."""
+    names = split["folds"][fold][side] if fold is not None and side != "test" else split[side]
+    return table[table["patient"].isin(set(names))]
+
+
+def make_split(root: str | Path, out: str | Path, *, layout: str = "auto", **options) -> dict:
+    """Index a data set, split it with `split_patients` and save the split as JSON."""
+    from brainseg.data.index import ensure_outside, scan
+
+    ensure_outside(out, root)
+    result = scan(root, layout)
+    split = split_patients(result.table, **options)
+    split["data"] = {"root": str(result.root), "layout": result.layout}
+    save_split(split, ensure_outside(out, result.root))
+    return split

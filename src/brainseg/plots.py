@@ -1,0 +1,99 @@
+"""Figures written as PNG files. matplotlib is imported only when a figure is drawn."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+OVERLAY_COLOUR = (1.0, 0.15, 0.1)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 -> something imshow draws: RGB as is, one channel as greyscale."""
+    return image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a binary mask in red over an image; returns float RGB in [0, 1]."""
+    rgb = image.astype(np.float32) / 255.0
+    if rgb.ndim == 2 or rgb.shape[-1] == 1:
+        rgb = np.repeat(rgb.reshape(*rgb.shape[:2], 1), 3, axis=-1)
+    where = mask.astype(bool)
+    rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(OVERLAY_COLOUR, np.float32)
+    return rgb
+
+
+def sample_grid(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], titles: Sequence[str],
+                path: Path) -> Path:
+    """One row per slice: image | mask | overlay."""
+    plt = _pyplot()
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows), squeeze=False)
+    for row, (image, mask, title) in enumerate(zip(images, masks, titles, strict=True)):
+        panels = [(display_image(image), "image"), (mask.astype(np.uint8) * 255, "mask"),
+                  (overlay(image, mask), "overlay")]
+        for col, (picture, name) in enumerate(panels):
+            ax = axes[row][col]
+            ax.imshow(picture, cmap="gray", vmin=0, vmax=255 if picture.dtype == np.uint8 else 1)
+            ax.set_axis_off()
+            ax.set_title(f"{title}\n{name}" if col == 0 else name, fontsize=8)
+    return _save(fig, path)
+
+
+def bar_per_patient(names: Sequence[str], stacks: dict[str, Sequence[float]], ylabel: str,
+                    title: str, path: Path) -> Path:
+    """Stacked bars, one per patient, e.g. slices with and without tumour."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(names) + 2), 4))
+    bottom = np.zeros(len(names))
+    for label, values in stacks.items():
+        ax.bar(range(len(names)), values, bottom=bottom, label=label, width=0.85)
+        bottom += np.asarray(values, dtype=float)
+    ax.set_xlabel(f"patient ({len(names)}, sorted)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks([])
+    if len(stacks) > 1:
+        ax.legend()
+    return _save(fig, path)
+
+
+def histogram(values: Sequence[float], xlabel: str, title: str, path: Path, *, bins: int = 40,
+              log_x: bool = False) -> Path:
+    plt = _pyplot()
+    values = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if log_x and len(values) and values.min() > 0:
+        edges = np.logspace(np.log10(values.min()), np.log10(values.max() + 1), bins)
+        ax.hist(values, bins=edges, color="tab:red", alpha=0.8)
+        ax.set_xscale("log")
+    else:
+        ax.hist(values, bins=bins, color="tab:red", alpha=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    if len(values):
+        median = float(np.median(values))
+        ax.axvline(median, color="black", linestyle="--", linewidth=1, label=f"median {median:.3g}")
+        ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
