@@ -1,0 +1,67 @@
+"""Shared fixtures: an isolated slice cache, small hand-made data trees, the shared data path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("BRAINSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own slice cache so that tests never see each other's files."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("BRAINSEG_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (a fresh clone has no ../shared/data)")
+    return SHARED_DATA
+
+
+def write_slice(folder: Path, patient: str, number: int, *, size: int = 32, lesion: int = 0,
+                mask_name: str | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """One kaggle_3m pair: an RGB TIFF and a 0/255 mask with a `lesion`-pixel square."""
+    rng = np.random.default_rng(seed + number)
+    image = rng.integers(0, 200, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    if lesion:
+        side = int(np.sqrt(lesion))
+        mask[2:2 + side, 2:2 + side] = 255
+    folder.mkdir(parents=True, exist_ok=True)
+    image_path = folder / f"{patient}_{number}.tif"
+    mask_path = folder / (mask_name or f"{patient}_{number}_mask.tif")
+    tifffile.imwrite(image_path, image)
+    tifffile.imwrite(mask_path, mask)
+    return image_path, mask_path
+
+
+def make_kaggle_tree(root: Path, slices: dict[str, int], *, size: int = 32) -> Path:
+    """Patients with `slices[name]` slices each; the middle third of each volume has a lesion."""
+    for patient, count in slices.items():
+        for number in range(1, count + 1):
+            lesion = 16 if count // 3 < number <= 2 * count // 3 + 1 else 0
+            write_slice(root / patient, patient, number, size=size, lesion=lesion)
+    return root
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root with its size and mtime, to prove nothing was written there."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}

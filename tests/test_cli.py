@@ -1,0 +1,72 @@
+"""The command line as a user meets it: help, version, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import make_kaggle_tree
+from typer.testing import CliRunner
+
+from brainseg import __version__
+from brainseg.cli import app
+
+runner = CliRunner()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "brainseg.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_version_and_help():
+    assert runner.invoke(app, ["--version"]).output.strip() == f"brainseg {__version__}"
+    help_text = runner.invoke(app, ["--help"]).output
+    for verb in ("index", "check", "split", "explore", "synth", "demo"):
+        assert verb in help_text
+    for verb in ("index", "check", "split", "explore", "synth", "demo"):
+        result = runner.invoke(app, [verb, "--help"])
+        assert result.exit_code == 0 and "Example:" in result.output
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = ("import sys; from brainseg.cli import app; "
+            "heavy = [m for m in ('torch', 'lightning', 'monai', 'matplotlib', 'pandas', 'sklearn') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", "/no/such/folder"], "error: /no/such/folder: folder does not exist"),
+    (["explore", "/no/such/folder"], "error: /no/such/folder: folder does not exist"),
+    (["split", "/no/such/folder"], "error: /no/such/folder: folder does not exist"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+    assert "Traceback" not in result.stderr
+
+
+def test_output_inside_data_folder_is_refused(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {"TCGA_AA_0001_20000101": 2})
+    result = run_cli("index", str(root), "--out", str(root / "index.csv"))
+    assert result.returncode == 2
+    assert "inside the data folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (root / "index.csv").exists()
+
+
+def test_index_split_explore_commands(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {f"TCGA_AA_{i:04d}_20000101": 6 for i in range(8)})
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["index", str(root), "-o", str(out / "index.csv")]).exit_code == 0
+    split = runner.invoke(app, ["split", str(root), "-o", str(out / "split.json"), "--folds", "3",
+                                "--test", "0.25"])
+    assert split.exit_code == 0, split.output
+    assert "fold 2:" in split.output
+    explored = runner.invoke(app, ["explore", str(root), "-o", str(out / "explore"), "--samples", "2"])
+    assert explored.exit_code == 0, explored.output
+    assert "patients:       8" in explored.output
+    assert (out / "explore" / "sample_grid.png").exists()

@@ -1,0 +1,220 @@
+"""Indexing both layouts, every broken-pair check, the slice cache, and never writing into data."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from conftest import make_kaggle_tree, tree_state, write_png, write_slice
+
+from brainseg.data.checks import Kind
+from brainseg.data.index import ensure_outside, index_dataset, scan, write_index
+from brainseg.data.io import read_image
+from brainseg.errors import BadInputError
+
+PATIENT_A = "TCGA_AA_0001_20000101"
+PATIENT_B = "TCGA_BB_0002_20000202"
+
+
+def kinds(result) -> dict[Kind, list]:
+    found: dict[Kind, list] = {}
+    for problem in result.report.problems:
+        found.setdefault(problem.kind, []).append(problem)
+    return found
+
+
+def test_kaggle_layout_rows_order_and_metadata(tmp_path):
+    root = make_kaggle_tree(tmp_path / "kaggle_3m", {PATIENT_A: 12, PATIENT_B: 3})
+    (root / "data.csv").write_text("Patient,age_at_initial_pathologic\nTCGA_AA_0001,44\n")
+    result = scan(root)
+    table = result.table
+    assert result.layout == "kaggle_3m"
+    assert result.notes == ["layout: kaggle_3m (auto-detected)"]
+    assert result.report.ok
+    assert len(table) == 15
+    a = table[table.patient == PATIENT_A]
+    assert a["slice"].tolist() == list(range(1, 13))  # numeric order: 10 after 9
+    assert a["image_path"].iloc[9].endswith(f"{PATIENT_A}_10.tif")
+    assert {"height", "width", "channels", "tumour_pixels", "has_tumour"} <= set(table.columns)
+    assert (table[["height", "width", "channels"]] == [32, 32, 3]).all().all()
+    assert (table["has_tumour"] == (table["tumour_pixels"] > 0)).all()
+    assert table.loc[table.has_tumour, "tumour_pixels"].eq(16).all()
+    assert a["age_at_initial_pathologic"].eq(44).all()
+    assert table.loc[table.patient == PATIENT_B, "age_at_initial_pathologic"].isna().all()
+
+
+def test_kaggle_layout_found_one_level_down(tmp_path):
+    make_kaggle_tree(tmp_path / "download" / "kaggle_3m", {PATIENT_A: 2})
+    result = scan(tmp_path / "download")
+    assert result.layout == "kaggle_3m"
+    assert result.root == tmp_path / "download" / "kaggle_3m"
+    assert len(result.table) == 2
+
+
+def test_images_masks_layout_pairs_by_stem(tmp_path):
+    rng = np.random.default_rng(0)
+    write_png(tmp_path / "images" / "10.png", rng.integers(0, 255, (48, 40), dtype=np.uint8))
+    write_png(tmp_path / "images" / "2.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((48, 40), np.uint8)
+    mask[5:10, 5:10] = 255
+    write_png(tmp_path / "masks" / "10_mask.png", mask)
+    write_png(tmp_path / "masks" / "2.png", np.zeros((32, 32), np.uint8))
+    (tmp_path / "labels.csv").write_text("index,label,label_name\n2,1,meningioma\n10,3,pituitary\n")
+    table = index_dataset(tmp_path)
+    assert table.attrs["layout"] == "images_masks"
+    assert table["patient"].tolist() == ["2", "10"]  # natural sort
+    assert table["channels"].tolist() == [3, 1]
+    assert table[["height", "width"]].values.tolist() == [[32, 32], [48, 40]]
+    assert table["tumour_pixels"].tolist() == [0, 25]
+    assert table["label_name"].tolist() == ["meningioma", "pituitary"]
+
+
+def test_forced_layout_and_unknown_layout(tmp_path):
+    make_kaggle_tree(tmp_path, {PATIENT_A: 2})
+    assert scan(tmp_path, "kaggle_3m").notes == []
+    with pytest.raises(BadInputError, match="unknown layout 'nifti'"):
+        scan(tmp_path, "nifti")
+    with pytest.raises(BadInputError, match="images/ and masks/"):
+        scan(tmp_path, "images_masks")
+    with pytest.raises(BadInputError, match="no usable image/mask pairs"):
+        scan(tmp_path / PATIENT_A, "kaggle_3m")
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_a_dir", "no_layout"])
+def test_unusable_roots_raise_one_clear_error(tmp_path, problem):
+    root = tmp_path / "data"
+    if problem == "not_a_dir":
+        root.write_text("x")
+    elif problem == "no_layout":
+        (root / "something").mkdir(parents=True)
+    with pytest.raises(BadInputError) as error:
+        scan(root)
+    assert str(root) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_every_broken_case_is_reported_and_left_out(tmp_path):
+    root = tmp_path / "kaggle_3m"
+    make_kaggle_tree(root, {PATIENT_A: 9})
+    folder = root / PATIENT_A
+    (folder / f"{PATIENT_A}_2_mask.tif").unlink()  # image without mask
+    (folder / f"{PATIENT_A}_3.tif").unlink()  # mask without image
+    tifffile.imwrite(folder / f"{PATIENT_A}_4_mask.tif", np.zeros((16, 16), np.uint8))  # size
+    levels = np.zeros((32, 32), np.uint8)
+    levels[0, :3] = [0, 128, 255]
+    tifffile.imwrite(folder / f"{PATIENT_A}_5_mask.tif", levels)  # three levels
+    data = (folder / f"{PATIENT_A}_6.tif").read_bytes()
+    (folder / f"{PATIENT_A}_6.tif").write_bytes(data[: len(data) // 2])  # truncated
+    for suffix in ("", "_mask"):
+        (folder / f"{PATIENT_A}_8{suffix}.tif").unlink()  # gap at 8
+    write_slice(folder, PATIENT_A, 7, mask_name=f"{PATIENT_A}_07_mask.tif")  # duplicate mask
+    (folder / "notes.txt").write_text("x")  # unrecognised
+    (root / "TCGA_EMPTY_0000_20000101").mkdir()  # empty folder
+
+    result = scan(root)
+    found = kinds(result)
+    assert set(found) == set(Kind)
+    assert found[Kind.MISSING_MASK][0].files == (f"{PATIENT_A}/{PATIENT_A}_2.tif",)
+    assert found[Kind.MISSING_IMAGE][0].files == (f"{PATIENT_A}/{PATIENT_A}_3_mask.tif",)
+    assert "image 32x32, mask 16x16" in found[Kind.SIZE_MISMATCH][0].detail
+    assert found[Kind.MASK_LEVELS][0].detail == "3 distinct values"
+    assert found[Kind.UNREADABLE][0].files == (f"{PATIENT_A}/{PATIENT_A}_6.tif",)
+    assert "1 missing: 8" in found[Kind.SLICE_GAP][0].detail
+    assert len(found[Kind.DUPLICATE_SLICE][0].files) == 3
+    assert found[Kind.UNRECOGNISED][0].files == (f"{PATIENT_A}/notes.txt",)
+    assert found[Kind.EMPTY_FOLDER][0].files == ("TCGA_EMPTY_0000_20000101",)
+    # Only slices 1 and 9 are intact.
+    assert result.table["slice"].tolist() == [1, 9]
+    lines = result.report.lines()
+    assert "image without mask: 1 (left out)" in lines
+    assert "gaps in slice numbers: 1 (kept)" in lines
+
+
+def test_broken_images_masks_pairs(tmp_path):
+    write_png(tmp_path / "images" / "1.png", np.zeros((8, 8), np.uint8))
+    write_png(tmp_path / "images" / "2.png", np.zeros((8, 8), np.uint8))
+    write_png(tmp_path / "masks" / "2.png", np.zeros((8, 8), np.uint8))
+    write_png(tmp_path / "masks" / "3.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "images" / "4.png").write_bytes(b"not a png")
+    write_png(tmp_path / "masks" / "4.png", np.zeros((8, 8), np.uint8))
+    found = kinds(scan(tmp_path))
+    assert found[Kind.MISSING_MASK][0].files == ("images/1.png",)
+    assert found[Kind.MISSING_IMAGE][0].files == ("masks/3.png",)
+    assert found[Kind.UNREADABLE][0].files == ("images/4.png",)
+
+
+def test_strict_cli_exits_non_zero_and_default_warns(tmp_path):
+    from typer.testing import CliRunner
+
+    from brainseg.cli import app
+
+    root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 3})
+    (root / PATIENT_A / f"{PATIENT_A}_2_mask.tif").unlink()
+    runner = CliRunner()
+    ok = runner.invoke(app, ["index", str(root), "--out", str(tmp_path / "index.csv")])
+    assert ok.exit_code == 0, ok.output
+    assert "image without mask: 1 (left out)" in ok.output
+    assert len(pd.read_csv(tmp_path / "index.csv")) == 2
+    problems = pd.read_csv(tmp_path / "index_problems.csv")
+    assert problems["kind"].tolist() == ["image without mask"]
+    strict = runner.invoke(app, ["index", str(root), "--out", str(tmp_path / "i.csv"), "--strict"])
+    assert strict.exit_code == 1
+    assert runner.invoke(app, ["check", str(root), "--strict"]).exit_code == 1
+
+
+def test_nothing_is_written_into_the_data_folder(tmp_path):
+    from brainseg.data.explore import explore
+    from brainseg.data.splits import make_split
+
+    root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 6, PATIENT_B: 6, "TCGA_CC_0003_20000303": 6})
+    before = tree_state(root)
+    write_index(root, tmp_path / "out" / "index.csv")
+    make_split(root, tmp_path / "out" / "split.json", val=0.34, test=0.0)
+    explore(root, tmp_path / "out" / "explore", samples=2)
+    assert tree_state(root) == before
+    for write in (lambda: write_index(root, root / "index.csv"),
+                  lambda: explore(root, root / PATIENT_A / "explore"),
+                  lambda: make_split(root, root / "split.json")):
+        with pytest.raises(BadInputError, match="inside the data folder"):
+            write()
+    assert tree_state(root) == before
+    assert ensure_outside(tmp_path / "elsewhere.csv", root) == tmp_path / "elsewhere.csv"
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, isolated_cache):
+    root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 4})
+    first = scan(root)
+    assert not first.from_cache
+    second = scan(root)
+    assert second.from_cache
+    pd.testing.assert_frame_equal(first.table, second.table)
+    image_path = root / PATIENT_A / f"{PATIENT_A}_2.tif"
+    np.testing.assert_array_equal(second.store.image(str(image_path)), read_image(image_path))
+    assert not list(root.rglob("*.u8")) and list(isolated_cache.rglob("images.u8"))
+
+    # Same size, new content and mtime: the cache must notice.
+    new_mask = np.full((32, 32), 255, np.uint8)
+    tifffile.imwrite(root / PATIENT_A / f"{PATIENT_A}_2_mask.tif", new_mask)
+    stat = (root / PATIENT_A / f"{PATIENT_A}_2_mask.tif").stat()
+    os.utime(root / PATIENT_A / f"{PATIENT_A}_2_mask.tif", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    third = scan(root)
+    assert not third.from_cache
+    assert third.table.loc[third.table.slice == 2, "tumour_pixels"].item() == 32 * 32
+    assert third.store.mask(str(image_path)).all()
+
+    write_slice(root / PATIENT_A, PATIENT_A, 5)  # a new slice
+    assert len(scan(root).table) == 5
+
+
+def test_without_cache_nothing_is_cached(tmp_path, isolated_cache):
+    root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 3})
+    result = scan(root, cache=False)
+    assert not list(isolated_cache.iterdir())
+    stacked = result.store.stacked()
+    assert stacked is not None
+    images, masks = stacked
+    assert images.shape == (3, 32, 32, 3) and masks.shape == (3, 32, 32)
+    assert set(np.unique(masks)) <= {0, 1}

@@ -1,0 +1,124 @@
+"""Splits by patient: no leaks, stratification, folds, seeds, per-image splits, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from brainseg.data.splits import (
+    load_split,
+    patient_table,
+    save_split,
+    select,
+    split_patients,
+    validate_split,
+)
+from brainseg.errors import BadInputError, SplitLeakError
+
+
+def fake_index(voxels: list[int], slices: int = 4, layout: str = "kaggle_3m") -> pd.DataFrame:
+    """An index table with one patient per entry of `voxels` (its tumour volume)."""
+    rows = []
+    for number, volume in enumerate(voxels):
+        for s in range(1, slices + 1):
+            pixels = volume // slices
+            rows.append({"patient": f"P{number:03d}", "slice": s, "tumour_pixels": pixels,
+                         "has_tumour": pixels > 0, "layout": layout})
+    return pd.DataFrame(rows)
+
+
+def sides(split: dict) -> list[set[str]]:
+    return [set(split[side]) for side in ("train", "val", "test")]
+
+
+def test_patient_table_size_classes():
+    patients = patient_table(fake_index([0, 400, 800, 1200, 1600]))
+    assert patients["size_class"].tolist() == ["none", "small", "small", "large", "large"]
+    assert patients["slices"].tolist() == [4] * 5
+
+
+def test_train_val_test_partition_is_seeded_and_stratified():
+    table = fake_index([100 * (i + 1) for i in range(40)])
+    split = split_patients(table, val=0.2, test=0.2, seed=3)
+    train, val, test = sides(split)
+    assert not (train & val or train & test or val & test)
+    assert train | val | test == set(table["patient"])
+    assert split["counts"] == {"train": 24, "val": 8, "test": 8}
+    assert split == split_patients(table, val=0.2, test=0.2, seed=3)
+    assert split != split_patients(table, val=0.2, test=0.2, seed=4)
+    classes = patient_table(table)["size_class"]
+    for side in ("val", "test"):  # stratified: half large, half small
+        assert classes[split[side]].value_counts().to_dict() == {"large": 4, "small": 4}
+    assert set(select(table, split, "val")["patient"]) == val
+
+
+def test_folds_cover_every_non_test_patient_once():
+    table = fake_index([0] * 3 + [100 * (i + 1) for i in range(27)])
+    split = split_patients(table, test=0.1, folds=4, seed=0)
+    test = set(split["test"])
+    seen = []
+    for fold in split["folds"]:
+        assert not set(fold["train"]) & set(fold["val"])
+        assert not (set(fold["train"]) | set(fold["val"])) & test
+        assert set(fold["train"]) | set(fold["val"]) | test == set(table["patient"])
+        seen += fold["val"]
+    assert sorted(seen) == sorted(set(table["patient"]) - test)
+    assert set(select(table, split, "train", fold=1)["patient"]) == set(split["folds"][1]["train"])
+
+
+def test_fixed_test_patients():
+    table = fake_index([100] * 10)
+    split = split_patients(table, test_patients=["P001", "P007"], val=0.2)
+    assert split["test"] == ["P001", "P007"]
+    with pytest.raises(BadInputError, match="not in the data set: NOPE"):
+        split_patients(table, test_patients=["NOPE"])
+
+
+def test_images_masks_layout_splits_per_image():
+    split = split_patients(fake_index([50] * 20, slices=1, layout="images_masks"), seed=1)
+    assert split["unit"] == "image"
+
+
+@pytest.mark.parametrize("val, test", [(0.6, 0.5), (-0.1, 0.1), (0.0, 1.0)])
+def test_impossible_fractions_are_refused(val, test):
+    with pytest.raises(BadInputError, match="fractions"):
+        split_patients(fake_index([100] * 10), val=val, test=test)
+
+
+def test_save_load_round_trip_and_leak_detection(tmp_path):
+    split = split_patients(fake_index([100 * i for i in range(12)]), seed=0)
+    path = save_split(split, tmp_path / "split.json")
+    assert load_split(path) == split
+    leaked = dict(split, val=[*split["val"], split["train"][0]])
+    path.write_text(json.dumps(leaked))
+    with pytest.raises(SplitLeakError, match=f"patient {split['train'][0]} is in both train and val"):
+        load_split(path)
+    folds = {"test": ["A"], "folds": [{"train": ["B", "C"], "val": ["A"]}]}
+    with pytest.raises(SplitLeakError, match="fold 0: patient A is in both val and test"):
+        validate_split(folds)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(BadInputError, match="not valid JSON"):
+        load_split(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(BadInputError, match="not a brainseg split"):
+        load_split(tmp_path / "other.json")
+
+
+@settings(max_examples=60, deadline=None)
+@given(volumes=st.lists(st.integers(0, 5000), min_size=6, max_size=60),
+       val=st.floats(0.05, 0.4), test=st.floats(0.0, 0.4), seed=st.integers(0, 10**6))
+def test_any_split_partitions_patients_without_leaks(volumes, val, test, seed):
+    if val + test >= 0.9:
+        return
+    table = fake_index(volumes)
+    try:
+        split = split_patients(table, val=val, test=test, seed=seed)
+    except BadInputError:  # too few patients for these fractions is a legitimate refusal
+        return
+    train, val_set, test_set = sides(split)
+    assert train and not (train & val_set or train & test_set or val_set & test_set)
+    assert train | val_set | test_set == set(table["patient"])
