@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_kaggle_tree
 from typer.testing import CliRunner
 
 from brainseg import __version__
 from brainseg.cli import app
+from conftest import make_kaggle_tree
 
 runner = CliRunner()
 

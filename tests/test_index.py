@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-from conftest import make_kaggle_tree, tree_state, write_png, write_slice
 
 from brainseg.data.checks import Kind
 from brainseg.data.index import ensure_outside, index_dataset, scan, write_index
 from brainseg.data.io import read_image
 from brainseg.errors import BadInputError
+from conftest import make_kaggle_tree, tree_state, write_png, write_slice
 
 PATIENT_A = "TCGA_AA_0001_20000101"
 PATIENT_B = "TCGA_BB_0002_20000202"

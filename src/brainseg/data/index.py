@@ -231,6 +231,9 @@ def _discover_images_masks(root: Path) -> Discovery:
     files: list[tuple[str, int, int]] = []
     by_stem: dict[str, dict[str, list[Path]]] = {"images": {}, "masks": {}}
     for side in ("images", "masks"):
+        if not (root / side).is_dir():
+            raise BadInputError(root / side, "folder not found (the images_masks layout needs "
+                                             "images/ and masks/)")
         listing = _listing(root / side, root)
         files += [(relative(path, root), size, mtime) for path, size, mtime in listing]
         if not listing:
