@@ -20,3 +20,7 @@ class BadInputError(BrainsegError):
 
 class SplitLeakError(BrainsegError):
     """A split puts one patient on two sides."""
+
+
+class OptionError(BrainsegError, ValueError):
+    """An option or argument value that cannot be used; the message says which values can."""

@@ -8,13 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from brainseg.errors import BrainsegError
+from brainseg.errors import OptionError
 from brainseg.models._common import SizeChecked, check_common_args
 from brainseg.models.resunet import ResUNet
 from brainseg.models.unet import UNet
 
 
-class ModelConfigError(BrainsegError, ValueError):
+class ModelConfigError(OptionError):
     """Unknown model name or constructor argument; the message lists what is valid."""
 
 
