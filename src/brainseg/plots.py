@@ -97,3 +97,32 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     _pyplot().close(fig)
     return path
+
+
+def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
+    """Train and validation loss per epoch on a log scale (left), validation Dice (right)."""
+    plt = _pyplot()
+    fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = history["epoch"]
+    for column, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        if column in history and history[column].notna().any():
+            loss_ax.plot(epochs, history[column], marker="o", markersize=3, label=label)
+    loss_ax.set_yscale("log")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss (log scale)")
+    loss_ax.set_title("Learning curves")
+    for column, label in (("val_patient_dice", "validation Dice per patient volume"),
+                          ("val_dice", "validation Dice (slices, micro)"), ("train_dice", "train Dice")):
+        if column in history and history[column].notna().any():
+            dice_ax.plot(epochs, history[column], marker="o", markersize=3, label=label)
+    dice_ax.set_xlabel("epoch")
+    dice_ax.set_ylabel("Dice")
+    dice_ax.set_ylim(0, 1)
+    dice_ax.set_title("Validation Dice")
+    if best_epoch is not None:
+        for ax in (loss_ax, dice_ax):
+            ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1,
+                       label=f"best epoch {best_epoch}")
+    loss_ax.legend()
+    dice_ax.legend(loc="lower right")
+    return _save(fig, path)

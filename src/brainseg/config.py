@@ -1,0 +1,195 @@
+"""Typed run configuration with defaults in one place, read from and written to YAML.
+
+A run's resolved configuration is saved beside it (config.yaml), so any run can be repeated or
+resumed from its folder alone. Every CLI flag is an override of one field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from brainseg.errors import BadInputError, OptionError
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # data set folder
+    layout: str = "auto"  # auto, kaggle_3m or images_masks
+    split: str = ""  # split JSON to use; empty: make one from the fractions below and save it
+    val: float = 0.15
+    test: float = 0.15
+    test_patients: list[str] = field(default_factory=list)  # fixed test set (overrides `test`)
+    folds: int = 0  # with fold >= 0: k-fold split of the non-test patients
+    fold: int = -1  # which fold to train (-1: plain train/val split)
+    image_size: int = 256  # network input side; predictions are scored at the original size
+    context: int = 0  # 2.5D: neighbouring slices stacked on each side (0 = plain 2D)
+    tumour_weight: float = 3.0  # how much more often a tumour slice is drawn than another
+    samples_per_epoch: int = 0  # 0: as many draws as training slices
+    num_workers: int = -1  # data loader workers; -1 picks from the core count
+    cache: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"
+    base_filters: int = 16
+    depth: int = 4
+    dropout: float = 0.1
+    batch_norm: bool = True
+    options: dict[str, Any] = field(default_factory=dict)  # extra model arguments
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation; the geometric defaults follow the Keras seed notebooks."""
+
+    geometric: bool = True  # random affine: rotation, shift, shear, zoom
+    rotation_deg: float = 10.0
+    shift: float = 0.05  # fraction of the side
+    shear_deg: float = 5.0
+    zoom: float = 0.1  # scale in [1 - zoom, 1 + zoom]
+    hflip: bool = True
+    p_geometric: float = 0.8
+    intensity: bool = False  # brightness / contrast / gamma
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma: float = 0.2
+    noise_std: float = 0.0
+    elastic: bool = False
+    p_intensity: float = 0.5
+    p_elastic: float = 0.3
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    loss: str = "bce_dice"  # bce, dice or bce_dice
+    early_stopping_patience: int = 10  # epochs without a better validation patient Dice
+    lr_patience: int = 4  # ReduceLROnPlateau patience, in epochs
+    lr_factor: float = 0.5
+    min_lr: float = 1e-6
+    precision: str = "auto"  # auto, 32, bf16-mixed or 16-mixed
+    channels_last: bool = True
+    accelerator: str = "auto"  # auto, cpu or gpu
+    devices: int = 1  # > 1 trains with DDP
+    max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
+    threshold: float = 0.5
+    seed: int = 0
+    val_every: int = 1  # validate every N epochs
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        return _build(cls, values or {}, source, "")
+
+    def override(self, updates: dict[str, Any]) -> RunConfig:
+        """A copy with dotted keys replaced, e.g. {"train.lr": 3e-4}; values are type-checked."""
+        merged = self.to_dict()
+        for key, value in updates.items():
+            section, _, name = key.partition(".")
+            if section not in merged or not name:
+                raise OptionError(f"unknown setting {key!r}; settings look like train.lr or data.image_size")
+            merged[section][name] = value
+        return RunConfig.from_dict(merged, "override")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise BadInputError(path, f"cannot read config ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise BadInputError(path, f"not valid YAML ({str(error).splitlines()[0]})") from None
+    if values is not None and not isinstance(values, dict):
+        raise BadInputError(path, "a config must be a mapping with sections data, model, augment, train")
+    return RunConfig.from_dict(values or {}, str(path))
+
+
+def save_config(config: RunConfig, path: str | Path) -> Path:
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def _build(cls, values: dict, source: str, prefix: str):
+    if not isinstance(values, dict):
+        raise OptionError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise OptionError(f"{source}: unknown setting {prefix}{unknown[0]}; "
+                          f"valid: {', '.join(prefix + k for k in sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, source, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(hint, value, f"{source}: {prefix}{name}")
+    return cls(**kwargs)
+
+
+_TRUE = frozenset({"true", "yes", "1", "on"})
+_FALSE = frozenset({"false", "no", "0", "off"})
+
+
+def _coerce(hint, value, where: str):
+    """Check a value against a field type, converting text from the command line."""
+    origin = typing.get_origin(hint)
+    if origin in (list, typing.List):  # noqa: UP006
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise OptionError(f"{where} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if origin in (dict, typing.Dict):  # noqa: UP006
+        if not isinstance(value, dict):
+            raise OptionError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{where} must be {hint.__name__}, got {value!r}") from None
+    return value

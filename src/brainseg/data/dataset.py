@@ -1,0 +1,106 @@
+"""Torch datasets over an indexed data set: resizing, 2.5D context, tumour-weighted sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+NORMALISATION = "divide_by_255"  # images enter the network as float in [0, 1]
+
+
+def to_input(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """(H, W, C) uint8 -> (C, S, S) float32 in [0, 1], resized with antialiasing when needed."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    if tensor.shape[-2:] != (image_size, image_size):
+        tensor = F.interpolate(tensor[None], size=(image_size, image_size), mode="bilinear",
+                               antialias=True, align_corners=False)[0].clamp_(0.0, 1.0)
+    return tensor
+
+
+def to_target(mask: np.ndarray, image_size: int) -> torch.Tensor:
+    """(H, W) 0/1 uint8 -> (1, S, S) float32 0/1; downsizing keeps a pixel where it is mostly tumour."""
+    tensor = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+    if tensor.shape[-2:] != (image_size, image_size):
+        tensor = (F.interpolate(tensor[None], size=(image_size, image_size), mode="area")[0] >= 0.5).float()
+    return tensor
+
+
+def neighbour_positions(table: pd.DataFrame, context: int) -> np.ndarray:
+    """For each row, the rows of the 2*context+1 slices centred on it in its patient's volume.
+
+    At the ends of a volume the edge slice is repeated, so every row gets the same channel count.
+    """
+    positions = np.zeros((len(table), 2 * context + 1), np.int64)
+    order = np.lexsort((table["slice"].to_numpy(), table["patient"].to_numpy()))
+    patients = table["patient"].to_numpy()[order]
+    starts = np.flatnonzero(np.r_[True, patients[1:] != patients[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for start, end in zip(starts, ends, strict=True):
+        volume = order[start:end]
+        for offset, row in enumerate(volume):
+            picks = np.clip(np.arange(offset - context, offset + context + 1), 0, len(volume) - 1)
+            positions[row] = volume[picks]
+    return positions
+
+
+class SliceDataset(Dataset):
+    """Samples {"image", "mask", "patient", "position"} (plus "mask_full" when resized).
+
+    `patient` indexes `self.patients`, so per-patient volumes can be accumulated from batches.
+    """
+
+    def __init__(self, table: pd.DataFrame, store, *, image_size: int = 256, context: int = 0,
+                 transform=None, keep_full_mask: bool = False) -> None:
+        self.table = table.reset_index(drop=True)
+        self.store = store
+        self.image_size = image_size
+        self.context = context
+        self.transform = transform
+        self.keep_full_mask = keep_full_mask
+        self.keys = self.table["image_path"].astype(str).tolist()
+        self.patients = sorted(self.table["patient"].astype(str).unique())
+        lookup = {name: i for i, name in enumerate(self.patients)}
+        self.patient_of_row = self.table["patient"].astype(str).map(lookup).to_numpy()
+        self.neighbours = neighbour_positions(self.table, context)
+        channels = int(self.table["channels"].max()) if len(self.table) else 0
+        if len(self.table) and int(self.table["channels"].min()) != channels:
+            raise ValueError("mixed channel counts in one data set; convert the images first")
+        self.in_channels = channels * (2 * context + 1)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> dict:
+        rows = self.neighbours[index]
+        if len(rows) == 1:
+            image = self.store.image(self.keys[index])
+        else:
+            image = np.concatenate([self.store.image(self.keys[r]) for r in rows], axis=-1)
+        mask = self.store.mask(self.keys[index])
+        sample = {"image": to_input(image, self.image_size), "mask": to_target(mask, self.image_size),
+                  "patient": int(self.patient_of_row[index]), "position": index}
+        if self.keep_full_mask and mask.shape != (self.image_size, self.image_size):
+            sample["mask_full"] = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+        return self.transform(sample) if self.transform is not None else sample
+
+    def sampler(self, tumour_weight: float, num_samples: int = 0, seed: int = 0) -> WeightedRandomSampler:
+        """Draw tumour slices `tumour_weight` times as often as slices without tumour."""
+        weights = np.where(self.table["has_tumour"].to_numpy(), tumour_weight, 1.0)
+        generator = torch.Generator().manual_seed(seed)
+        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
+                                     num_samples or len(self), replacement=True, generator=generator)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Default batching, except full-size masks of different sizes stay a list."""
+    from torch.utils.data import default_collate
+
+    full = [s.pop("mask_full") for s in samples if "mask_full" in s]
+    batch = default_collate(samples)
+    if full:
+        same = all(f.shape == full[0].shape for f in full)
+        batch["mask_full"] = torch.stack(full) if same else full
+    return batch
