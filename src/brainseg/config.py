@@ -7,6 +7,7 @@ resumed from its folder alone. Every CLI flag is an override of one field here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,25 +45,47 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)  # extra model arguments
 
 
+class AugmentConfigError(OptionError):
+    """An augmentation setting is out of range."""
+
+
 @dataclass
 class AugmentConfig:
-    """Augmentation; the geometric defaults follow the Keras seed notebooks."""
+    """Augmentation settings; the geometric defaults follow the Keras seed notebooks."""
 
-    geometric: bool = True  # random affine: rotation, shift, shear, zoom
-    rotation_deg: float = 10.0
-    shift: float = 0.05  # fraction of the side
-    shear_deg: float = 5.0
-    zoom: float = 0.1  # scale in [1 - zoom, 1 + zoom]
-    hflip: bool = True
-    p_geometric: float = 0.8
-    intensity: bool = False  # brightness / contrast / gamma
-    brightness: float = 0.1
-    contrast: float = 0.1
-    gamma: float = 0.2
-    noise_std: float = 0.0
+    geometric: bool = True  # random affine: rotation, shift, shear, zoom (not the flip)
+    rotation_deg: float = 10.0  # seeds: rotation_range
+    shift: float = 0.05  # width/height shift as a fraction of the side
+    shear_deg: float = 5.0  # seeds: shear_range, a shear angle in degrees
+    zoom: float = 0.1  # scale in [1 - zoom, 1 + zoom], per axis like Keras
+    hflip: bool = True  # left-right flip with probability 0.5, independent of `geometric`
+    p_geometric: float = 0.8  # probability the affine is applied
+    intensity: bool = False  # brightness / contrast / gamma, each drawn with p_intensity
+    brightness: float = 0.1  # additive shift in [-b, b]
+    contrast: float = 0.1  # multiplicative factor in [1 - c, 1 + c]
+    gamma: float = 0.2  # gamma in [1 - g, 1 + g]
+    noise_std: float = 0.0  # Gaussian noise sigma drawn in [0, noise_std], with p_intensity (0 = off)
     elastic: bool = False
     p_intensity: float = 0.5
     p_elastic: float = 0.3
+
+    def __post_init__(self) -> None:
+        bounded = {  # name: (low, high, high included)
+            "rotation_deg": (0.0, 180.0, True), "shift": (0.0, 1.0, False), "shear_deg": (0.0, 90.0, False),
+            "zoom": (0.0, 1.0, False), "brightness": (0.0, 1.0, True), "contrast": (0.0, 1.0, False),
+            "gamma": (0.0, 1.0, False), "noise_std": (0.0, 1.0, True), "p_geometric": (0.0, 1.0, True),
+            "p_intensity": (0.0, 1.0, True), "p_elastic": (0.0, 1.0, True),
+        }
+        for name, (low, high, closed) in bounded.items():
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and math.isfinite(value)
+            if not (number and (low <= value <= high if closed else low <= value < high)):
+                bracket = "]" if closed else ")"
+                raise AugmentConfigError(
+                    f"augment.{name} must be in [{low:g}, {high:g}{bracket}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""Segmentation losses on logits: BCE, soft Dice and their sum.
+
+All take logits ``(B, 1, H, W)`` and float 0/1 targets of the same shape. Soft Dice is computed over the
+whole batch (``batch=True``) with smooth terms of 1e-5, so a batch of empty slices gives a finite loss
+that is near 0 when nothing is predicted and near 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+from torch import nn
+
+from brainseg.errors import BrainsegError
+
+LOSS_NAMES = ("bce", "dice", "bce_dice")
+_ALIASES = {"dice_bce": "bce_dice", "dicece": "bce_dice", "dice_ce": "bce_dice"}
+_SMOOTH = 1e-5
+
+
+class UnknownLossError(BrainsegError, ValueError):
+    """The loss name is not one of :data:`LOSS_NAMES`."""
+
+
+class SegmentationLoss(nn.Module):
+    """Wraps a loss on logits: checks shapes and computes in float32 (bf16 sums lose Dice precision)."""
+
+    def __init__(self, name: str, loss: nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape != target.shape:
+            raise ValueError(f"{self.name} loss: logits {tuple(logits.shape)} and target "
+                             f"{tuple(target.shape)} differ in shape")
+        return self.loss(logits.float(), target.float())
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+def normalise_loss_name(name: str) -> str:
+    """Lower-cases and maps '+', '-' and spaces to '_': ``"BCE+Dice"`` -> ``"bce_dice"``."""
+    key = name.strip().lower()
+    for separator in "+- ":
+        key = key.replace(separator, "_")
+    key = _ALIASES.get(key, key)
+    if key not in LOSS_NAMES:
+        raise UnknownLossError(f"unknown loss {name!r}; choose one of: {', '.join(LOSS_NAMES)}")
+    return key
+
+
+def create_loss(name: str = "bce_dice") -> SegmentationLoss:
+    """``"bce"``, ``"dice"`` or ``"bce_dice"`` (BCE + Dice with equal weights), all on logits."""
+    key = normalise_loss_name(name)
+    loss: nn.Module
+    if key == "bce":
+        loss = nn.BCEWithLogitsLoss()
+    elif key == "dice":
+        loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=_SMOOTH, smooth_dr=_SMOOTH)
+    else:
+        # For one channel MONAI's DiceCELoss uses BCEWithLogitsLoss (mean) for the CE term.
+        loss = DiceCELoss(sigmoid=True, batch=True, smooth_nr=_SMOOTH, smooth_dr=_SMOOTH,
+                          lambda_dice=1.0, lambda_ce=1.0)
+    return SegmentationLoss(key, loss)
