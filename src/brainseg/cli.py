@@ -16,7 +16,7 @@ from brainseg.errors import BrainsegError
 
 app = typer.Typer(
     name="brainseg",
-    help="Brain tumour segmentation in MRI: index and check data, explore it, split it by patient.",
+    help="Brain tumour segmentation in MRI: check and explore data, split it by patient, train models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -176,6 +176,62 @@ def synth_command(
     folder = synthesize(out, patients=patients, seed=seed, size=size, layout=layout,
                         progress=True)
     typer.echo(f"wrote {folder}")
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[Path | None, typer.Option(help="Data set folder.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="New run folder.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its "
+                                                     "last checkpoint.")] = None,
+    model: Annotated[str | None, typer.Option(help="unet, resunet, attention_unet or monai_unet.")] = None,
+    base_filters: Annotated[int | None, typer.Option(help="Filters of the first level.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Down-sampling steps.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Network input side (128 or 256).")] = None,
+    context: Annotated[int | None, typer.Option(help="2.5D: neighbouring slices on each side.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Slices per batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    loss: Annotated[str | None, typer.Option(help="bce, dice or bce_dice.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, 32-true, bf16-mixed or 16-mixed.")] = None,
+    devices: Annotated[int | None, typer.Option(help="Devices (processes); more than 1 uses DDP.")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="auto, cpu or gpu.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop after this much time.")] = None,
+    split: Annotated[Path | None, typer.Option(help="Split JSON to use (default: make one).")] = None,
+    fold: Annotated[int | None, typer.Option(help="Fold of a k-fold split to train.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Any setting, e.g. --set augment.elastic=true (repeatable).")] = None,
+) -> None:
+    """Train a model with Lightning; writes config, split, history, curves, checkpoints, model.pt.
+
+    Example: brainseg train --data ../shared/data/lgg --out runs/unet --model unet --epochs 30
+    """
+    from brainseg.errors import OptionError
+    from brainseg.training import run_training
+
+    if resume is None and out is None:
+        raise OptionError("pass --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
+    overrides = {
+        "data.root": str(data) if data else None, "data.image_size": image_size, "data.context": context,
+        "data.split": str(split) if split else None, "data.fold": fold,
+        "model.name": model, "model.base_filters": base_filters, "model.depth": depth,
+        "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.loss": loss,
+        "train.precision": precision, "train.devices": devices, "train.accelerator": accelerator,
+        "train.max_minutes": max_minutes, "train.seed": seed,
+    }
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OptionError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        overrides[key.strip()] = value.strip()
+    result = run_training(resume or out, config_file=config, overrides=overrides, resume=resume is not None)
+    scores = [v for v in result.val_patient_dice.values() if v == v]
+    mean = f"{sum(scores) / len(scores):.4f}" if scores else "n/a"
+    typer.echo(f"best checkpoint: {result.best_checkpoint}")
+    typer.echo(f"validation Dice per patient volume: mean {mean} over {len(scores)} patients")
+    typer.echo(f"run folder: {result.run_dir} ({result.minutes:.1f} min)")
 
 
 @app.command("demo")

@@ -13,7 +13,8 @@ NORMALISATION = "divide_by_255"  # images enter the network as float in [0, 1]
 
 def to_input(image: np.ndarray, image_size: int) -> torch.Tensor:
     """(H, W, C) uint8 -> (C, S, S) float32 in [0, 1], resized with antialiasing when needed."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    # np.array copies: cached slices are read-only memory maps, which torch will not wrap.
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255.0)
     if tensor.shape[-2:] != (image_size, image_size):
         tensor = F.interpolate(tensor[None], size=(image_size, image_size), mode="bilinear",
                                antialias=True, align_corners=False)[0].clamp_(0.0, 1.0)
@@ -22,7 +23,7 @@ def to_input(image: np.ndarray, image_size: int) -> torch.Tensor:
 
 def to_target(mask: np.ndarray, image_size: int) -> torch.Tensor:
     """(H, W) 0/1 uint8 -> (1, S, S) float32 0/1; downsizing keeps a pixel where it is mostly tumour."""
-    tensor = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+    tensor = torch.from_numpy(np.array(mask)).float()[None]
     if tensor.shape[-2:] != (image_size, image_size):
         tensor = (F.interpolate(tensor[None], size=(image_size, image_size), mode="area")[0] >= 0.5).float()
     return tensor
@@ -83,7 +84,7 @@ class SliceDataset(Dataset):
         sample = {"image": to_input(image, self.image_size), "mask": to_target(mask, self.image_size),
                   "patient": int(self.patient_of_row[index]), "position": index}
         if self.keep_full_mask and mask.shape != (self.image_size, self.image_size):
-            sample["mask_full"] = torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+            sample["mask_full"] = torch.from_numpy(np.array(mask)).float()[None]
         return self.transform(sample) if self.transform is not None else sample
 
     def sampler(self, tumour_weight: float, num_samples: int = 0, seed: int = 0) -> WeightedRandomSampler:

@@ -1,0 +1,415 @@
+"""Training with Lightning: the module, the data module, callbacks and `train(config, out)`.
+
+A run folder holds config.yaml, split.json, history.csv, learning_curves.png, checkpoints/
+(best and last, for resuming), model.pt (the best weights with everything needed to predict)
+and val_metrics.json / val_patients.csv (the best model's per-patient validation Dice).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from brainseg import __version__
+from brainseg.config import RunConfig, load_config, save_config
+from brainseg.data.dataset import NORMALISATION, SliceDataset, collate
+from brainseg.errors import BadInputError, OptionError
+
+CHECKPOINT_FORMAT = "brainseg-checkpoint/1"
+# Lightning 2.6 on torch 2.13 warns about its own use of a deprecated pytree API on every step.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+MONITOR = "val_patient_dice"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto': bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32."""
+    if precision != "auto":
+        return precision
+    if accelerator == "gpu":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    cpu = torch.backends.cpu
+    fast_bf16 = getattr(cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX") and (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return "bf16-mixed" if fast_bf16 else "32-true"
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator not in ("cpu", "gpu"):
+        raise OptionError(f"train.accelerator must be auto, cpu or gpu, got {accelerator!r}")
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise OptionError("train.accelerator is gpu but no CUDA GPU is available")
+    return accelerator
+
+
+def default_workers(accelerator: str) -> int:
+    # On a 2-core CPU a loader worker would take a core from the network itself.
+    cores = os.cpu_count() or 1
+    if accelerator == "cpu":
+        return 0 if cores <= 4 else min(4, cores // 4)
+    return min(8, max(0, cores - 2))
+
+
+def patient_dice(counts: torch.Tensor) -> torch.Tensor:
+    """Dice per patient volume from (P, 3) tp/fp/fn; NaN where truth and prediction are empty."""
+    tp, fp, fn = counts.unbind(-1)
+    denominator = 2 * tp + fp + fn
+    return torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), torch.nan)
+
+
+class SegmentationModule(L.LightningModule):
+    """A registry model trained on logits with BCE/Dice losses and per-patient validation Dice."""
+
+    def __init__(self, config: dict, in_channels: int, val_patients: list[str]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from brainseg.losses import create_loss
+        from brainseg.models import create_model
+
+        self.run_config = RunConfig.from_dict(config)
+        model = self.run_config.model
+        self.model = create_model(model.name, in_channels=in_channels, base_filters=model.base_filters,
+                                  depth=model.depth, dropout=model.dropout, batch_norm=model.batch_norm,
+                                  **model.options)
+        if self.run_config.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss = create_loss(self.run_config.train.loss)
+        self.val_patients = list(val_patients)
+        self.register_buffer("val_counts", torch.zeros(len(val_patients), 3, dtype=torch.float64),
+                             persistent=False)
+        self.last_patient_dice: dict[str, float] = {}
+        threshold = self.run_config.train.threshold
+        self.logit_threshold = math.log(threshold / (1 - threshold))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.run_config.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        from brainseg.metrics import batch_scores
+
+        logits = self(batch["image"])
+        loss = self.loss(logits.float(), batch["mask"])
+        size = len(batch["image"])
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size,
+                 sync_dist=True)
+        scores = batch_scores(logits.detach(), batch["mask"], self.run_config.train.threshold)
+        self.log_dict({f"train_{k}": v for k, v in scores.items()}, on_step=False, on_epoch=True,
+                      batch_size=size, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_counts.zero_()
+
+    def validation_step(self, batch: dict, batch_index: int) -> None:
+        from brainseg.metrics import batch_scores
+
+        logits = self(batch["image"]).float()
+        size = len(batch["image"])
+        self.log("val_loss", self.loss(logits, batch["mask"]), on_epoch=True, batch_size=size,
+                 sync_dist=True)
+        scores = batch_scores(logits, batch["mask"], self.run_config.train.threshold)
+        self.log_dict({f"val_{k}": v for k, v in scores.items()}, on_epoch=True, batch_size=size,
+                      sync_dist=True)
+        self.val_counts.index_add_(0, batch["patient"], self._full_size_counts(logits, batch))
+
+    def _full_size_counts(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """tp/fp/fn per slice, scored at the original mask size (logits resized up if needed)."""
+        truths = batch.get("mask_full", batch["mask"])
+        rows = []
+        for i in range(len(logits)):
+            truth = truths[i].bool()
+            logit = logits[i: i + 1]
+            if logit.shape[-2:] != truth.shape[-2:]:
+                logit = F.interpolate(logit, size=truth.shape[-2:], mode="bilinear", align_corners=False)
+            pred = logit[0] > self.logit_threshold
+            rows.append(torch.stack([(pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()]))
+        return torch.stack(rows).to(self.val_counts.dtype)
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.val_counts
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
+        dice = patient_dice(counts)
+        mean = torch.nanmean(dice) if (~dice.isnan()).any() else torch.tensor(0.0, dtype=dice.dtype)
+        self.log(MONITOR, mean.float(), prog_bar=True)
+        self.last_patient_dice = dict(zip(self.val_patients, dice.tolist(), strict=True))
+
+    def configure_optimizers(self):
+        train = self.run_config.train
+        optimizer = torch.optim.Adam(self.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=train.lr_factor, patience=train.lr_patience, min_lr=train.min_lr)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": MONITOR, "interval": "epoch",
+                                 "frequency": train.val_every}}
+
+    def describe(self) -> dict:
+        """What a checkpoint needs to rebuild the model and preprocess inputs (plain types only)."""
+        spec = getattr(self.model, "brainseg_spec", None) or {}
+        data = self.run_config.data
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "brainseg_version": __version__,
+            "model": {"name": spec.get("name", self.run_config.model.name),
+                      "kwargs": dict(spec.get("kwargs", {}))},
+            "preprocessing": {"image_size": data.image_size, "in_channels": self.hparams.in_channels,
+                              "context": data.context, "normalisation": NORMALISATION,
+                              "channels_last": self.run_config.train.channels_last},
+            "threshold": self.run_config.train.threshold,
+            "config": self.run_config.to_dict(),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["brainseg"] = self.describe()
+
+
+class SliceDataModule(L.LightningDataModule):
+    """Train/val loaders over one split of an indexed data set."""
+
+    def __init__(self, config: RunConfig, train_table: pd.DataFrame, val_table: pd.DataFrame, store,
+                 workers: int) -> None:
+        super().__init__()
+        from brainseg.data.transforms import build_transforms
+
+        data = config.data
+        self.config = config
+        augment = build_transforms(config.augment, train=True, seed=config.train.seed)
+        self.train_set = SliceDataset(train_table, store, image_size=data.image_size, context=data.context,
+                                      transform=augment)
+        self.val_set = SliceDataset(val_table, store, image_size=data.image_size, context=data.context,
+                                    keep_full_mask=True)
+        self.workers = workers
+
+    def _loader(self, dataset, **options) -> DataLoader:
+        from brainseg.data.transforms import seed_worker
+
+        extra = {"persistent_workers": True, "worker_init_fn": seed_worker} if self.workers else {}
+        return DataLoader(dataset, batch_size=self.config.train.batch_size, num_workers=self.workers,
+                          collate_fn=collate, **extra, **options)
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.config.data
+        sampler = self.train_set.sampler(data.tumour_weight, data.samples_per_epoch, self.config.train.seed)
+        return self._loader(self.train_set, sampler=sampler, drop_last=len(self.train_set) > 1)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+class HistoryCallback(Callback):
+    """Writes history.csv after every epoch and learning_curves.png when training ends."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "history.csv"
+        self.run_dir = run_dir
+        self.started = time.perf_counter()
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.is_global_zero and self.path.exists():  # resuming: drop epochs that will rerun
+            history = pd.read_csv(self.path)
+            history[history["epoch"] < trainer.current_epoch].to_csv(self.path, index=False)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
+        row = {"epoch": trainer.current_epoch, "seconds": round(time.perf_counter() - self.started, 1),
+               "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        for name in ("train_loss_epoch", "train_dice", "train_iou", "train_accuracy", "val_loss", "val_dice",
+                     "val_iou", "val_accuracy", MONITOR):
+            row[name.replace("_epoch", "")] = metrics.get(name, float("nan"))
+        frame = pd.DataFrame([row])
+        frame.to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
+
+    def on_fit_end(self, trainer, module) -> None:
+        if trainer.is_global_zero and self.path.exists():
+            write_learning_curves(self.run_dir)
+
+
+def write_learning_curves(run_dir: Path) -> Path | None:
+    from brainseg import plots
+
+    history = pd.read_csv(run_dir / "history.csv")
+    if history.empty:
+        return None
+    best = None
+    if MONITOR in history and history[MONITOR].notna().any():
+        best = int(history.loc[history[MONITOR].idxmax(), "epoch"])
+    return plots.learning_curves(history, run_dir / "learning_curves.png", best)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path | None
+    model_file: Path | None
+    val_patient_dice: dict[str, float]
+    minutes: float
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def prepare_split(config: RunConfig, table: pd.DataFrame, run_dir: Path) -> dict:
+    """The run's split: the given split file, or a new seeded split by patient; saved in the run."""
+    from brainseg.data.splits import load_split, save_split, split_patients
+
+    data = config.data
+    if data.split:
+        split = load_split(data.split)
+    else:
+        split = split_patients(table, val=data.val, test=data.test, folds=data.folds or None,
+                               seed=config.train.seed, test_patients=data.test_patients)
+    if _is_rank_zero():
+        save_split(split, run_dir / "split.json")
+    return split
+
+
+def split_tables(table: pd.DataFrame, split: dict, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from brainseg.data.splits import select
+
+    if "folds" in split:
+        if not 0 <= fold < len(split["folds"]):
+            raise OptionError(f"data.fold must be in 0..{len(split['folds']) - 1} for this k-fold split")
+        return select(table, split, "train", fold), select(table, split, "val", fold)
+    return select(table, split, "train"), select(table, split, "val")
+
+
+def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train one model as `config` says and write the run folder `out`."""
+    from brainseg.data.index import scan
+
+    run_dir = Path(out)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.exists():
+            raise BadInputError(run_dir, "no checkpoints/last.ckpt to resume from")
+    elif _is_rank_zero() and (run_dir / "config.yaml").exists():  # DDP children rerun this command
+        raise BadInputError(run_dir, "already holds a run; use --resume to continue it or choose a new --out")
+    if not config.data.root:
+        raise OptionError("no data folder: pass --data DIR (or set data.root in the config)")
+    started = time.perf_counter()
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    accelerator = resolve_accelerator(config.train.accelerator)
+    precision = resolve_precision(config.train.precision, accelerator)
+
+    result = scan(config.data.root, config.data.layout, cache=config.data.cache, progress=progress)
+    if _is_rank_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    split = prepare_split(config, result.table, run_dir)
+    train_table, val_table = split_tables(result.table, split, config.data.fold)
+    if train_table.empty or val_table.empty:
+        raise OptionError("the split leaves no training or no validation slices; check data.val / data.split")
+    workers = config.data.num_workers if config.data.num_workers >= 0 else default_workers(accelerator)
+    datamodule = SliceDataModule(config, train_table, val_table, result.store, workers)
+    module = SegmentationModule(config.to_dict(), datamodule.train_set.in_channels,
+                                datamodule.val_set.patients)
+
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
+                                 auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1,
+                                 save_last=True)
+    callbacks = [checkpoint, HistoryCallback(run_dir), LearningRateMonitor("epoch"),
+                 EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
+    train_cfg = config.train
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=train_cfg.devices,
+        strategy="ddp" if train_cfg.devices > 1 else "auto",
+        precision=precision, max_epochs=train_cfg.epochs,
+        max_time={"minutes": train_cfg.max_minutes} if train_cfg.max_minutes > 0 else None,
+        check_val_every_n_epoch=train_cfg.val_every, callbacks=callbacks, logger=_logger(run_dir),
+        default_root_dir=run_dir, enable_progress_bar=progress, num_sanity_val_steps=0,
+        log_every_n_steps=10, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
+
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    patient_scores: dict[str, float] = {}
+    model_file = None
+    if best is not None and best.exists():
+        trainer.validate(module, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+        patient_scores = module.last_patient_dice
+        if trainer.is_global_zero:
+            model_file = export_model_file(best, run_dir / "model.pt")
+            _write_val_metrics(run_dir, best, patient_scores, val_table, precision, trainer)
+    minutes = (time.perf_counter() - started) / 60
+    return TrainResult(run_dir, best, model_file, patient_scores, minutes)
+
+
+def _logger(run_dir: Path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    try:
+        import tensorboard  # noqa: F401
+
+        return TensorBoardLogger(run_dir, name="logs", version="")
+    except ImportError:
+        return CSVLogger(run_dir, name="logs", version="")
+
+
+def export_model_file(checkpoint: Path, out: Path) -> Path:
+    """A compact file to predict with: fp32 model weights plus the checkpoint's description."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    torch.save({"brainseg": state["brainseg"], "state_dict": weights, "epoch": state.get("epoch")}, out)
+    return out
+
+
+def _write_val_metrics(run_dir: Path, best: Path, scores: dict[str, float], val_table: pd.DataFrame,
+                       precision: str, trainer) -> None:
+    volumes = val_table.groupby("patient")["tumour_pixels"].sum()
+    rows = pd.DataFrame({"patient": list(scores), "dice": list(scores.values())})
+    rows["tumour_voxels"] = rows["patient"].map(volumes).astype("int64")
+    rows.to_csv(run_dir / "val_patients.csv", index=False)
+    values = np.array([v for v in scores.values() if not math.isnan(v)])
+    summary = {
+        "best_checkpoint": best.name,
+        "epochs_run": trainer.current_epoch,
+        "precision": precision,
+        "metric": "Dice per patient volume (slices stacked; 2|A∩B|/(|A|+|B|)), at the original "
+                  "resolution, threshold from the config; patients with no tumour and no prediction "
+                  "are excluded from the mean",
+        "patients": len(scores),
+        "mean": float(values.mean()) if len(values) else None,
+        "median": float(np.median(values)) if len(values) else None,
+        "min": float(values.min()) if len(values) else None,
+    }
+    (run_dir / "val_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise BadInputError(run_dir, "not a brainseg run folder (no config.yaml)")
+    return load_config(path)
+
+
+def run_training(out: str | Path, *, config_file: str | Path | None = None,
+                 overrides: dict | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+    """The `brainseg train` job: defaults <- config file (or the run's own, when resuming) <- flags."""
+    base = RunConfig()
+    if resume:
+        base = load_run_config(out)
+    elif config_file:
+        base = load_config(config_file)
+    config = base
+    config = config.override({k: v for k, v in (overrides or {}).items() if v is not None})
+    return train(config, out, resume=resume, progress=progress)

@@ -1,0 +1,99 @@
+"""Training end to end on synthetic data: the run folder, resume, overfitting, DDP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from brainseg.config import RunConfig
+from brainseg.data.dataset import SliceDataset, collate
+from brainseg.data.index import scan
+from brainseg.data.synth import synthesize
+from brainseg.training import SegmentationModule, patient_dice, run_training, train
+
+SMALL = {"data.image_size": 64, "model.base_filters": 4, "model.depth": 3, "train.batch_size": 8,
+         "data.val": 0.34, "data.test": 0.0, "data.samples_per_epoch": 16, "train.precision": "32-true"}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("synth") / "data", patients=3, seed=0, size=64,
+                      slices=(6, 8))
+
+
+def small_config(root, **extra) -> RunConfig:
+    return RunConfig().override({**SMALL, "data.root": str(root), **extra})
+
+
+def test_one_epoch_writes_a_complete_run_folder(synthetic, tmp_path):
+    result = train(small_config(synthetic, **{"train.epochs": 1}), tmp_path / "run", progress=False)
+    run = result.run_dir
+    for name in ("config.yaml", "split.json", "history.csv", "learning_curves.png", "model.pt",
+                 "val_metrics.json", "val_patients.csv", "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    assert result.best_checkpoint is not None and result.best_checkpoint.exists()
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [0]
+    assert {"train_loss", "val_loss", "val_patient_dice", "lr"} <= set(history.columns)
+    saved = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    description = saved["brainseg"]
+    assert description["model"]["name"] == "unet"
+    assert description["model"]["kwargs"]["in_channels"] == 3
+    assert description["preprocessing"]["image_size"] == 64
+    assert description["preprocessing"]["normalisation"] == "divide_by_255"
+    assert description["threshold"] == 0.5
+    from brainseg.models import create_model
+
+    model = create_model(description["model"]["name"], **description["model"]["kwargs"])
+    model.load_state_dict(saved["state_dict"])  # one file is enough to rebuild the network
+    with pytest.raises(Exception, match="already holds a run"):
+        train(small_config(synthetic, **{"train.epochs": 1}), run, progress=False)
+
+
+def test_resume_continues_from_the_saved_epoch(synthetic, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(synthetic, **{"train.epochs": 1}), run, progress=False)
+    run_training(run, overrides={"train.epochs": 3}, resume=True, progress=False)
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2  # Lightning stores the index of the last finished epoch
+
+
+def test_patient_dice_convention():
+    counts = torch.tensor([[5.0, 0, 0], [0, 0, 0], [1, 2, 3]], dtype=torch.float64)
+    dice = patient_dice(counts)
+    assert dice[0] == 1 and torch.isnan(dice[1]) and dice[2] == pytest.approx(2 / 7)
+
+
+def test_overfitting_four_slices_reaches_dice_above_0_9(synthetic):
+    L.seed_everything(0, workers=True, verbose=False)
+    result = scan(synthetic)
+    table = result.table[result.table["has_tumour"]].groupby("patient").head(2).head(4)
+    config = small_config(synthetic, **{"train.lr": 3e-3, "model.dropout": 0.0, "train.val_every": 120})
+    dataset = SliceDataset(table, result.store, image_size=64)
+    module = SegmentationModule(config.to_dict(), dataset.in_channels, dataset.patients)
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, collate_fn=collate)
+    trainer = L.Trainer(max_epochs=120, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=120)
+    trainer.fit(module, loader, DataLoader(dataset, batch_size=4, collate_fn=collate))
+    assert trainer.callback_metrics["val_patient_dice"] > 0.9
+
+
+def test_two_process_ddp_on_cpu_writes_one_checkpoint(synthetic, tmp_path):
+    run = tmp_path / "ddp"
+    args = [sys.executable, "-m", "brainseg.cli", "train", "--data", str(synthetic), "--out", str(run),
+            "--epochs", "1", "--devices", "2", "--accelerator", "cpu"]
+    for key, value in SMALL.items():
+        args += ["--set", f"{key}={value}"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "model.pt").exists()
+    assert "validation Dice per patient volume" in done.stdout
