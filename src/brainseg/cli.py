@@ -234,6 +234,40 @@ def train_command(
     typer.echo(f"run folder: {result.run_dir} ({result.minutes:.1f} min)")
 
 
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Argument(help="Run folder, model.pt or checkpoint.", show_default=False)],
+    data: Annotated[Path, typer.Option(help="Data set folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("evaluation"),
+    split: Annotated[str, typer.Option(help="Which patients: test, val, train or all.")] = "test",
+    split_file: Annotated[Path | None, typer.Option(help="Split JSON (default: the run's).")] = None,
+    fold: Annotated[int, typer.Option(help="Fold, for a k-fold split's train/val.")] = -1,
+    threshold: Annotated[float | None, typer.Option(help="Probability cut (default: checkpoint's).")] = None,
+    largest_component: Annotated[bool, typer.Option(help="Keep the largest 3D component.")] = False,
+    min_size: Annotated[int, typer.Option(help="Drop 3D components smaller than this (voxels).")] = 0,
+    tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.")] = 0,
+    layout: Layout = "auto",
+) -> None:
+    """Score a model per patient volume and per slice; write summary.json, CSVs and figures.
+
+    Example: brainseg evaluate runs/unet --data ../shared/data/lgg --split test --out runs/unet/test
+    """
+    from brainseg.evaluation import EvaluateOptions, evaluate
+
+    options = EvaluateOptions(side=split, split_file=str(split_file or ""), fold=fold, threshold=threshold,
+                              largest_component=largest_component, min_size=min_size, tta_flip=tta, seed=seed)
+    summary = evaluate(model, data, out, layout=layout, options=options)
+    dice = summary["per_patient"]["dice"]
+    if dice["n"]:
+        typer.echo(f"Dice per patient volume over {summary['data']['patients']} patients ({split}): "
+                   f"mean {dice['mean']:.4f}, median {dice['median']:.4f}, min {dice['min']:.4f}")
+    detection = summary["detection"]
+    typer.echo(f"tumour detection per slice: accuracy {detection['accuracy']:.4f}, "
+               f"sensitivity {detection['sensitivity']:.4f}, specificity {detection['specificity']:.4f}")
+    typer.echo(f"wrote {out}/summary.json, per_patient.csv, per_slice.csv, {', '.join(summary['figures'])}")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo "

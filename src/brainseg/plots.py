@@ -126,3 +126,63 @@ def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
     loss_ax.legend()
     dice_ax.legend(loc="lower right")
     return _save(fig, path)
+
+
+def prediction_grid(rows: Sequence[dict], path: Path, threshold: float = 0.5) -> Path:
+    """One row per slice: image | truth | probability | binary at the threshold.
+
+    Each row is a dict with image (H, W, C) uint8, truth and probability (H, W) and a title.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        binary = row["probability"] >= threshold
+        panels = [(display_image(row["image"]), "image", "gray", 255),
+                  (row["truth"].astype(np.float32), "truth", "gray", 1),
+                  (row["probability"], "probability", "magma", 1),
+                  (overlay(row["image"], binary), f"binary ≥ {threshold:g}", None, 1)]
+        for c, (picture, name, cmap, vmax) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(picture, cmap=cmap, vmin=0, vmax=vmax)
+            ax.set_axis_off()
+            ax.set_title(f"{row['title']}\n{name}" if c == 0 else name, fontsize=8)
+    return _save(fig, path)
+
+
+def patient_scores(names: Sequence[str], dice: Sequence[float], path: Path, title: str) -> Path:
+    """Sorted per-patient Dice as bars, with the mean and median marked."""
+    plt = _pyplot()
+    values = np.asarray(dice, dtype=float)
+    order = np.argsort(np.nan_to_num(values, nan=-1))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(values) + 2), 4))
+    ax.bar(range(len(values)), np.nan_to_num(values[order]), color="tab:blue")
+    ax.set_xticks(range(len(values)), [names[i] for i in order], rotation=90, fontsize=6)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice per patient volume")
+    ax.set_title(title)
+    if np.isfinite(values).any():
+        mean = float(np.nanmean(values))
+        ax.axhline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.3f}")
+        ax.axhline(np.nanmedian(values), color="black", linestyle=":",
+                   label=f"median {np.nanmedian(values):.3f}")
+        ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def volume_montage(images: np.ndarray, truth: np.ndarray, prediction: np.ndarray, path: Path, title: str,
+                   columns: int = 8) -> Path:
+    """Every slice of a volume: prediction in red, the truth's outline in green."""
+    plt = _pyplot()
+    count = len(images)
+    rows = int(np.ceil(count / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.7 * rows + 0.5), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if i >= count:
+            continue
+        ax.imshow(overlay(images[i], prediction[i]))
+        if truth[i].any():
+            ax.contour(truth[i].astype(float), levels=[0.5], colors=["lime"], linewidths=0.6)
+        ax.set_title(str(i + 1), fontsize=6)
+    fig.suptitle(f"{title}  (red: prediction, green: truth outline)", fontsize=9)
+    return _save(fig, path)

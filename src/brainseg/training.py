@@ -367,7 +367,7 @@ def _logger(run_dir: Path):
 
 def export_model_file(checkpoint: Path, out: Path) -> Path:
     """A compact file to predict with: fp32 model weights plus the checkpoint's description."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     torch.save({"brainseg": state["brainseg"], "state_dict": weights, "epoch": state.get("epoch")}, out)
     return out

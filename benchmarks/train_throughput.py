@@ -1,0 +1,163 @@
+"""Training throughput: the project's Lightning training step against a plain eager fp32 loop.
+
+Usage: python benchmarks/train_throughput.py [--steps 6] [--batch 16] [--quick]
+
+For every row, the same network, batch and input size run in the same process, alternating:
+  * baseline: plain eager PyTorch, fp32, NCHW: zero_grad, forward, BCE+Dice loss, backward, Adam step;
+  * project:  brainseg's SegmentationModule under a Lightning Trainer, with the row's precision and
+              memory format (the configuration `brainseg train` would pick on this machine).
+It also times the data pipeline alone (memory-mapped slice cache -> tensors -> default augmentation)
+and sets its images/s against what the project's training step consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+from _common import machine_header, print_table
+from brainseg.config import RunConfig
+from brainseg.losses import create_loss
+from brainseg.models import create_model
+from brainseg.training import SegmentationModule, resolve_precision
+
+
+class RandomSlices(Dataset):
+    def __init__(self, count: int, size: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(count, 3, size, size, generator=generator)
+        self.masks = (torch.rand(count, 1, size, size, generator=generator) > 0.9).float()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "mask": self.masks[i], "patient": 0, "position": i}
+
+
+class StepTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def baseline_seconds(filters: int, size: int, batch: int, steps: int, warmup: int) -> list[float]:
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=3, base_filters=filters, depth=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = create_loss("bce_dice")
+    data = RandomSlices(batch, size)
+    images, masks = data.images, data.masks
+    times = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), masks)
+        loss.backward()
+        optimizer.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def fit_with_timer(module, loader, precision: str, steps: int) -> StepTimer:
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, default_root_dir=root, callbacks=[timer])
+        trainer.fit(module, loader)
+    return timer
+
+
+def project_step_seconds(filters: int, size: int, batch: int, steps: int, warmup: int, precision: str,
+                         channels_last: bool) -> list[float]:
+    torch.manual_seed(0)
+    config = RunConfig().override({"model.base_filters": filters, "model.depth": 4,
+                                   "train.channels_last": channels_last, "data.image_size": size})
+    module = SegmentationModule(config.to_dict(), 3, ["p"])
+    loader = DataLoader(RandomSlices(batch, size), batch_size=batch, sampler=[0] * batch * (warmup + steps))
+    timer = fit_with_timer(module, loader, precision, warmup + steps)
+    return timer.times[warmup:]
+
+
+def pipeline_images_per_second(size: int, count: int = 300) -> float | None:
+    """Slices through the real path: cache -> SliceDataset -> default augmentation, one process."""
+    from brainseg.data.dataset import SliceDataset
+    from brainseg.data.index import scan
+    from brainseg.data.synth import synthesize
+    from brainseg.data.transforms import build_transforms
+
+    with tempfile.TemporaryDirectory() as root:
+        data = synthesize(f"{root}/data", patients=4, seed=0)
+        result = scan(data)
+        transform = build_transforms(RunConfig().augment, train=True, seed=0)
+        dataset = SliceDataset(result.table, result.store, image_size=size, transform=transform)
+        for i in range(10):
+            dataset[i % len(dataset)]
+        started = time.perf_counter()
+        for i in range(count):
+            dataset[i % len(dataset)]
+        return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/project rounds")
+    parser.add_argument("--quick", action="store_true", help="only the 128x128 rows")
+    args = parser.parse_args()
+    auto = resolve_precision("auto", "cpu")
+    print(machine_header())
+    print(f"batch {args.batch}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} "
+          f"alternating rounds; medians. Precision 'auto' resolves to {auto} on this machine.\n")
+
+    rows_to_run = [(16, 128), (32, 128)] + ([] if args.quick else [(16, 256), (32, 256)])
+    variants = [("32-true", False), ("32-true", True), ("bf16-mixed", False), ("bf16-mixed", True)]
+    table = []
+    consumed = {}
+    for filters, size in rows_to_run:
+        base: list[float] = []
+        project: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            base += baseline_seconds(filters, size, args.batch, args.steps, args.warmup)
+            for precision, channels_last in variants:
+                project[(precision, channels_last)] += project_step_seconds(
+                    filters, size, args.batch, args.steps, args.warmup, precision, channels_last)
+        base_rate = args.batch / statistics.median(base)
+        table.append([f"F={filters}", f"{size}²", "baseline: eager fp32 NCHW", f"{base_rate:.1f}", "1.00"])
+        for (precision, channels_last), times in project.items():
+            rate = args.batch / statistics.median(times)
+            layout = "channels_last" if channels_last else "NCHW"
+            table.append([f"F={filters}", f"{size}²", f"brainseg {precision} {layout}", f"{rate:.1f}",
+                          f"{rate / base_rate:.2f}"])
+            if precision == auto and channels_last:
+                consumed[(filters, size)] = rate
+    print_table(["filters", "input", "training step", "images/s", "× baseline"], table)
+
+    print("\nData pipeline alone (cache -> tensors -> default augmentation, one process):")
+    rows = []
+    for size in sorted({s for _, s in rows_to_run}):
+        rate = pipeline_images_per_second(size)
+        for (filters, s), need in sorted(consumed.items()):
+            if s == size:
+                rows.append([f"{size}²", f"{rate:.0f}", f"F={filters}: {need:.1f}", f"{rate / need:.1f}"])
+    print_table(["input", "pipeline images/s", "step consumes images/s", "pipeline / step"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Evaluate a model on patient volumes: per-patient and per-slice tables, summary.json, figures.
+
+Conventions (also written into summary.json):
+* the headline is the mean Dice per patient volume: a patient's slices are stacked and
+  Dice = 2|A∩B| / (|A|+|B|) over the whole volume; the median and minimum are reported too;
+* per slice, a slice where truth and prediction are both empty has no Dice and is left out of
+  the mean; tumour presence per slice is scored separately (accuracy, sensitivity, specificity);
+* HD95 is in pixels over the stacked volume (slice index counted as one pixel: kaggle_3m does not
+  publish its spacing) and NaN where either side is empty;
+* the probability is thresholded at the checkpoint's threshold (0.5 unless tuned) or --threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainseg.errors import BadInputError
+
+CONVENTIONS = {
+    "headline": "mean Dice per patient volume (slices stacked, Dice = 2|A∩B|/(|A|+|B|) over the volume)",
+    "empty_volume": "a patient with no tumour and no prediction has no Dice; left out of means (NaN)",
+    "per_slice": "Dice/IoU per slice only where truth or prediction is non-empty; tumour presence per "
+                 "slice scored separately as detection accuracy, sensitivity, specificity",
+    "hd95": "95th percentile symmetric Hausdorff distance in pixels over the stacked volume (slice "
+            "index counted as one pixel; kaggle_3m spacing is not published); NaN where a side is empty",
+    "resolution": "scored at each slice's original size (predictions are resized back from the "
+                  "network input)",
+    "threshold": "probability >= threshold is tumour",
+}
+
+
+@dataclass
+class EvaluateOptions:
+    side: str = "test"  # test, val, train or all
+    split_file: str = ""  # default: the run's split.json
+    fold: int = -1
+    threshold: float | None = None  # None: the checkpoint's
+    largest_component: bool = False  # keep the largest 3D component per patient
+    min_size: int = 0  # drop 3D components smaller than this (voxels)
+    tta_flip: bool = False
+    precision: str = "auto"  # auto (bf16 where the hardware runs it natively) or 32
+    seed: int = 0
+    grid_slices: int = 8
+    worst: int = 4
+
+
+def _split_for(model_path: Path, options: EvaluateOptions) -> dict | None:
+    from brainseg.data.splits import load_split
+
+    if options.side == "all":
+        return None
+    if options.split_file:
+        return load_split(options.split_file)
+    run_dir = model_path if model_path.is_dir() else model_path.parent
+    for candidate in (run_dir / "split.json", run_dir.parent / "split.json"):
+        if candidate.exists():
+            return load_split(candidate)
+    raise BadInputError(model_path, f"no split.json beside the model to find the {options.side} patients; "
+                                    "pass --split-file or --split all")
+
+
+def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOptions) -> pd.DataFrame:
+    from brainseg.data.splits import select
+
+    if split is None:
+        return table
+    if options.side not in ("train", "val", "test"):
+        raise BadInputError("--split", f"must be test, val, train or all, not {options.side!r}")
+    fold = options.fold if options.fold >= 0 and "folds" in split else None
+    if "folds" in split and fold is None and options.side != "test":
+        raise BadInputError("--fold", "this is a k-fold split: pass --fold for its train/val sides")
+    rows = select(table, split, options.side, fold)
+    if rows.empty:
+        raise BadInputError("--split", f"no slices of this data set are on the {options.side} side")
+    return rows
+
+
+def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: str = "auto",
+             options: EvaluateOptions | None = None, progress: bool = True) -> dict:
+    """Score a model on the chosen side of the split and write tables and figures to `out`."""
+    from brainseg.data.index import ensure_outside, scan
+    from brainseg.metrics import count, dice, hd95, iou, precision, recall
+    from brainseg.postprocess import postprocess
+    from brainseg.prediction import Predictor
+
+    options = options or EvaluateOptions()
+    model, out = Path(model), Path(out)
+    ensure_outside(out, data)
+    predictor = Predictor.from_checkpoint(model, precision=options.precision, tta_flip=options.tta_flip,
+                                          threshold=options.threshold)
+    result = scan(data, layout, progress=progress)
+    rows = select_rows(result.table, _split_for(model, options), options)
+    out.mkdir(parents=True, exist_ok=True)
+    cutoff = predictor.cutoff
+
+    rng = np.random.default_rng(options.seed)
+    grid_keys = set(_pick_grid_slices(rows, options.grid_slices, rng))
+    grid: list[dict] = []
+    examples: dict[str, dict] = {}  # patient -> its largest-tumour slice, for the worst-patient grid
+    patient_rows, slice_rows = [], []
+    patients = list(rows.groupby("patient", sort=True))
+    for patient, volume in _progress(patients, progress):
+        volume = volume.sort_values("slice")
+        keys = volume["image_path"].tolist()
+        images = np.stack([result.store.image(k) for k in keys])
+        truth = np.stack([result.store.mask(k) for k in keys]).astype(bool)
+        probability = predictor.predict_volume(images)
+        predicted = postprocess(probability >= cutoff, largest=options.largest_component,
+                                min_size=options.min_size)
+        c = count(predicted, truth)
+        patient_rows.append({"patient": patient, "slices": len(keys), "dice": dice(c), "iou": iou(c),
+                             "precision": precision(c), "recall": recall(c), "hd95": hd95(predicted, truth),
+                             "true_voxels": int(truth.sum()), "predicted_voxels": int(predicted.sum())})
+        for i, key in enumerate(keys):
+            sc = count(predicted[i], truth[i])
+            slice_rows.append({"patient": patient, "slice": int(volume["slice"].iloc[i]),
+                               "true_pixels": sc.tp + sc.fn, "predicted_pixels": sc.tp + sc.fp,
+                               "dice": dice(sc), "iou": iou(sc)})
+            if key in grid_keys:
+                grid.append(_grid_row(patient, volume["slice"].iloc[i], images[i], truth[i], probability[i]))
+        best = int(truth.reshape(len(keys), -1).sum(1).argmax())
+        examples[patient] = _grid_row(patient, volume["slice"].iloc[best], images[best], truth[best],
+                                      probability[best])
+
+    per_patient = pd.DataFrame(patient_rows)
+    per_slice = pd.DataFrame(slice_rows)
+    per_patient.to_csv(out / "per_patient.csv", index=False)
+    per_slice.to_csv(out / "per_slice.csv", index=False)
+    summary = _summary(per_patient, per_slice, predictor, result, options, cutoff)
+    summary["figures"] = _figures(out, per_patient, grid, examples, options, cutoff, result, rows, predictor)
+    (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
+    return summary
+
+
+def _pick_grid_slices(rows: pd.DataFrame, count: int, rng) -> list[str]:
+    tumour = rows.loc[rows["has_tumour"], "image_path"].to_numpy()
+    other = rows.loc[~rows["has_tumour"], "image_path"].to_numpy()
+    take = min(len(tumour), count - count // 4)
+    picks = list(rng.choice(tumour, take, replace=False)) if take else []
+    rest = min(len(other), count - len(picks))
+    return picks + (list(rng.choice(other, rest, replace=False)) if rest else [])
+
+
+def _grid_row(patient: str, number, image, truth, probability) -> dict:
+    return {"image": image, "truth": truth, "probability": probability, "title": f"{patient} #{number}"}
+
+
+def _stats(values: pd.Series) -> dict:
+    finite = values.dropna()
+    if finite.empty:
+        return {"mean": None, "median": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(finite.mean()), "median": float(finite.median()), "min": float(finite.min()),
+            "max": float(finite.max()), "n": len(finite)}
+
+
+def _summary(per_patient, per_slice, predictor, result, options, cutoff) -> dict:
+    from brainseg.metrics import detection
+
+    scored = per_slice[(per_slice["true_pixels"] > 0) | (per_slice["predicted_pixels"] > 0)]
+    return {
+        "model": predictor.identity,
+        "data": {"root": str(result.root), "layout": result.layout, "side": options.side,
+                 "patients": len(per_patient), "slices": len(per_slice)},
+        "options": {**asdict(options), "threshold": cutoff},
+        "conventions": CONVENTIONS,
+        "per_patient": {name: _stats(per_patient[name]) for name in
+                        ("dice", "iou", "precision", "recall", "hd95")},
+        "per_slice": {"dice": _stats(scored["dice"]), "iou": _stats(scored["iou"]),
+                      "slices_scored": len(scored)},
+        "detection": detection(per_slice["predicted_pixels"] > 0, per_slice["true_pixels"] > 0),
+        "cases": per_patient.to_dict(orient="records"),
+    }
+
+
+def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, predictor) -> list[str]:
+    from brainseg import plots
+    from brainseg.postprocess import postprocess
+
+    names = []
+    if grid:
+        names.append(plots.prediction_grid(grid, out / "prediction_grid.png", cutoff).name)
+    ranked = per_patient.dropna(subset=["dice"]).sort_values("dice")
+    worst = [examples[p] for p in ranked["patient"].head(options.worst)]
+    for row, dice_value in zip(worst, ranked["dice"].head(options.worst), strict=True):
+        row["title"] += f" (patient Dice {dice_value:.3f})"
+    if worst:
+        names.append(plots.prediction_grid(worst, out / "worst_patients.png", cutoff).name)
+    names.append(plots.patient_scores(per_patient["patient"].tolist(), per_patient["dice"].tolist(),
+                                      out / "patient_dice.png", "Dice per patient volume").name)
+    if not ranked.empty:  # the median patient shows typical behaviour better than the best or worst
+        patient = ranked["patient"].iloc[len(ranked) // 2]
+        volume = rows[rows["patient"] == patient].sort_values("slice")
+        images = np.stack([result.store.image(k) for k in volume["image_path"]])
+        truth = np.stack([result.store.mask(k) for k in volume["image_path"]]).astype(bool)
+        predicted = postprocess(predictor.predict_volume(images) >= cutoff,
+                                largest=options.largest_component, min_size=options.min_size)
+        dice_value = float(ranked["dice"].iloc[len(ranked) // 2])
+        names.append(plots.volume_montage(images, truth, predicted, out / "volume_montage.png",
+                                          f"{patient}: Dice {dice_value:.3f}").name)
+    return names
+
+
+def _clean(value):
+    """JSON without NaN (written as null) and with plain Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(float(value)) else float(value)
+    return value
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, desc="evaluating", unit="patient", file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,174 @@
+"""Prediction from a self-describing model file: preprocess -> batch -> network -> resize back.
+
+`Predictor.from_checkpoint(path)` accepts a run folder, its model.pt, or a Lightning checkpoint
+written by `brainseg train`. Probabilities come back at each input's own size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from brainseg.data.dataset import NORMALISATION
+from brainseg.errors import BadInputError
+
+MODEL_FILE = "model.pt"
+
+
+def load_model_file(path: str | Path) -> tuple[dict, dict]:
+    """(description, state_dict) from a run folder, a model.pt or a Lightning .ckpt."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MODEL_FILE).exists():
+            raise BadInputError(path, f"run folder has no {MODEL_FILE} (did training finish?)")
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise BadInputError(path, "model file does not exist")
+    try:
+        # weights_only: a model file from elsewhere must not be able to run code when loaded.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # every format fails its own way; all mean "not one of ours"
+        raise BadInputError(path, f"not a brainseg checkpoint ({type(error).__name__})") from None
+    if not isinstance(state, dict) or "brainseg" not in state or "state_dict" not in state:
+        raise BadInputError(path, "not a brainseg checkpoint (no 'brainseg' description)")
+    weights = state["state_dict"]
+    if any(k.startswith("model.") for k in weights):  # a Lightning checkpoint of SegmentationModule
+        weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    return state["brainseg"], weights
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Predictor:
+    """A network with its preprocessing; call `predict` or `predict_volume`."""
+
+    model: torch.nn.Module
+    description: dict
+    device: str = "cpu"
+    precision: str = "32"  # 32 or bf16
+    batch_size: int = 16
+    tta_flip: bool = False
+    threshold: float | None = None  # None: the checkpoint's threshold
+    source: str = ""
+    identity: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", precision: str = "auto",
+                        **options) -> Predictor:
+        from brainseg.models import create_model
+
+        description, weights = load_model_file(path)
+        spec = description["model"]
+        model = create_model(spec["name"], **spec["kwargs"])
+        model.load_state_dict(weights)
+        model.eval().to(device)
+        if description.get("preprocessing", {}).get("channels_last", False):
+            model = model.to(memory_format=torch.channels_last)
+        if precision == "auto":
+            from brainseg.training import resolve_precision
+
+            accelerator = "gpu" if device.startswith("cuda") else "cpu"
+            precision = "bf16" if resolve_precision("auto", accelerator).startswith("bf16") else "32"
+        resolved = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)
+        identity = {"file": str(resolved), "sha256_16": file_digest(resolved), "model": spec["name"],
+                    "kwargs": spec["kwargs"], "brainseg_version": description.get("brainseg_version")}
+        return cls(model, description, device, precision, source=str(resolved), identity=identity,
+                   **options)
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.description["preprocessing"]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocessing["image_size"])
+
+    @property
+    def context(self) -> int:
+        return int(self.preprocessing.get("context", 0))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.preprocessing["in_channels"])
+
+    @property
+    def slice_channels(self) -> int:
+        return self.in_channels // (2 * self.context + 1)
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.threshold if self.threshold is not None else self.description.get("threshold", 0.5))
+
+    def check_image(self, image: np.ndarray, name: str = "image") -> np.ndarray:
+        """(H, W) or (H, W, C) uint8 -> (H, W, C) with the channel count the model expects."""
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.shape[-1] != self.slice_channels:
+            raise BadInputError(name, f"has {image.shape[-1]} channel(s); the model expects "
+                                      f"{self.slice_channels}")
+        minimum = 2 ** int(self.description["model"]["kwargs"].get("depth", 4))
+        if min(image.shape[:2]) < minimum:
+            raise BadInputError(name, f"is {image.shape[0]}x{image.shape[1]}, too small for the network "
+                                      f"(at least {minimum}x{minimum})")
+        return image
+
+    @torch.inference_mode()
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        if self.preprocessing.get("channels_last", False):
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.model(batch).float()
+            if self.tta_flip:
+                flipped = self.model(torch.flip(batch, dims=[-1])).float()
+                logits = (logits + torch.flip(flipped, dims=[-1])) / 2
+        return logits
+
+    def probabilities(self, inputs: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Network inputs (N, H, W, C') uint8, already context-stacked -> probabilities per size."""
+        from brainseg.data.dataset import to_input
+
+        assert self.preprocessing.get("normalisation", NORMALISATION) == NORMALISATION
+        out = []
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start:start + self.batch_size]
+            batch = torch.stack([to_input(image, self.image_size) for image in chunk])
+            logits = self._logits(batch).cpu()
+            for i, logit in enumerate(logits):
+                size = sizes[start + i]
+                if tuple(logit.shape[-2:]) != tuple(size):
+                    logit = F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0]
+                out.append(torch.sigmoid(logit[0]).numpy())
+        return out
+
+    def predict_volume(self, slices: np.ndarray) -> np.ndarray:
+        """(N, H, W[, C]) uint8 slices of one volume, in order -> (N, H, W) float32 probabilities.
+
+        With a 2.5D model the neighbours of each slice are stacked as the model was trained.
+        """
+        slices = np.stack([self.check_image(s, f"slice {i}") for i, s in enumerate(slices)])
+        if self.context:
+            n = len(slices)
+            picks = [np.clip(np.arange(i - self.context, i + self.context + 1), 0, n - 1) for i in range(n)]
+            inputs = np.stack([np.concatenate(list(slices[p]), axis=-1) for p in picks])
+        else:
+            inputs = slices
+        sizes = [s.shape[:2] for s in slices]
+        return np.stack(self.probabilities(inputs, sizes)).astype(np.float32)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """One slice (H, W[, C]) uint8 -> binary mask (H, W) uint8 at the input's size."""
+        return (self.predict_volume(np.asarray(image)[None])[0] >= self.cutoff).astype(np.uint8)

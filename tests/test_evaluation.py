@@ -1,0 +1,112 @@
+"""Evaluation and prediction end to end on a tiny trained run, post-processing, bad model files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainseg.config import RunConfig
+from brainseg.data.synth import synthesize
+from brainseg.errors import BadInputError
+from brainseg.evaluation import EvaluateOptions, evaluate
+from brainseg.postprocess import largest_component, postprocess, remove_small_components
+from brainseg.prediction import Predictor, load_model_file
+from brainseg.training import train
+
+SMALL = {"data.image_size": 64, "model.base_filters": 4, "model.depth": 3, "train.batch_size": 8,
+         "data.val": 0.34, "data.test": 0.0, "data.samples_per_epoch": 32, "train.precision": "32-true",
+         "train.epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluation")
+    data = synthesize(root / "data", patients=3, seed=1, size=64, slices=(6, 8))
+    config = RunConfig().override({**SMALL, "data.root": str(data)})
+    result = train(config, root / "run", progress=False)
+    return data, result.run_dir
+
+
+def test_evaluate_writes_tables_figures_and_matches_training_validation(trained, tmp_path):
+    data, run = trained
+    summary = evaluate(run, data, tmp_path / "eval", options=EvaluateOptions(side="val", precision="32"),
+                       progress=False)
+    out = tmp_path / "eval"
+    for name in ("summary.json", "per_patient.csv", "per_slice.csv", *summary["figures"]):
+        assert (out / name).stat().st_size > 0, name
+    assert set(summary["figures"]) == {"prediction_grid.png", "worst_patients.png", "patient_dice.png",
+                                       "volume_montage.png"}
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["conventions"]["headline"].startswith("mean Dice per patient volume")
+    assert saved["model"]["model"] == "unet" and len(saved["model"]["sha256_16"]) == 16
+    per_patient = pd.read_csv(out / "per_patient.csv")
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(per_patient["patient"]) == sorted(split["val"])
+    # The same model, data and threshold give the same per-patient Dice as training's validation.
+    during_training = pd.read_csv(run / "val_patients.csv").set_index("patient")["dice"]
+    for _, row in per_patient.iterrows():
+        assert row["dice"] == pytest.approx(during_training[row["patient"]], abs=1e-6, nan_ok=True)
+    per_slice = pd.read_csv(out / "per_slice.csv")
+    assert per_slice.groupby("patient")["true_pixels"].sum().to_dict() == \
+        per_patient.set_index("patient")["true_voxels"].to_dict()
+
+
+def test_evaluate_all_and_postprocessing_options(trained, tmp_path):
+    data, run = trained
+    options = EvaluateOptions(side="all", largest_component=True, min_size=5, tta_flip=True, threshold=0.4)
+    summary = evaluate(run / "model.pt", data, tmp_path / "eval", options=options, progress=False)
+    assert summary["data"]["patients"] == 3
+    assert summary["options"]["threshold"] == 0.4
+    assert summary["options"]["largest_component"] is True
+
+
+def test_evaluate_needs_a_split_for_test_side(trained, tmp_path):
+    data, run = trained
+    model = tmp_path / "elsewhere" / "model.pt"
+    model.parent.mkdir()
+    model.write_bytes((run / "model.pt").read_bytes())
+    with pytest.raises(BadInputError, match=r"no split\.json"):
+        evaluate(model, data, tmp_path / "eval", progress=False)
+
+
+def test_predictor_from_run_folder_and_checkpoint(trained):
+    _, run = trained
+    from_run = Predictor.from_checkpoint(run, precision="32")
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    from_ckpt = Predictor.from_checkpoint(best, precision="32")
+    image = np.random.default_rng(0).integers(0, 255, (80, 72, 3), dtype=np.uint8)
+    mask = from_run.predict(image)
+    assert mask.shape == (80, 72) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    np.testing.assert_array_equal(mask, from_ckpt.predict(image))
+    with pytest.raises(BadInputError, match="1 channel"):
+        from_run.predict(image[..., 0])
+    with pytest.raises(BadInputError, match="too small"):
+        from_run.predict(image[:4, :4])
+
+
+@pytest.mark.parametrize("content", [b"not a model", None])
+def test_a_file_that_is_not_a_brainseg_checkpoint_is_refused(tmp_path, content):
+    path = tmp_path / "model.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(BadInputError, match="not a brainseg checkpoint"):
+        load_model_file(path)
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_model_file(tmp_path / "missing.pt")
+
+
+def test_postprocessing_components():
+    volume = np.zeros((3, 10, 10), bool)
+    volume[0:2, 1:4, 1:4] = True  # 18 voxels across two slices: one 3D component
+    volume[2, 7:9, 7:9] = True  # 4 voxels
+    volume[0, 8, 0] = True  # 1 voxel
+    assert largest_component(volume).sum() == 18
+    assert remove_small_components(volume, 4).sum() == 22
+    assert postprocess(volume, min_size=2).sum() == 22
+    assert not largest_component(np.zeros((4, 4), bool)).any()
