@@ -65,3 +65,30 @@ def tree_state(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root with its size and mtime, to prove nothing was written there."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
+
+
+TINY_TRAINING = {"data.image_size": 64, "model.base_filters": 4, "model.depth": 3, "train.batch_size": 8,
+                 "data.val": 0.34, "data.test": 0.0, "data.samples_per_epoch": 32,
+                 "train.precision": "32-true", "train.epochs": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(data folder, run folder) of a 2-epoch model on 3 synthetic 64x64 patients, trained once."""
+    from brainseg.config import RunConfig
+    from brainseg.data.synth import synthesize
+    from brainseg.training import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    previous = os.environ.get("BRAINSEG_CACHE")
+    os.environ["BRAINSEG_CACHE"] = str(root / "cache")
+    try:
+        data = synthesize(root / "data", patients=3, seed=1, size=64, slices=(6, 8))
+        config = RunConfig().override({**TINY_TRAINING, "data.root": str(data)})
+        result = train(config, root / "run", progress=False)
+    finally:
+        if previous is None:
+            os.environ.pop("BRAINSEG_CACHE", None)
+        else:
+            os.environ["BRAINSEG_CACHE"] = previous
+    return data, result.run_dir

@@ -9,30 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from brainseg.config import RunConfig
-from brainseg.data.synth import synthesize
 from brainseg.errors import BadInputError
 from brainseg.evaluation import EvaluateOptions, evaluate
 from brainseg.postprocess import largest_component, postprocess, remove_small_components
 from brainseg.prediction import Predictor, load_model_file
-from brainseg.training import train
-
-SMALL = {"data.image_size": 64, "model.base_filters": 4, "model.depth": 3, "train.batch_size": 8,
-         "data.val": 0.34, "data.test": 0.0, "data.samples_per_epoch": 32, "train.precision": "32-true",
-         "train.epochs": 2}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluation")
-    data = synthesize(root / "data", patients=3, seed=1, size=64, slices=(6, 8))
-    config = RunConfig().override({**SMALL, "data.root": str(data)})
-    result = train(config, root / "run", progress=False)
-    return data, result.run_dir
-
-
-def test_evaluate_writes_tables_figures_and_matches_training_validation(trained, tmp_path):
-    data, run = trained
+def test_evaluate_writes_tables_figures_and_matches_training_validation(tiny_run, tmp_path):
+    data, run = tiny_run
     summary = evaluate(run, data, tmp_path / "eval", options=EvaluateOptions(side="val", precision="32"),
                        progress=False)
     out = tmp_path / "eval"
@@ -55,8 +39,8 @@ def test_evaluate_writes_tables_figures_and_matches_training_validation(trained,
         per_patient.set_index("patient")["true_voxels"].to_dict()
 
 
-def test_evaluate_all_and_postprocessing_options(trained, tmp_path):
-    data, run = trained
+def test_evaluate_all_and_postprocessing_options(tiny_run, tmp_path):
+    data, run = tiny_run
     options = EvaluateOptions(side="all", largest_component=True, min_size=5, tta_flip=True, threshold=0.4)
     summary = evaluate(run / "model.pt", data, tmp_path / "eval", options=options, progress=False)
     assert summary["data"]["patients"] == 3
@@ -64,8 +48,8 @@ def test_evaluate_all_and_postprocessing_options(trained, tmp_path):
     assert summary["options"]["largest_component"] is True
 
 
-def test_evaluate_needs_a_split_for_test_side(trained, tmp_path):
-    data, run = trained
+def test_evaluate_needs_a_split_for_test_side(tiny_run, tmp_path):
+    data, run = tiny_run
     model = tmp_path / "elsewhere" / "model.pt"
     model.parent.mkdir()
     model.write_bytes((run / "model.pt").read_bytes())
@@ -73,8 +57,8 @@ def test_evaluate_needs_a_split_for_test_side(trained, tmp_path):
         evaluate(model, data, tmp_path / "eval", progress=False)
 
 
-def test_predictor_from_run_folder_and_checkpoint(trained):
-    _, run = trained
+def test_predictor_from_run_folder_and_checkpoint(tiny_run):
+    _, run = tiny_run
     from_run = Predictor.from_checkpoint(run, precision="32")
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     from_ckpt = Predictor.from_checkpoint(best, precision="32")

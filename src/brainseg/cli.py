@@ -268,6 +268,63 @@ def evaluate_command(
     typer.echo(f"wrote {out}/summary.json, per_patient.csv, per_slice.csv, {', '.join(summary['figures'])}")
 
 
+@app.command("predict")
+def predict_command(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files, folders of images, kaggle_3m patient "
+                                                      "folders or NIfTI volumes.", show_default=False)],
+    model: Annotated[str, typer.Option(help="Run folder, model.pt, checkpoint, .onnx, or 'pretrained'.")]
+    = "pretrained",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for masks, overlays, predictions.csv.")]
+    = Path("predictions"),
+    backend: Annotated[str, typer.Option(help="torch or onnx (ONNX Runtime).")] = "torch",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Slices per network call.")] = 16,
+    probabilities: Annotated[bool, typer.Option(help="Also write probability maps.")] = False,
+    overlays: Annotated[bool, typer.Option(help="Write overlay PNGs.")] = True,
+    largest_component: Annotated[bool, typer.Option(help="Keep the largest 3D component.")] = False,
+    min_size: Annotated[int, typer.Option(help="Drop components smaller than this.")] = 0,
+    tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
+    threshold: Annotated[float | None, typer.Option(help="Probability cut (default: model's).")] = None,
+    axis: Annotated[int, typer.Option(help="NIfTI slicing axis (0, 1 or 2).")] = 2,
+) -> None:
+    """Predict tumour masks for new images and volumes; masks keep each input's size.
+
+    Patient folders (kaggle_3m) are predicted as one volume, so 3D post-processing applies; NIfTI
+    masks keep the input's affine. Bad files are reported and skipped; the exit code is 1 if any failed.
+
+    Example: brainseg predict ../shared/data/lgg/kaggle_3m/TCGA_CS_4941_19960909 --model runs/unet
+    """
+    from brainseg.predict import predict_paths
+
+    table = predict_paths(model, inputs, out, backend=backend, device=device, batch_size=batch_size,
+                          save_probabilities=probabilities, overlays=overlays,
+                          largest_component=largest_component, min_size=min_size, tta_flip=tta,
+                          threshold=threshold, axis=axis, echo=lambda line: typer.echo(line, err=True))
+    failed = int((table["status"] != "ok").sum())
+    typer.echo(f"{len(table) - failed} cases predicted, {failed} failed; wrote {out}/predictions.csv")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="Run folder, model.pt or checkpoint.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: model.onnx "
+                                                                 "beside the model).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+) -> None:
+    """Export a model to ONNX with a dynamic batch size, checked against torch.
+
+    Example: brainseg export runs/unet --format onnx
+    """
+    from brainseg.export import export_model
+
+    result = export_model(model, out, fmt=fmt, opset=opset)
+    typer.echo(f"wrote {result['path']} (opset {result['opset']}, input {result['input']}); "
+               f"max |logit difference| vs torch: {result['max_abs_logit_difference']:.2e}")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo "

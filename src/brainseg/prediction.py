@@ -32,8 +32,8 @@ def load_model_file(path: str | Path) -> tuple[dict, dict]:
     try:
         # weights_only: a model file from elsewhere must not be able to run code when loaded.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # every format fails its own way; all mean "not one of ours"
-        raise BadInputError(path, f"not a brainseg checkpoint ({type(error).__name__})") from None
+    except Exception:  # every format fails its own way; all mean "not one of ours"
+        raise BadInputError(path, "not a brainseg checkpoint (cannot be read as a PyTorch file)") from None
     if not isinstance(state, dict) or "brainseg" not in state or "state_dict" not in state:
         raise BadInputError(path, "not a brainseg checkpoint (no 'brainseg' description)")
     weights = state["state_dict"]
@@ -87,6 +87,36 @@ class Predictor:
         return cls(model, description, device, precision, source=str(resolved), identity=identity,
                    **options)
 
+    @classmethod
+    def load(cls, path: str | Path, *, backend: str = "torch", device: str = "cpu", precision: str = "auto",
+             **options) -> Predictor:
+        """A predictor on the torch or the ONNX Runtime backend ('pretrained' is the shipped model)."""
+        if str(path) == "pretrained":
+            from brainseg.pretrained import pretrained_path
+
+            path = pretrained_path()
+        if backend == "torch":
+            if Path(path).suffix == ".onnx":
+                raise BadInputError(path, "an ONNX model needs --backend onnx")
+            return cls.from_checkpoint(path, device=device, precision=precision, **options)
+        if backend != "onnx":
+            raise BadInputError("--backend", f"must be torch or onnx, not {backend!r}")
+        return cls.from_onnx(_onnx_file_for(Path(path)), **options)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, **options) -> Predictor:
+        from brainseg.export import OnnxNetwork, read_description
+
+        path = Path(path)
+        if not path.exists():
+            raise BadInputError(path, "model file does not exist")
+        description = read_description(path)
+        identity = {"file": str(path), "sha256_16": file_digest(path), "model": description["model"]["name"],
+                    "kwargs": description["model"]["kwargs"], "backend": "onnxruntime",
+                    "brainseg_version": description.get("brainseg_version")}
+        return cls(OnnxNetwork(path), description, "cpu", "32", source=str(path), identity=identity,
+                   **options)
+
     @property
     def preprocessing(self) -> dict:
         return self.description["preprocessing"]
@@ -137,8 +167,11 @@ class Predictor:
                 logits = (logits + torch.flip(flipped, dims=[-1])) / 2
         return logits
 
-    def probabilities(self, inputs: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-        """Network inputs (N, H, W, C') uint8, already context-stacked -> probabilities per size."""
+    def probabilities(self, inputs, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Network inputs, (H, W, C') uint8 each and already context-stacked -> probabilities per size.
+
+        `inputs` is an (N, H, W, C') array or a list of arrays of different sizes.
+        """
         from brainseg.data.dataset import to_input
 
         assert self.preprocessing.get("normalisation", NORMALISATION) == NORMALISATION
@@ -172,3 +205,18 @@ class Predictor:
     def predict(self, image: np.ndarray) -> np.ndarray:
         """One slice (H, W[, C]) uint8 -> binary mask (H, W) uint8 at the input's size."""
         return (self.predict_volume(np.asarray(image)[None])[0] >= self.cutoff).astype(np.uint8)
+
+
+def _onnx_file_for(path: Path) -> Path:
+    """The .onnx itself, the model.onnx beside a model.pt, or a fresh export in a temporary folder."""
+    if path.suffix == ".onnx":
+        return path
+    folder = path if path.is_dir() else path.parent
+    if (folder / "model.onnx").exists():
+        return folder / "model.onnx"
+    import tempfile
+
+    from brainseg.export import export_model
+
+    target = Path(tempfile.mkdtemp(prefix="brainseg-onnx-")) / "model.onnx"
+    return Path(export_model(path, target)["path"])

@@ -1,0 +1,286 @@
+"""`brainseg predict`: masks, overlays and tumour areas for image files, folders, patient folders
+and NIfTI volumes. Cases stream through one at a time (slices in batches), so memory stays flat
+however many files there are. A bad file is reported and skipped; the rest are written.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainseg.data.io import IMAGE_SUFFIXES, read_image
+from brainseg.errors import BadInputError, BrainsegError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_SLICE_NAME = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)$")
+
+
+@dataclass
+class Case:
+    """One unit of prediction: a single image, a kaggle_3m patient folder, or a NIfTI volume."""
+
+    kind: str  # image, patient or nifti
+    name: str
+    paths: list[Path]
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+def patient_slices(folder: Path) -> list[Path] | None:
+    """The numbered slice images of a kaggle_3m patient folder in order, or None if it is not one."""
+    slices = []
+    for path in folder.iterdir():
+        match = _SLICE_NAME.match(path.stem)
+        if path.suffix.lower() in (".tif", ".tiff") and match:
+            slices.append((int(match["number"]), path))
+    others = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+              and not p.stem.lower().endswith("_mask") and p not in {s for _, s in slices}]
+    if not slices or others:
+        return None
+    return [path for _, path in sorted(slices)]
+
+
+def discover(inputs: list[Path]) -> Iterator[Case | BadInputError]:
+    """Cases from the inputs in order; an unusable input yields its error instead."""
+    for item in inputs:
+        if not item.exists():
+            yield BadInputError(item, "does not exist")
+        elif item.is_file():
+            if is_nifti(item):
+                yield Case("nifti", _nifti_stem(item), [item])
+            elif item.suffix.lower() in IMAGE_SUFFIXES:
+                yield Case("image", item.stem, [item])
+            else:
+                yield BadInputError(item, f"unsupported file type {item.suffix or '(none)'!r}")
+        else:
+            yield from _discover_folder(item)
+
+
+def _discover_folder(folder: Path) -> Iterator[Case | BadInputError]:
+    slices = patient_slices(folder)
+    if slices:
+        yield Case("patient", folder.name, slices)
+        return
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    subfolders = [p for p in entries if p.is_dir() and patient_slices(p)]
+    files = [p for p in entries if p.is_file() and not p.stem.lower().endswith("_mask")
+             and (p.suffix.lower() in IMAGE_SUFFIXES or is_nifti(p))]
+    if not subfolders and not files:
+        yield BadInputError(folder, "empty folder: no images, NIfTI volumes or patient folders")
+        return
+    for sub in subfolders:
+        yield Case("patient", sub.name, patient_slices(sub))
+    for path in files:
+        yield Case("nifti", _nifti_stem(path), [path]) if is_nifti(path) else Case("image", path.stem, [path])
+
+
+def nifti_to_slices(path: Path, axis: int) -> tuple[np.ndarray, object]:
+    """A NIfTI volume as (N, H, W, C) uint8 slices along `axis`, scaled by its 0.5-99.5 percentiles."""
+    import nibabel as nib
+
+    try:
+        volume = nib.load(str(path))
+        data = np.asarray(volume.dataobj, dtype=np.float32)
+    except Exception as error:  # nibabel raises many types for corrupt files
+        raise BadInputError(path, f"unreadable NIfTI ({type(error).__name__})") from None
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (3, 4):
+        raise BadInputError(path, f"expected a 3D volume (or 4D with channels last), got shape {data.shape}")
+    if not 0 <= axis <= 2:
+        raise BadInputError("--axis", "must be 0, 1 or 2")
+    data = np.moveaxis(data, axis, 0)
+    finite = data[np.isfinite(data)]
+    low, high = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
+    scaled = np.clip((np.nan_to_num(data) - low) / max(high - low, 1e-6), 0, 1) * 255
+    slices = scaled.round().astype(np.uint8)
+    return (slices[..., None] if slices.ndim == 3 else slices), volume
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _overlay_png(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
+    from brainseg.plots import overlay
+
+    _write_png(path, (overlay(image, mask) * 255).round().astype(np.uint8))
+
+
+def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, *, backend: str = "torch",
+                  device: str = "cpu", batch_size: int = 16, save_probabilities: bool = False,
+                  overlays: bool = True, largest_component: bool = False, min_size: int = 0,
+                  tta_flip: bool = False, threshold: float | None = None, axis: int = 2,
+                  progress: bool = True, echo=print) -> pd.DataFrame:
+    """Predict every case found in `inputs`, write masks/overlays under `out`, and predictions.csv."""
+    from brainseg.prediction import Predictor
+
+    out = Path(out)
+    for item in inputs:
+        if Path(item).is_dir():
+            from brainseg.data.index import ensure_outside
+
+            ensure_outside(out, item)
+    predictor = Predictor.load(model, backend=backend, device=device, batch_size=batch_size,
+                               tta_flip=tta_flip, threshold=threshold)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    pending: list[Case] = []  # single images wait here to go through the network as one batch
+
+    def flush() -> None:
+        rows.extend(_predict_images(predictor, pending, out, save_probabilities, overlays, largest_component,
+                                    min_size, echo))
+        pending.clear()
+
+    for case in _progress(list(discover([Path(p) for p in inputs])), progress):
+        if isinstance(case, BadInputError):
+            echo(f"error: {case}")
+            rows.append({"case": case.path.name, "input": str(case.path), "status": case.problem})
+            continue
+        if case.kind == "image":
+            pending.append(case)
+            if len(pending) >= batch_size:
+                flush()
+            continue
+        try:
+            rows.append(_predict_volume_case(predictor, case, out, save_probabilities, overlays,
+                                             largest_component, min_size, axis))
+        except BrainsegError as error:
+            echo(f"error: {error}")
+            rows.append({"case": case.name, "kind": case.kind, "input": str(_case_input(case)),
+                         "status": _problem(error)})
+    flush()
+    columns = ["case", "kind", "input", "slices", "tumour_pixels", "tumour_volume_ml", "mask", "status"]
+    table = pd.DataFrame(rows).reindex(columns=columns)
+    table.to_csv(out / "predictions.csv", index=False)
+    return table
+
+
+def _case_input(case: Case) -> Path:
+    return case.paths[0].parent if case.kind == "patient" else case.paths[0]
+
+
+def _problem(error: BrainsegError) -> str:
+    return error.problem if isinstance(error, BadInputError) else str(error)
+
+
+def _probability_png(probability: np.ndarray) -> np.ndarray:
+    return (probability * 255).round().astype(np.uint8)
+
+
+def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities: bool, overlays: bool,
+                    largest: bool, min_size: int, echo) -> list[dict]:
+    """Single images, read, checked and predicted as one batch; each bad one becomes an error row."""
+    from brainseg.postprocess import postprocess
+
+    rows, good, images = [], [], []
+    for case in cases:
+        try:
+            images.append(predictor.check_image(read_image(case.paths[0]), str(case.paths[0])))
+            good.append(case)
+        except BrainsegError as error:
+            echo(f"error: {error}")
+            rows.append({"case": case.name, "kind": "image", "input": str(case.paths[0]),
+                         "status": _problem(error)})
+    if predictor.context:  # a 2.5D model sees a single image as a volume of one slice
+        probabilities = [predictor.predict_volume(image[None])[0] for image in images]
+    else:
+        probabilities = predictor.probabilities(images, [image.shape[:2] for image in images])
+    for case, image, probability in zip(good, images, probabilities, strict=True):
+        mask = postprocess(probability >= predictor.cutoff, largest=largest, min_size=min_size)
+        target = out / "masks" / f"{case.name}.png"
+        _write_png(target, mask.astype(np.uint8) * 255)
+        if overlays:
+            _overlay_png(out / "overlays" / f"{case.name}.png", image, mask)
+        if save_probabilities:
+            _write_png(out / "probabilities" / f"{case.name}.png", _probability_png(probability))
+        rows.append({"case": case.name, "kind": "image", "input": str(case.paths[0]), "slices": 1,
+                     "tumour_pixels": int(mask.sum()), "mask": str(target), "status": "ok"})
+    return rows
+
+
+def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
+                         largest: bool, min_size: int, axis: int) -> dict:
+    from brainseg.postprocess import postprocess
+
+    if case.kind == "nifti":
+        return _predict_nifti(predictor, case, out, save_probabilities, overlays, largest, min_size, axis)
+    images = np.stack([_checked(predictor, path) for path in case.paths])
+    probability = predictor.predict_volume(images)
+    masks = postprocess(probability >= predictor.cutoff, largest=largest, min_size=min_size)  # in 3D
+    folder = out / "masks" / case.name
+    for path, image, mask, prob in zip(case.paths, images, masks, probability, strict=True):
+        _write_png(folder / f"{path.stem}_mask.png", mask.astype(np.uint8) * 255)
+        if overlays:
+            _overlay_png(out / "overlays" / case.name / f"{path.stem}.png", image, mask)
+        if save_probabilities:
+            _write_png(out / "probabilities" / case.name / f"{path.stem}.png", _probability_png(prob))
+    return {"case": case.name, "kind": "patient", "input": str(_case_input(case)), "slices": len(case.paths),
+            "tumour_pixels": int(masks.sum()), "mask": str(folder), "status": "ok"}
+
+
+def _checked(predictor, path: Path) -> np.ndarray:
+    return predictor.check_image(read_image(path), str(path))
+
+
+def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
+                   largest: bool, min_size: int, axis: int) -> dict:
+    import nibabel as nib
+
+    from brainseg.postprocess import postprocess
+
+    path = case.paths[0]
+    slices, volume = nifti_to_slices(path, axis)
+    predictor.check_image(slices[0], str(path))
+    probability = predictor.predict_volume(slices)
+    masks = postprocess(probability >= predictor.cutoff, largest=largest, min_size=min_size)
+    header = volume.header.copy()
+    header.set_data_dtype(np.uint8)
+    target = out / "masks" / f"{case.name}_mask.nii.gz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    spatial = np.moveaxis(masks.astype(np.uint8), 0, axis)
+    nib.save(nib.Nifti1Image(spatial, volume.affine, header), str(target))
+    if save_probabilities:
+        prob_header = volume.header.copy()
+        prob_header.set_data_dtype(np.float32)
+        (out / "probabilities").mkdir(parents=True, exist_ok=True)
+        spatial_probability = np.moveaxis(probability, 0, axis).astype(np.float32)
+        nib.save(nib.Nifti1Image(spatial_probability, volume.affine, prob_header),
+                 str(out / "probabilities" / f"{case.name}_probability.nii.gz"))
+    if overlays:
+        from brainseg import plots
+
+        with_tumour = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
+        shown = with_tumour if len(with_tumour) else np.array([len(masks) // 2])
+        shown = shown[np.linspace(0, len(shown) - 1, min(len(shown), 32)).round().astype(int)]
+        plots.volume_montage(slices[shown], np.zeros_like(masks[shown]), masks[shown],
+                             out / "overlays" / f"{case.name}.png", f"{case.name} (slices with tumour)")
+    zooms = volume.header.get_zooms()[:3]
+    voxel_ml = float(np.prod(zooms)) / 1000.0
+    return {"case": case.name, "kind": "nifti", "input": str(path), "slices": len(slices),
+            "tumour_pixels": int(masks.sum()), "tumour_volume_ml": round(int(masks.sum()) * voxel_ml, 3),
+            "mask": str(target), "status": "ok"}
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="predicting", unit="case", file=sys.stderr, dynamic_ncols=True)

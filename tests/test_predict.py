@@ -1,0 +1,105 @@
+"""brainseg predict and export: every input kind, outputs at the input's size, ONNX parity, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from brainseg.export import export_model
+from brainseg.predict import predict_paths
+from brainseg.prediction import Predictor
+from conftest import write_png
+
+
+@pytest.fixture
+def inputs(tiny_run, tmp_path):
+    data, _ = tiny_run
+    patient = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    rng = np.random.default_rng(0)
+    files = tmp_path / "files"
+    write_png(files / "a.png", rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(files / "b.jpg")
+    (files / "broken.png").write_bytes(b"\x89PNG broken")
+    write_png(files / "grey.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))  # wrong channel count
+    write_png(files / "tiny.png", rng.integers(0, 255, (4, 4, 3), dtype=np.uint8))  # too small
+    (tmp_path / "empty").mkdir()
+    volume = np.stack([np.asarray(Image.open(p)) for p in sorted(patient.glob("*_[0-9].tif"))[:4]], axis=2)
+    affine = np.diag([0.9, 0.9, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(tmp_path / "scan.nii.gz"))
+    return {"patient": patient, "files": files, "empty": tmp_path / "empty",
+            "nifti": tmp_path / "scan.nii.gz", "affine": affine}
+
+
+def test_predict_every_input_kind(tiny_run, inputs, tmp_path):
+    _, run = tiny_run
+    out = tmp_path / "out"
+    messages: list[str] = []
+    table = predict_paths(run, [inputs["patient"], inputs["files"], inputs["nifti"], inputs["empty"]], out,
+                          save_probabilities=True, largest_component=True, progress=False,
+                          echo=messages.append)
+    by_case = table.set_index("case")
+    assert by_case.loc[inputs["patient"].name, "kind"] == "patient"
+    slices = len(list(inputs["patient"].glob("*_[0-9]*.tif"))) // 2  # images and masks
+    assert by_case.loc[inputs["patient"].name, "slices"] == slices
+    assert by_case.loc["a", "status"] == "ok" and by_case.loc["b", "status"] == "ok"
+    assert "unreadable" in by_case.loc["broken", "status"]
+    assert "1 channel" in by_case.loc["grey", "status"]
+    assert "too small" in by_case.loc["tiny", "status"]
+    assert "empty folder" in by_case.loc["empty", "status"]
+    assert len(messages) == 4 and all(m.startswith("error: ") and "\n" not in m for m in messages)
+    assert Image.open(out / "masks" / "a.png").size == (96, 80)  # the input's own size
+    assert Image.open(out / "overlays" / "a.png").size == (96, 80)
+    assert (out / "probabilities" / "b.png").exists()
+    slice_masks = sorted((out / "masks" / inputs["patient"].name).glob("*_mask.png"))
+    assert len(slice_masks) == by_case.loc[inputs["patient"].name, "slices"]
+    mask = nib.load(str(out / "masks" / "scan_mask.nii.gz"))
+    np.testing.assert_allclose(mask.affine, inputs["affine"], rtol=1e-6)  # stored as float32
+    assert mask.shape == (64, 64, 4) and mask.get_data_dtype() == np.uint8
+    assert by_case.loc["scan", "tumour_volume_ml"] == pytest.approx(
+        by_case.loc["scan", "tumour_pixels"] * 0.9 * 0.9 * 5.0 / 1000, abs=1e-3)
+    saved = pd.read_csv(out / "predictions.csv")
+    assert len(saved) == len(table)
+
+
+def test_onnx_export_and_backend_give_the_same_masks(tiny_run, inputs, tmp_path):
+    _, run = tiny_run
+    result = export_model(run, tmp_path / "model.onnx")
+    assert result["max_abs_logit_difference"] < 1e-3
+    torch_predictor = Predictor.load(run, precision="32")
+    onnx_predictor = Predictor.load(tmp_path / "model.onnx", backend="onnx")
+    images = np.random.default_rng(1).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    torch_masks = torch_predictor.predict_volume(images) >= 0.5
+    onnx_masks = onnx_predictor.predict_volume(images) >= 0.5
+    assert (torch_masks == onnx_masks).mean() > 0.999
+    table = predict_paths(tmp_path / "model.onnx", [inputs["patient"]], tmp_path / "onnx_out", backend="onnx",
+                          progress=False)
+    assert table["status"].tolist() == ["ok"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "brainseg.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_bad_model_and_partial_failure_exit_codes(tiny_run, inputs, tmp_path):
+    _, run = tiny_run
+    not_a_model = tmp_path / "model.pt"
+    not_a_model.write_bytes(b"junk")
+    bad = run_cli("predict", str(inputs["files"]), "--model", str(not_a_model), "--out", str(tmp_path / "o1"))
+    assert bad.returncode == 2
+    expected = f"error: {not_a_model}: not a brainseg checkpoint (cannot be read as a PyTorch file)"
+    assert bad.stderr.strip() == expected
+    partial = run_cli("predict", str(inputs["files"]), "--model", str(run), "--out", str(tmp_path / "o2"))
+    assert partial.returncode == 1
+    assert "Traceback" not in partial.stderr
+    assert "2 cases predicted, 3 failed" in partial.stdout
+    empty = run_cli("evaluate", str(not_a_model), "--data", str(tiny_run[0]), "--out", str(tmp_path / "o3"))
+    assert empty.returncode == 2 and "not a brainseg checkpoint" in empty.stderr
+    exported = run_cli("export", str(run), "--out", str(tmp_path / "m.onnx"))
+    assert exported.returncode == 0 and "max |logit difference|" in exported.stdout
