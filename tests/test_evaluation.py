@@ -94,3 +94,24 @@ def test_postprocessing_components():
     assert remove_small_components(volume, 4).sum() == 22
     assert postprocess(volume, min_size=2).sum() == 22
     assert not largest_component(np.zeros((4, 4), bool)).any()
+
+
+def test_compare_two_runs_on_the_same_patients(tiny_run, tmp_path):
+    import shutil
+
+    from brainseg.compare import compare_runs
+
+    data, run = tiny_run
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    table = compare_runs([run, twin], data, tmp_path / "cmp", side="val", progress=False)
+    assert table["run"].tolist() == ["run", "twin"]
+    assert table["dice_mean"].iloc[0] == pytest.approx(table["dice_mean"].iloc[1], nan_ok=True)
+    for name in ("compare.csv", "compare.md", "compare.png"):
+        assert (tmp_path / "cmp" / name).exists()
+    # Scoring on patients a run trained on is refused.
+    split = json.loads((run / "split.json").read_text())
+    leaky = tmp_path / "leaky.json"
+    leaky.write_text(json.dumps({**split, "test": split["train"][:1], "train": split["train"][1:]}))
+    with pytest.raises(BadInputError, match="trained or validated on 1 of the compared patients"):
+        compare_runs([run], data, tmp_path / "cmp2", side="test", split_file=leaky, progress=False)

@@ -268,6 +268,29 @@ def evaluate_command(
     typer.echo(f"wrote {out}/summary.json, per_patient.csv, per_slice.csv, {', '.join(summary['figures'])}")
 
 
+@app.command("compare")
+def compare_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False)],
+    data: Annotated[Path, typer.Option(help="Data set folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the comparison.")] = Path("comparison"),
+    split: Annotated[str, typer.Option(help="Split side to score: test or val.")] = "test",
+    split_file: Annotated[Path | None, typer.Option(help="Split JSON (default: the first run's).")] = None,
+    largest_component: Annotated[bool, typer.Option(help="Keep the largest 3D component.")] = False,
+    tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
+) -> None:
+    """Score several runs on the same patients; write compare.csv, compare.md and compare.png.
+
+    Example: brainseg compare runs/unet runs/resunet --data ../shared/data/lgg --out comparison
+    """
+    from brainseg.compare import compare_runs
+    from brainseg.evaluation import EvaluateOptions
+
+    options = EvaluateOptions(largest_component=largest_component, tta_flip=tta)
+    table = compare_runs(runs, data, out, side=split, split_file=split_file, options=options)
+    typer.echo((out / "compare.md").read_text())
+    typer.echo(f"wrote {out}/compare.csv, compare.md, compare.png ({len(table)} runs)")
+
+
 @app.command("predict")
 def predict_command(
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders of images, kaggle_3m patient "

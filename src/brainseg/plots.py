@@ -186,3 +186,22 @@ def volume_montage(images: np.ndarray, truth: np.ndarray, prediction: np.ndarray
         ax.set_title(str(i + 1), fontsize=6)
     fig.suptitle(f"{title}  (red: prediction, green: truth outline)", fontsize=9)
     return _save(fig, path)
+
+
+def compare_models(scores: dict[str, np.ndarray], path: Path, title: str) -> Path:
+    """Per-patient Dice of several models: a box per model with every patient as a dot."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(scores) + 2), 4.5))
+    names = list(scores)
+    values = [np.asarray(scores[n], dtype=float)[np.isfinite(scores[n])] for n in names]
+    ax.boxplot(values, showmeans=True)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    rng = np.random.default_rng(0)
+    for i, v in enumerate(values, start=1):
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(v)), v, s=12, alpha=0.7, color="tab:blue")
+        if len(v):
+            ax.annotate(f"mean {v.mean():.3f}", (i, 1.02), ha="center", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("Dice per patient volume")
+    ax.set_title(title)
+    return _save(fig, path)
