@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from brainseg import __version__
-from brainseg.errors import BrainsegError
+from brainseg.errors import BadInputError, BrainsegError
 
 app = typer.Typer(
     name="brainseg",
@@ -350,18 +350,38 @@ def export_command(
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo "
-                                                          "writes.")] = Path("demo-out"),
-    patients: Annotated[int, typer.Option(help="Synthetic patients.")] = 8,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")]
+    = Path("demo-out"),
+    patients: Annotated[int | None, typer.Option(help="Synthetic patients (default 10).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quick: Annotated[bool, typer.Option(help="A reduced run in seconds (tiny images and model).")] = False,
 ) -> None:
-    """Run the main job on embedded synthetic data: synthesize, index, split and explore.
+    """Run the whole pipeline on synthetic data and write an HTML report (OUT/index.html).
+
+    Synthesize, index, split, explore, train for about two minutes, evaluate on unseen patients,
+    predict, run the pretrained model, report.
 
     Example: brainseg demo --out demo-out
     """
     from brainseg.demo import run_demo
 
-    run_demo(out, patients=patients, seed=seed, echo=typer.echo)
+    run_demo(out, patients=patients, seed=seed, quick=quick, echo=typer.echo)
+
+
+@app.command("report")
+def report_command(
+    folder: Annotated[Path, typer.Argument(help="A run folder (or any folder of brainseg results).",
+                                           show_default=False)],
+) -> None:
+    """Write FOLDER/index.html describing every result found in the folder.
+
+    Example: brainseg report runs/unet
+    """
+    from brainseg.report import write_report
+
+    if not folder.is_dir():
+        raise BadInputError(folder, "not a folder")
+    typer.echo(f"wrote {write_report(folder, title=f'brainseg report: {folder.name}')}")
 
 
 def main() -> None:

@@ -337,7 +337,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         max_time={"minutes": train_cfg.max_minutes} if train_cfg.max_minutes > 0 else None,
         check_val_every_n_epoch=train_cfg.val_every, callbacks=callbacks, logger=_logger(run_dir),
         default_root_dir=run_dir, enable_progress_bar=progress, num_sanity_val_steps=0,
-        log_every_n_steps=10, enable_model_summary=False,
+        log_every_n_steps=max(1, min(10, len(datamodule.train_dataloader()))), enable_model_summary=False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
 

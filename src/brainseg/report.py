@@ -1,0 +1,179 @@
+"""An HTML report of whatever a folder holds: data exploration, training run, evaluations,
+comparisons and predictions. Every image and table it links is a file beside it."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { border-bottom: 2px solid #c33; padding-bottom: .3em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #f3f3f3; }
+td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #555; font-size: 0.9em; }
+.note { background: #fff7e0; border-left: 4px solid #e0a800; padding: .5em 1em; }
+code { background: #f3f3f3; padding: 1px 4px; }
+"""
+
+
+def _figure(root: Path, path: Path, caption: str) -> str:
+    if not path.exists():
+        return ""
+    src = html.escape(path.relative_to(root).as_posix())
+    return (f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(caption)}"></a>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table(frame: pd.DataFrame, digits: int = 4, limit: int = 60) -> str:
+    shown = frame.head(limit)
+    out = shown.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", na_rep="–", border=0,
+                        escape=True)
+    if len(frame) > limit:
+        out += f"<p>… {len(frame) - limit} more rows in the CSV.</p>"
+    return out
+
+
+def _link(root: Path, path: Path, text: str | None = None) -> str:
+    if not path.exists():
+        return ""
+    href = html.escape(path.relative_to(root).as_posix())
+    return f'<a href="{href}">{html.escape(text or path.name)}</a>'
+
+
+def _data_section(root: Path, folder: Path) -> str:
+    summary = json.loads((folder / "summary.json").read_text())
+    facts = pd.DataFrame([
+        ("data set", f"{summary['root']} ({summary['layout']})"),
+        ("patients" if summary["unit"] == "patient" else "cases", summary["patients"]),
+        ("slices", summary["slices"]),
+        ("slices with tumour", f"{summary['tumour_slices']} ({100 * summary['tumour_slice_fraction']:.1f}%)"),
+        ("image shapes", ", ".join(f"{k} ({v})" for k, v in summary["image_shapes"].items())),
+        ("slices per patient (min / median / max)",
+         " / ".join(str(summary["slices_per_patient"][k]) for k in ("min", "median", "max"))),
+    ], columns=["", "value"])
+    parts = ["<h2>Data</h2>", _table(facts)]
+    captions = {"sample_grid.png": "Random slices (seeded): image | mask | overlay",
+                "slices_per_patient.png": "Slices per patient, with and without tumour",
+                "tumour_area.png": "Tumour area per slice (slices with tumour)",
+                "tumour_fraction_per_patient.png": "Fraction of slices with tumour per patient"}
+    parts += [_figure(root, folder / name, caption) for name, caption in captions.items()]
+    return "\n".join(parts)
+
+
+def _training_section(root: Path, folder: Path) -> str:
+    parts = [f"<h2>Training: {html.escape(folder.name)}</h2>"]
+    config = folder / "config.yaml"
+    if config.exists():
+        import yaml
+
+        values = yaml.safe_load(config.read_text())
+        model, train, data = values["model"], values["train"], values["data"]
+        parts.append(f"<p>Model <code>{html.escape(model['name'])}</code>, base filters "
+                     f"{model['base_filters']}, depth {model['depth']}; input {data['image_size']}², "
+                     f"context {data['context']}; loss {html.escape(train['loss'])}, "
+                     f"batch {train['batch_size']}, learning rate {train['lr']}. "
+                     f"Full settings: {_link(root, config)}.</p>")
+    metrics = folder / "val_metrics.json"
+    if metrics.exists():
+        values = json.loads(metrics.read_text())
+        if values.get("mean") is not None:
+            parts.append(f"<p>Best checkpoint <code>{html.escape(values['best_checkpoint'])}</code>: "
+                         f"validation Dice per patient volume mean {values['mean']:.4f}, median "
+                         f"{values['median']:.4f}, min {values['min']:.4f} over {values['patients']} "
+                         f"patients ({_link(root, folder / 'val_patients.csv', 'per patient')}).</p>")
+    parts.append(_figure(root, folder / "learning_curves.png",
+                         "Learning curves: loss (log scale) and validation Dice; dashed line: best epoch"))
+    history = folder / "history.csv"
+    if history.exists():
+        parts.append(f"<p>Per-epoch history: {_link(root, history)}.</p>")
+    return "\n".join(parts)
+
+
+def _evaluation_section(root: Path, folder: Path) -> str:
+    summary = json.loads((folder / "summary.json").read_text())
+    dice = summary["per_patient"]
+    rows = [{"metric": name, **{k: dice[name][k] for k in ("mean", "median", "min", "max")}}
+            for name in ("dice", "iou", "precision", "recall", "hd95")]
+    detection = summary["detection"]
+    side = summary["data"]["side"]
+    parts = [f"<h2>Evaluation: {html.escape(side)} patients ({summary['data']['patients']})</h2>",
+             f"<p>Model <code>{html.escape(str(summary['model'].get('model')))}</code>, threshold "
+             f"{summary['options']['threshold']:g}. Scores per patient volume:</p>",
+             _table(pd.DataFrame(rows)),
+             f"<p>Tumour detection per slice: accuracy {detection['accuracy']:.4f}, sensitivity "
+             f"{_num(detection['sensitivity'])}, specificity {_num(detection['specificity'])}.</p>"]
+    per_patient = folder / "per_patient.csv"
+    if per_patient.exists():
+        parts.append(_table(pd.read_csv(per_patient)))
+    captions = {"prediction_grid.png": "Random slices: image | truth | probability | binary",
+                "worst_patients.png": "The worst patients (their largest-tumour slice)",
+                "patient_dice.png": "Dice per patient volume",
+                "volume_montage.png": "One patient's volume (the median patient)"}
+    parts += [_figure(root, folder / name, caption) for name, caption in captions.items()]
+    parts.append("<p>Files: " + ", ".join(filter(None, (
+        _link(root, folder / n) for n in ("summary.json", "per_patient.csv", "per_slice.csv")))) + ".</p>")
+    conventions = summary.get("conventions", {})
+    if conventions:
+        parts.append("<details><summary>Metric conventions</summary><ul>" + "".join(
+            f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in conventions.items()) +
+            "</ul></details>")
+    return "\n".join(parts)
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _predictions_section(root: Path, folder: Path, title: str) -> str:
+    table = pd.read_csv(folder / "predictions.csv")
+    parts = [f"<h2>{html.escape(title)}</h2>", _table(table.drop(columns=["mask"], errors="ignore"))]
+    overlays = sorted((folder / "overlays").rglob("*.png"))[:6] if (folder / "overlays").exists() else []
+    parts += [_figure(root, path, f"overlay: {path.relative_to(folder / 'overlays').as_posix()}")
+              for path in overlays]
+    return "\n".join(parts)
+
+
+def _comparison_section(root: Path, folder: Path) -> str:
+    table = pd.read_csv(folder / "compare.csv")
+    return "\n".join(["<h2>Model comparison</h2>", _table(table),
+                      _figure(root, folder / "compare.png", "Dice per patient volume per model")])
+
+
+def write_report(folder: str | Path, out: str | Path | None = None, *, title: str = "brainseg report",
+                 notes: list[str] | None = None) -> Path:
+    """Write index.html (default: inside `folder`) for every result found below `folder`."""
+    root = Path(folder)
+    target = Path(out) if out else root / "index.html"
+    if target.parent.resolve() != root.resolve():
+        raise ValueError("the report must sit in the folder it describes so that its links work")
+    sections = []
+    for summary in sorted(root.rglob("summary.json")):
+        kind = json.loads(summary.read_text())
+        if "intensity_per_channel" in kind:
+            sections.append(_data_section(root, summary.parent))
+    for config in sorted(root.rglob("config.yaml")):
+        if (config.parent / "history.csv").exists():
+            sections.append(_training_section(root, config.parent))
+    for summary in sorted(root.rglob("summary.json")):
+        if "per_patient" in json.loads(summary.read_text()):
+            sections.append(_evaluation_section(root, summary.parent))
+    for compare in sorted(root.rglob("compare.csv")):
+        sections.append(_comparison_section(root, compare.parent))
+    for predictions in sorted(root.rglob("predictions.csv")):
+        name = predictions.parent.relative_to(root).as_posix()
+        sections.append(_predictions_section(root, predictions.parent, f"Predictions: {name}"))
+    intro = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes or [])
+    body = "\n".join(sections) or "<p>No results found in this folder.</p>"
+    target.write_text(f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+                      f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+                      f"<h1>{html.escape(title)}</h1>{intro}{body}</body></html>\n")
+    return target
