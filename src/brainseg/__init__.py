@@ -15,18 +15,28 @@ __version__ = "0.1.0"
 _LAZY = {
     "index_dataset": "brainseg.data.index",
     "check_dataset": "brainseg.data.index",
-    "SliceStore": "brainseg.data.cache",
+    "scan": "brainseg.data.index",
     "split_patients": "brainseg.data.splits",
     "save_split": "brainseg.data.splits",
     "load_split": "brainseg.data.splits",
     "synthesize": "brainseg.data.synth",
     "explore": "brainseg.data.explore",
+    "RunConfig": "brainseg.config",
+    "create_model": "brainseg.models",
+    "train": "brainseg.training",
+    "evaluate": "brainseg.evaluation",
+    "EvaluateOptions": "brainseg.evaluation",
+    "Predictor": "brainseg.prediction",
+    "load_pretrained": "brainseg.pretrained",
+    "export_model": "brainseg.export",
 }
+_ALIASES = {"split": "split_patients"}
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY, *_ALIASES]
 
 
 def __getattr__(name: str) -> Any:
+    name = _ALIASES.get(name, name)
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'brainseg' has no attribute {name!r}")

@@ -36,7 +36,7 @@ def load_model_file(path: str | Path) -> tuple[dict, dict]:
         raise BadInputError(path, "not a brainseg checkpoint (cannot be read as a PyTorch file)") from None
     if not isinstance(state, dict) or "brainseg" not in state or "state_dict" not in state:
         raise BadInputError(path, "not a brainseg checkpoint (no 'brainseg' description)")
-    weights = state["state_dict"]
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
     if any(k.startswith("model.") for k in weights):  # a Lightning checkpoint of SegmentationModule
         weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     return state["brainseg"], weights

@@ -22,3 +22,23 @@ def load_pretrained(**options):
     from brainseg.prediction import Predictor
 
     return Predictor.from_checkpoint(pretrained_path(), **options)
+
+
+def write_pretrained(model: str | Path, out: str | Path | None = None) -> Path:
+    """Store a trained model's weights in fp16 with its description, for shipping in the package."""
+    import torch
+
+    from brainseg.prediction import load_model_file
+
+    description, weights = load_model_file(model)
+    target = Path(out) if out else Path(str(resources.files("brainseg") / "pretrained" / PRETRAINED_FILE))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    torch.save({"brainseg": description, "state_dict": half}, target)
+    return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(f"wrote {write_pretrained(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)}")
