@@ -134,10 +134,21 @@ class RunConfig:
         return RunConfig.from_dict(merged, "override")
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The recipes shipped in the package, by name (e.g. lgg_cpu)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("brainseg") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
 def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML config; a bare name such as 'lgg_cpu' means the recipe shipped in the package."""
     import yaml
 
     path = Path(path)
+    if not path.exists() and path.suffix == "" and str(path) in packaged_configs():
+        path = packaged_configs()[str(path)]
     try:
         values = yaml.safe_load(path.read_text())
     except OSError as error:
