@@ -115,3 +115,21 @@ def test_compare_two_runs_on_the_same_patients(tiny_run, tmp_path):
     leaky.write_text(json.dumps({**split, "test": split["train"][:1], "train": split["train"][1:]}))
     with pytest.raises(BadInputError, match="trained or validated on 1 of the compared patients"):
         compare_runs([run], data, tmp_path / "cmp2", side="test", split_file=leaky, progress=False)
+
+
+def test_tune_measures_options_and_stores_the_threshold(tiny_run, tmp_path):
+    import shutil
+
+    from brainseg.tune import tune
+
+    data, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    summary = tune(copy, data, tmp_path / "tuning", store=True, progress=False)
+    table = pd.read_csv(tmp_path / "tuning" / "tuning.csv")
+    assert len(table) == 2 * 2 * 3 * 13
+    assert set(summary["each_option_alone"]) == {"largest_component", "min_size_20", "min_size_100",
+                                                 "tta_flip", "tuned_threshold"}
+    best = summary["tuned_threshold"]
+    assert best["dice_mean"] >= summary["baseline"]["dice_mean"] or np.isnan(summary["baseline"]["dice_mean"])
+    assert Predictor.from_checkpoint(copy).cutoff == pytest.approx(best["threshold"])

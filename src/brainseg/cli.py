@@ -268,6 +268,39 @@ def evaluate_command(
     typer.echo(f"wrote {out}/summary.json, per_patient.csv, per_slice.csv, {', '.join(summary['figures'])}")
 
 
+@app.command("tune")
+def tune_command(
+    model: Annotated[Path, typer.Argument(help="Run folder or model.pt.", show_default=False)],
+    data: Annotated[Path, typer.Option(help="Data set folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for tuning.csv and tuning.json.")]
+    = Path("tuning"),
+    split: Annotated[str, typer.Option(help="Split side to tune on (never test).")] = "val",
+    store: Annotated[bool, typer.Option(help="Store the tuned threshold in the model file.")] = False,
+) -> None:
+    """Measure thresholds, largest-component, small-component removal and flip TTA on validation.
+
+    Example: brainseg tune runs/unet --data ../shared/data/lgg --store
+    """
+    from brainseg.tune import tune
+
+    if split == "test":
+        raise BadInputError("--split", "tuning on the test patients would leak them into model selection")
+    summary = tune(model, data, out, side=split, store=store)
+    base = summary["baseline"]
+    typer.echo(f"{summary['metric']} on {summary['patients']} {split} patients "
+               f"(baseline, threshold {base['threshold']:g}): {base['dice_mean']:.4f}")
+    for name, row in summary["each_option_alone"].items():
+        typer.echo(f"  {name:<18} {row['dice_mean']:.4f} ({row['dice_mean'] - base['dice_mean']:+.4f})"
+                   + (f" at threshold {row['threshold']:g}" if name == "tuned_threshold" else ""))
+    best = summary["best_combination"]
+    typer.echo(f"  best combination: {best['dice_mean']:.4f} (threshold {best['threshold']:g}, "
+               f"largest component {best['largest_component']}, min size {best['min_size']}, "
+               f"flip TTA {best['tta_flip']})")
+    if store:
+        typer.echo(f"stored threshold {summary['tuned_threshold']['threshold']:g} in "
+                   f"{summary['stored_threshold_in']}")
+
+
 @app.command("compare")
 def compare_command(
     runs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False)],
