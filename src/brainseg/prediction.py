@@ -167,18 +167,22 @@ class Predictor:
                 logits = (logits + torch.flip(flipped, dims=[-1])) / 2
         return logits
 
-    def probabilities(self, inputs, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    def probabilities(self, inputs, sizes: list[tuple[int, int]], scales=None) -> list[np.ndarray]:
         """Network inputs, (H, W, C') uint8 each and already context-stacked -> probabilities per size.
 
-        `inputs` is an (N, H, W, C') array or a list of arrays of different sizes.
+        `inputs` is an (N, H, W, C') array or a list of arrays of different sizes; `scales` are the
+        channel scales of the volume they come from (None: each image's own).
         """
         from brainseg.data.dataset import to_input
 
-        assert self.preprocessing.get("normalisation", NORMALISATION) == NORMALISATION
+        normalisation = self.preprocessing.get("normalisation")
+        if normalisation != NORMALISATION:
+            raise BadInputError(self.source, f"model uses normalisation {normalisation!r}; this brainseg "
+                                             f"supports {NORMALISATION!r} (retrain the model)")
         out = []
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start:start + self.batch_size]
-            batch = torch.stack([to_input(image, self.image_size) for image in chunk])
+            batch = torch.stack([to_input(image, self.image_size, scales) for image in chunk])
             logits = self._logits(batch).cpu()
             for i, logit in enumerate(logits):
                 size = sizes[start + i]
@@ -190,9 +194,13 @@ class Predictor:
     def predict_volume(self, slices: np.ndarray) -> np.ndarray:
         """(N, H, W[, C]) uint8 slices of one volume, in order -> (N, H, W) float32 probabilities.
 
-        With a 2.5D model the neighbours of each slice are stacked as the model was trained.
+        Intensities are normalised over the whole volume, and with a 2.5D model the neighbours of
+        each slice are stacked, as in training.
         """
+        from brainseg.data.dataset import channel_scales
+
         slices = np.stack([self.check_image(s, f"slice {i}") for i, s in enumerate(slices)])
+        scales = np.tile(channel_scales(slices), 2 * self.context + 1)
         if self.context:
             n = len(slices)
             picks = [np.clip(np.arange(i - self.context, i + self.context + 1), 0, n - 1) for i in range(n)]
@@ -200,7 +208,7 @@ class Predictor:
         else:
             inputs = slices
         sizes = [s.shape[:2] for s in slices]
-        return np.stack(self.probabilities(inputs, sizes)).astype(np.float32)
+        return np.stack(self.probabilities(inputs, sizes, scales)).astype(np.float32)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """One slice (H, W[, C]) uint8 -> binary mask (H, W) uint8 at the input's size."""

@@ -8,13 +8,39 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-NORMALISATION = "divide_by_255"  # images enter the network as float in [0, 1]
+# Each channel of a volume is divided by its 99.5th percentile over the volume's non-zero voxels
+# and clipped to [0, 1]: scanners and institutions store FLAIR at very different brightness, and
+# dividing by 255 alone left whole patients unsegmented (see the README's recipe notes).
+NORMALISATION = "volume_p99.5"
+PERCENTILE = 99.5
 
 
-def to_input(image: np.ndarray, image_size: int) -> torch.Tensor:
-    """(H, W, C) uint8 -> (C, S, S) float32 in [0, 1], resized with antialiasing when needed."""
+def channel_scales(images) -> np.ndarray:
+    """Per-channel 99.5th percentile of the non-zero values of uint8 images (H, W, C) of one volume."""
+    histograms = None
+    for image in images:
+        image = image if image.ndim == 3 else image[..., None]
+        counts = np.stack([np.bincount(image[..., c].ravel(), minlength=256) for c in range(image.shape[-1])])
+        histograms = counts if histograms is None else histograms + counts
+    if histograms is None:
+        raise ValueError("no images to normalise")
+    histograms[:, 0] = 0  # background
+    scales = np.ones(len(histograms), np.float32)
+    for channel, counts in enumerate(histograms):
+        total = counts.sum()
+        if total:
+            scales[channel] = max(1.0, float(np.searchsorted(np.cumsum(counts), PERCENTILE / 100 * total)))
+    return scales
+
+
+def to_input(image: np.ndarray, image_size: int, scales: np.ndarray | None = None) -> torch.Tensor:
+    """(H, W, C) uint8 -> (C, S, S) float32 in [0, 1], each channel divided by its scale and clipped,
+    resized with antialiasing when needed. Without scales, the image's own are used."""
+    if scales is None:
+        scales = channel_scales([image])
     # np.array copies: cached slices are read-only memory maps, which torch will not wrap.
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255.0)
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
+    tensor = tensor.div_(torch.as_tensor(scales, dtype=torch.float32)[:, None, None]).clamp_(0.0, 1.0)
     if tensor.shape[-2:] != (image_size, image_size):
         tensor = F.interpolate(tensor[None], size=(image_size, image_size), mode="bilinear",
                                antialias=True, align_corners=False)[0].clamp_(0.0, 1.0)
@@ -66,10 +92,19 @@ class SliceDataset(Dataset):
         lookup = {name: i for i, name in enumerate(self.patients)}
         self.patient_of_row = self.table["patient"].astype(str).map(lookup).to_numpy()
         self.neighbours = neighbour_positions(self.table, context)
+        self.scales = self._volume_scales()
         channels = int(self.table["channels"].max()) if len(self.table) else 0
         if len(self.table) and int(self.table["channels"].min()) != channels:
             raise ValueError("mixed channel counts in one data set; convert the images first")
         self.in_channels = channels * (2 * context + 1)
+
+    def _volume_scales(self) -> np.ndarray:
+        """Per-patient channel scales, one row per patient, tiled over the 2.5D neighbours."""
+        rows = []
+        for patient in self.patients:
+            keys = self.table.loc[self.table["patient"].astype(str) == patient, "image_path"]
+            rows.append(np.tile(channel_scales(self.store.image(k) for k in keys), 2 * self.context + 1))
+        return np.stack(rows) if rows else np.zeros((0, 1), np.float32)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -81,7 +116,8 @@ class SliceDataset(Dataset):
         else:
             image = np.concatenate([self.store.image(self.keys[r]) for r in rows], axis=-1)
         mask = self.store.mask(self.keys[index])
-        sample = {"image": to_input(image, self.image_size), "mask": to_target(mask, self.image_size),
+        scales = self.scales[self.patient_of_row[index]]
+        sample = {"image": to_input(image, self.image_size, scales), "mask": to_target(mask, self.image_size),
                   "patient": int(self.patient_of_row[index]), "position": index}
         if self.keep_full_mask and mask.shape != (self.image_size, self.image_size):
             sample["mask_full"] = torch.from_numpy(np.array(mask)).float()[None]
