@@ -381,6 +381,23 @@ def export_command(
                f"max |logit difference| vs torch: {result['max_abs_logit_difference']:.2e}")
 
 
+@app.command("serve")
+def serve_command(
+    model: Annotated[str, typer.Option(help="Run folder, model.pt, or 'pretrained'.")] = "pretrained",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted.")] = 50.0,
+    max_slices: Annotated[int, typer.Option(help="Most slices in one uploaded volume.")] = 200,
+) -> None:
+    """Serve the web viewer and the JSON API (POST /api/predict, GET /api/health, /docs).
+
+    Example: brainseg serve --model runs/unet --port 8000, then open http://127.0.0.1:8000
+    """
+    from brainseg.serve import serve
+
+    serve(model, host=host, port=port, max_upload_mb=max_upload_mb, max_slices=max_slices)
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")]
