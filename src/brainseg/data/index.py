@@ -208,22 +208,30 @@ def _pair_numbers(patient: str, images: dict[int, list[Path]], masks: dict[int, 
     pairs = []
     numbers = sorted(set(images) | set(masks))
     for number in numbers:
-        found_images, found_masks = images.get(number, []), masks.get(number, [])
-        names = tuple(relative(p, root) for p in found_images + found_masks)
-        if len(found_images) > 1 or len(found_masks) > 1:
-            problems.append(Problem(Kind.DUPLICATE_SLICE, names, f"slice {number} appears twice"))
-        elif not found_masks:
-            problems.append(Problem(Kind.MISSING_MASK, names))
-        elif not found_images:
-            problems.append(Problem(Kind.MISSING_IMAGE, names))
-        else:
-            pairs.append(Pair(patient, number, found_images[0], found_masks[0]))
+        matched = _match(images.get(number, []), masks.get(number, []), root, problems, f"slice {number}")
+        if matched:
+            pairs.append(Pair(patient, number, *matched))
     if numbers:
         missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             problems.append(Problem(Kind.SLICE_GAP, (patient,), f"{len(missing)} missing: {shown}"))
     return pairs
+
+
+def _match(images: list[Path], masks: list[Path], root: Path, problems: list[Problem],
+           what: str) -> tuple[Path, Path] | None:
+    """The (image, mask) of one slice number or stem, or None with the problem recorded."""
+    names = tuple(relative(p, root) for p in images + masks)
+    if len(images) > 1 or len(masks) > 1:
+        problems.append(Problem(Kind.DUPLICATE_SLICE, names, f"{what} appears twice"))
+    elif not masks:
+        problems.append(Problem(Kind.MISSING_MASK, names))
+    elif not images:
+        problems.append(Problem(Kind.MISSING_IMAGE, names))
+    else:
+        return images[0], masks[0]
+    return None
 
 
 def _discover_images_masks(root: Path) -> Discovery:
@@ -250,16 +258,9 @@ def _discover_images_masks(root: Path) -> Discovery:
     pairs = []
     images, masks = by_stem["images"], by_stem["masks"]
     for stem in sorted(set(images) | set(masks), key=natural_key):
-        found_images, found_masks = images.get(stem, []), masks.get(stem, [])
-        names = tuple(relative(p, root) for p in found_images + found_masks)
-        if len(found_images) > 1 or len(found_masks) > 1:
-            problems.append(Problem(Kind.DUPLICATE_SLICE, names, f"stem {stem!r} appears twice"))
-        elif not found_masks:
-            problems.append(Problem(Kind.MISSING_MASK, names))
-        elif not found_images:
-            problems.append(Problem(Kind.MISSING_IMAGE, names))
-        else:
-            pairs.append(Pair(stem, 1, found_images[0], found_masks[0]))
+        matched = _match(images.get(stem, []), masks.get(stem, []), root, problems, f"stem {stem!r}")
+        if matched:
+            pairs.append(Pair(stem, 1, *matched))
     metadata = None
     labels_csv = root / "labels.csv"
     if labels_csv.is_file():
