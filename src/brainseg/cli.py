@@ -247,6 +247,7 @@ def evaluate_command(
     min_size: Annotated[int, typer.Option(help="Drop 3D components smaller than this (voxels).")] = 0,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.")] = 0,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
     layout: Layout = "auto",
 ) -> None:
     """Score a model per patient volume and per slice; write summary.json, CSVs and figures.
@@ -256,7 +257,8 @@ def evaluate_command(
     from brainseg.evaluation import EvaluateOptions, evaluate
 
     options = EvaluateOptions(side=split, split_file=str(split_file or ""), fold=fold, threshold=threshold,
-                              largest_component=largest_component, min_size=min_size, tta_flip=tta, seed=seed)
+                              largest_component=largest_component, min_size=min_size, tta_flip=tta, seed=seed,
+                              precision=precision)
     summary = evaluate(model, data, out, layout=layout, options=options)
     dice = summary["per_patient"]["dice"]
     if dice["n"]:

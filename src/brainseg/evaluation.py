@@ -50,8 +50,9 @@ class EvaluateOptions:
     worst: int = 4
 
 
-def _split_for(model_path: Path, options: EvaluateOptions) -> dict | None:
-    from brainseg.data.splits import load_split
+def _split_for(model_path: Path, options: EvaluateOptions, description: dict | None = None) -> dict | None:
+    """The split to score: --split-file, the run's split.json, or the one stored in the model file."""
+    from brainseg.data.splits import load_split, validate_split
 
     if options.side == "all":
         return None
@@ -61,6 +62,9 @@ def _split_for(model_path: Path, options: EvaluateOptions) -> dict | None:
     for candidate in (run_dir / "split.json", run_dir.parent / "split.json"):
         if candidate.exists():
             return load_split(candidate)
+    if description and description.get("split"):
+        validate_split(description["split"], str(model_path))
+        return description["split"]
     raise BadInputError(model_path, f"no split.json beside the model to find the {options.side} patients; "
                                     "pass --split-file or --split all")
 
@@ -90,12 +94,13 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     from brainseg.prediction import Predictor
 
     options = options or EvaluateOptions()
-    model, out = Path(model), Path(out)
+    out = Path(out)
     ensure_outside(out, data)
-    predictor = Predictor.from_checkpoint(model, precision=options.precision, tta_flip=options.tta_flip,
-                                          threshold=options.threshold)
+    predictor = Predictor.load(model, precision=options.precision, tta_flip=options.tta_flip,
+                               threshold=options.threshold)
+    model = Path(predictor.source)
     result = scan(data, layout, progress=progress)
-    rows = select_rows(result.table, _split_for(model, options), options)
+    rows = select_rows(result.table, _split_for(model, options, predictor.description), options)
     out.mkdir(parents=True, exist_ok=True)
     cutoff = predictor.cutoff
 
@@ -148,7 +153,7 @@ def _pick_grid_slices(rows: pd.DataFrame, count: int, rng) -> list[str]:
 
 
 def _grid_row(patient: str, number, image, truth, probability) -> dict:
-    return {"image": image, "truth": truth, "probability": probability, "title": f"{patient} #{number}"}
+    return {"image": image, "truth": truth, "probability": probability, "title": f"{patient}\nslice {number}"}
 
 
 def _stats(values: pd.Series) -> dict:
@@ -188,7 +193,7 @@ def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, pr
     ranked = per_patient.dropna(subset=["dice"]).sort_values("dice")
     worst = [examples[p] for p in ranked["patient"].head(options.worst)]
     for row, dice_value in zip(worst, ranked["dice"].head(options.worst), strict=True):
-        row["title"] += f" (patient Dice {dice_value:.3f})"
+        row["title"] += f", patient Dice {dice_value:.3f}"
     if worst:
         names.append(plots.prediction_grid(worst, out / "worst_patients.png", cutoff).name)
     names.append(plots.patient_scores(per_patient["patient"].tolist(), per_patient["dice"].tolist(),

@@ -31,6 +31,11 @@ def write_pretrained(model: str | Path, out: str | Path | None = None) -> Path:
     from brainseg.prediction import load_model_file
 
     description, weights = load_model_file(model)
+    split = (Path(model) if Path(model).is_dir() else Path(model).parent) / "split.json"
+    if split.exists():  # so that `brainseg evaluate pretrained --split test` needs nothing else
+        import json
+
+        description = {**description, "split": json.loads(split.read_text())}
     target = Path(out) if out else Path(str(resources.files("brainseg") / "pretrained" / PRETRAINED_FILE))
     target.parent.mkdir(parents=True, exist_ok=True)
     half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}

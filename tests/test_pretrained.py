@@ -1,0 +1,42 @@
+"""The shipped pretrained model: loads from the package, and scores as its model card says."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import brainseg
+from brainseg.pretrained import pretrained_path
+
+CARD = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
+
+
+def card_value(name: str) -> float:
+    """A number from the model card's machine-readable block."""
+    block = re.search(r"```json\n(.*?)\n```", CARD.read_text(), re.S)
+    assert block, "MODEL_CARD.md keeps its measured numbers in a ```json block"
+    return json.loads(block.group(1))[name]
+
+
+def test_pretrained_loads_and_predicts_a_slice():
+    predictor = brainseg.load_pretrained(precision="32")
+    assert predictor.identity["file"] == str(pretrained_path())
+    image = np.zeros((256, 256, 3), np.uint8)
+    image[80:170, 80:170] = 90
+    mask = predictor.predict(image)
+    assert mask.shape == (256, 256) and mask.dtype == np.uint8
+
+
+@pytest.mark.shared
+def test_pretrained_validation_dice_matches_the_model_card(shared_data, tmp_path):
+    from brainseg.evaluation import EvaluateOptions, evaluate
+
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [], "val": card_value("val_patients"), "test": []}))
+    summary = evaluate(pretrained_path(), shared_data / "lgg", tmp_path / "eval", progress=False,
+                       options=EvaluateOptions(side="val", split_file=str(split), precision="32"))
+    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(card_value("val_dice_mean"), abs=0.01)
