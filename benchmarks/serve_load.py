@@ -36,7 +36,8 @@ def sample_png() -> bytes:
     with tempfile.TemporaryDirectory() as root:
         data = synthesize(Path(root) / "data", patients=1, seed=0)
         patient = next(p for p in data.iterdir() if p.is_dir())
-        image = np.asarray(Image.open(sorted(patient.glob("*_[0-9]*.tif"))[8]))
+        slices = sorted(p for p in patient.glob("*.tif") if not p.stem.endswith("_mask"))
+        image = np.asarray(Image.open(slices[len(slices) // 2]))
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
