@@ -99,3 +99,28 @@ def test_two_process_ddp_on_cpu_writes_one_checkpoint(synthetic, tmp_path):
     assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "model.pt").exists()
     assert "validation Dice per patient volume" in done.stdout
+
+
+def test_two_and_a_half_d_context_stacks_neighbours(synthetic, tmp_path):
+    import numpy as np
+
+    from brainseg.data.dataset import neighbour_positions
+    from brainseg.prediction import Predictor
+
+    table = pd.DataFrame({"patient": ["b", "a", "a", "a", "b"], "slice": [2, 3, 1, 2, 1]})
+    # Rows of a: slice 1 -> row 2, slice 2 -> row 3, slice 3 -> row 1; edges repeat the end slice.
+    assert neighbour_positions(table, 1).tolist() == [[4, 0, 0], [3, 1, 1], [2, 2, 3], [2, 3, 1], [4, 4, 0]]
+
+    result = scan(synthetic)
+    dataset = SliceDataset(result.table, result.store, image_size=64, context=1)
+    sample = dataset[0]
+    assert dataset.in_channels == 9 and sample["image"].shape == (9, 64, 64)
+    middle = sample["image"][3:6]
+    np.testing.assert_allclose(middle, SliceDataset(result.table, result.store, image_size=64)[0]["image"])
+
+    run = train(small_config(synthetic, **{"train.epochs": 1, "data.context": 1}), tmp_path / "run",
+                progress=False)
+    predictor = Predictor.from_checkpoint(run.run_dir, precision="32")
+    assert predictor.context == 1 and predictor.in_channels == 9
+    volume = np.stack([result.store.image(k) for k in result.table["image_path"][:5]])
+    assert predictor.predict_volume(volume).shape == (5, 64, 64)
