@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.errors import BadInputError
+from brainseg.progress import progress as progress_bar
 
 CONVENTIONS = {
     "headline": "mean Dice per patient volume (slices stacked, Dice = 2|A∩B|/(|A|+|B|) over the volume)",
@@ -50,7 +51,7 @@ class EvaluateOptions:
     worst: int = 4
 
 
-def _split_for(model_path: Path, options: EvaluateOptions, description: dict | None = None) -> dict | None:
+def split_for(model_path: Path, options: EvaluateOptions, description: dict | None = None) -> dict | None:
     """The split to score: --split-file, the run's split.json, or the one stored in the model file."""
     from brainseg.data.splits import load_split, validate_split
 
@@ -100,7 +101,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
                                threshold=options.threshold)
     model = Path(predictor.source)
     result = scan(data, layout, progress=progress)
-    rows = select_rows(result.table, _split_for(model, options, predictor.description), options)
+    rows = select_rows(result.table, split_for(model, options, predictor.description), options)
     out.mkdir(parents=True, exist_ok=True)
     cutoff = predictor.cutoff
 
@@ -110,7 +111,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     examples: dict[str, dict] = {}  # patient -> its largest-tumour slice, for the worst-patient grid
     patient_rows, slice_rows = [], []
     patients = list(rows.groupby("patient", sort=True))
-    for patient, volume in _progress(patients, progress):
+    for patient, volume in progress_bar(patients, desc="evaluating", unit="patient", enabled=progress):
         volume = volume.sort_values("slice")
         keys = volume["image_path"].tolist()
         images = np.stack([result.store.image(k) for k in keys])
@@ -222,13 +223,3 @@ def _clean(value):
     if isinstance(value, (float, np.floating)):
         return None if math.isnan(float(value)) else float(value)
     return value
-
-
-def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(items, desc="evaluating", unit="patient", file=sys.stderr, dynamic_ncols=True)

@@ -6,7 +6,6 @@ however many files there are. A bad file is reported and skipped; the rest are w
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import pandas as pd
 
 from brainseg.data.io import IMAGE_SUFFIXES, read_image
 from brainseg.errors import BadInputError, BrainsegError
+from brainseg.progress import progress as progress_bar
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _SLICE_NAME = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)$")
@@ -148,7 +148,8 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                                     min_size, echo))
         pending.clear()
 
-    for case in _progress(list(discover([Path(p) for p in inputs])), progress):
+    for case in progress_bar(list(discover([Path(p) for p in inputs])), desc="predicting", unit="case",
+                             enabled=progress):
         if isinstance(case, BadInputError):
             echo(f"error: {case}")
             rows.append({"case": case.path.name, "input": str(case.path), "status": case.problem})
@@ -276,11 +277,3 @@ def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, o
     return {"case": case.name, "kind": "nifti", "input": str(path), "slices": len(slices),
             "tumour_pixels": int(masks.sum()), "tumour_volume_ml": round(int(masks.sum()) * voxel_ml, 3),
             "mask": str(target), "status": "ok"}
-
-
-def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc="predicting", unit="case", file=sys.stderr, dynamic_ncols=True)

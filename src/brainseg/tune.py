@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brainseg.evaluation import EvaluateOptions, _split_for, select_rows
+from brainseg.evaluation import EvaluateOptions, select_rows, split_for
+from brainseg.progress import progress as progress_bar
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.2, 0.81, 0.05))
 MIN_SIZES = (0, 20, 100)
@@ -32,13 +33,13 @@ def tune(model: str | Path, data: str | Path, out: str | Path, *, side: str = "v
     ensure_outside(out, data)
     options = EvaluateOptions(side=side, split_file=split_file)
     result = scan(data, layout, progress=progress)
-    rows = select_rows(result.table, _split_for(model, options), options)
+    rows = select_rows(result.table, split_for(model, options), options)
     plain = Predictor.from_checkpoint(model)
     flipped = Predictor.from_checkpoint(model, tta_flip=True)
     combos = list(itertools.product((False, True), (False, True), MIN_SIZES, THRESHOLDS))
     scores = {combo: [] for combo in combos}
     patients = list(rows.groupby("patient", sort=True))
-    for _, volume in _progress(patients, progress):
+    for _, volume in progress_bar(patients, desc="tuning", unit="patient", enabled=progress):
         keys = volume.sort_values("slice")["image_path"].tolist()
         images = np.stack([result.store.image(k) for k in keys])
         truth = np.stack([result.store.mask(k) for k in keys]).astype(bool)
@@ -89,13 +90,3 @@ def store_threshold(model: Path, threshold: float) -> Path:
     state["brainseg"]["threshold_source"] = "tuned on validation patients (brainseg tune)"
     torch.save(state, path)
     return path
-
-
-def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(items, desc="tuning", unit="patient", file=sys.stderr, dynamic_ncols=True)

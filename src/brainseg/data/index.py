@@ -32,6 +32,7 @@ from brainseg.data.cache import (
 from brainseg.data.checks import CheckReport, DecodedPair, Kind, Problem, decode_pair, relative
 from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES
 from brainseg.errors import BadInputError
+from brainseg.progress import progress as progress_bar
 
 LAYOUTS = ("kaggle_3m", "images_masks")
 COLUMNS = ["patient", "slice", "image_path", "mask_path", "height", "width", "channels",
@@ -294,7 +295,8 @@ def _decode(found: Discovery, directory: Path | None, digest: str, progress: boo
         with ThreadPoolExecutor(workers) as pool:
             decoded = pool.map(lambda p: decode_pair(p.image, p.mask, found.root), found.pairs)
             results = zip(found.pairs, decoded, strict=True)
-            for pair, result in _progress(results, len(found.pairs), progress):
+            for pair, result in progress_bar(results, desc="reading slices", unit="slice",
+                                             total=len(found.pairs), enabled=progress):
                 if isinstance(result, Problem):
                     problems.append(result)
                     continue
@@ -336,16 +338,6 @@ def _join_metadata(table: pd.DataFrame, found: Discovery) -> pd.DataFrame:
     joined = metadata.reindex(keys.to_numpy())
     joined.index = table.index
     return pd.concat([table, joined], axis=1)
-
-
-def _progress(items, total: int, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc="reading slices", unit="slice", file=sys.stderr,
-                dynamic_ncols=True)
-
 
 # --- writing ---------------------------------------------------------------------------------
 

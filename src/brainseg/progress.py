@@ -1,0 +1,14 @@
+"""One progress bar for every long job: tqdm on stderr, or the plain iterable when switched off."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+
+def progress(items: Iterable, *, desc: str, unit: str, enabled: bool = True, total: int | None = None):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
