@@ -26,7 +26,7 @@ def test_quick_demo_writes_a_report_that_links_only_existing_files(tmp_path):
     for heading in ("<h2>Data</h2>", "<h2>Training: run</h2>", "<h2>Evaluation: test patients",
                     "<h2>Predictions: predictions</h2>"):
         assert heading in text
-    assert "synthetic" in text
+    assert "synthetic" in text and "<h2>At a glance</h2>" in text
     for name in ("sample_grid.png", "learning_curves.png", "prediction_grid.png"):
         assert name in links or any(link.endswith(name) for link in links)
     # Running again replaces the earlier demo output instead of failing.

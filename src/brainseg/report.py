@@ -148,6 +148,22 @@ def _comparison_section(root: Path, folder: Path) -> str:
                       _figure(root, folder / "compare.png", "Dice per patient volume per model")])
 
 
+def _headline(root: Path) -> str:
+    """The evaluation results first, one line each, before the details."""
+    lines = []
+    for summary_path in sorted(root.rglob("summary.json")):
+        summary = json.loads(summary_path.read_text())
+        dice = summary.get("per_patient", {}).get("dice")
+        if not dice or dice.get("mean") is None:
+            continue
+        where = summary_path.parent.relative_to(root).as_posix()
+        lines.append(f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume on "
+                     f"{summary['data']['patients']} {html.escape(summary['data']['side'])} patients "
+                     f"(median {dice['median']:.3f}, min {dice['min']:.3f}; "
+                     f"<code>{html.escape(where)}</code>)</li>")
+    return f"<h2>At a glance</h2><ul>{''.join(lines)}</ul>" if lines else ""
+
+
 def write_report(folder: str | Path, out: str | Path | None = None, *, title: str = "brainseg report",
                  notes: list[str] | None = None) -> Path:
     """Write index.html (default: inside `folder`) for every result found below `folder`."""
@@ -171,7 +187,7 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, title: st
     for predictions in sorted(root.rglob("predictions.csv")):
         name = predictions.parent.relative_to(root).as_posix()
         sections.append(_predictions_section(root, predictions.parent, f"Predictions: {name}"))
-    intro = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes or [])
+    intro = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes or []) + _headline(root)
     body = "\n".join(sections) or "<p>No results found in this folder.</p>"
     target.write_text(f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
                       f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
