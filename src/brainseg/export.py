@@ -52,19 +52,6 @@ def _embed_description(path: Path, description: dict) -> None:
     onnx.save(proto, str(path))
 
 
-def read_description(path: str | Path) -> dict:
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own types for any unreadable model
-        raise BadInputError(path, f"not an ONNX model ({type(error).__name__})") from None
-    meta = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in meta:
-        raise BadInputError(path, "ONNX model has no brainseg description; export it with brainseg export")
-    return json.loads(meta[METADATA_KEY])
-
-
 def _check_against_torch(path: Path, network: torch.nn.Module, example: torch.Tensor) -> float:
     session = OnnxNetwork(path)
     with torch.inference_mode():
@@ -82,7 +69,19 @@ class OnnxNetwork:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own types for any unreadable model
+            raise BadInputError(path, f"not an ONNX model ({type(error).__name__})") from None
+        self.path = Path(path)
+
+    def description(self) -> dict:
+        """The brainseg description that `export_model` embedded in the model's metadata."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise BadInputError(self.path, "ONNX model has no brainseg description; "
+                                           "export it with brainseg export")
+        return json.loads(meta[METADATA_KEY])
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(batch.detach().float().cpu().numpy())

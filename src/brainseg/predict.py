@@ -5,7 +5,6 @@ however many files there are. A bad file is reported and skipped; the rest are w
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainseg.data.io import IMAGE_SUFFIXES, read_image
+from brainseg.data.index import SLICE_NAME
+from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_image
 from brainseg.errors import BadInputError, BrainsegError
 from brainseg.progress import progress as progress_bar
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_SLICE_NAME = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)$")
 
 
 @dataclass
@@ -43,8 +42,8 @@ def patient_slices(folder: Path) -> list[Path] | None:
     """The numbered slice images of a kaggle_3m patient folder in order, or None if it is not one."""
     slices = []
     for path in folder.iterdir():
-        match = _SLICE_NAME.match(path.stem)
-        if path.suffix.lower() in (".tif", ".tiff") and match:
+        match = SLICE_NAME.match(path.stem)
+        if path.suffix.lower() in TIFF_SUFFIXES and match and not match["mask"]:
             slices.append((int(match["number"]), path))
     others = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
               and not p.stem.lower().endswith("_mask") and p not in {s for _, s in slices}]

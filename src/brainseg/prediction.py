@@ -105,16 +105,17 @@ class Predictor:
 
     @classmethod
     def from_onnx(cls, path: str | Path, **options) -> Predictor:
-        from brainseg.export import OnnxNetwork, read_description
+        from brainseg.export import OnnxNetwork
 
         path = Path(path)
         if not path.exists():
             raise BadInputError(path, "model file does not exist")
-        description = read_description(path)
+        network = OnnxNetwork(path)
+        description = network.description()
         identity = {"file": str(path), "sha256_16": file_digest(path), "model": description["model"]["name"],
                     "kwargs": description["model"]["kwargs"], "backend": "onnxruntime",
                     "brainseg_version": description.get("brainseg_version")}
-        return cls(OnnxNetwork(path), description, "cpu", "32", source=str(path), identity=identity,
+        return cls(network, description, "cpu", "32", source=str(path), identity=identity,
                    **options)
 
     @property

@@ -18,9 +18,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from brainseg.data.io import IMAGE_SUFFIXES
 from brainseg.errors import BadInputError, BrainsegError
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+from brainseg.predict import is_nifti
 
 
 @dataclass
@@ -78,11 +78,11 @@ class Service:
         with tempfile.TemporaryDirectory(prefix="brainseg-upload-") as folder:
             folder = Path(folder)
             try:
-                if name.endswith((".nii", ".nii.gz")):
+                if is_nifti(Path(name)):
                     return self._predict_nifti(folder, name, data)
                 if name.endswith(".zip"):
                     return self._predict_zip(folder, data)
-                if name.endswith(IMAGE_SUFFIXES):
+                if Path(name).suffix in IMAGE_SUFFIXES:
                     return self._predict_image(folder, name, data)
             except BadInputError as error:
                 raise UploadError(400, error.problem) from None

@@ -37,7 +37,7 @@ from brainseg.progress import progress as progress_bar
 LAYOUTS = ("kaggle_3m", "images_masks")
 COLUMNS = ["patient", "slice", "image_path", "mask_path", "height", "width", "channels",
            "tumour_pixels", "has_tumour", "layout"]
-_SLICE_NAME = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)(?P<mask>_mask)?$", re.IGNORECASE)
+SLICE_NAME = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)(?P<mask>_mask)?$", re.IGNORECASE)
 _NATURAL = re.compile(r"(\d+)")
 
 
@@ -187,7 +187,7 @@ def _discover_kaggle(root: Path) -> Discovery:
         images: dict[int, list[Path]] = {}
         masks: dict[int, list[Path]] = {}
         for path, _, _ in listing:
-            match = _SLICE_NAME.match(path.stem)
+            match = SLICE_NAME.match(path.stem)
             if path.suffix.lower() not in TIFF_SUFFIXES or match is None:
                 problems.append(Problem(Kind.UNRECOGNISED, (relative(path, root),),
                                         "expected <folder>_<n>.tif or <folder>_<n>_mask.tif"))
