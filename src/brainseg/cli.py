@@ -364,6 +364,27 @@ def predict_command(
         raise typer.Exit(1)
 
 
+@app.command("ensemble")
+def ensemble_command(
+    models: Annotated[list[Path], typer.Argument(help="Run folders or model files (two or more).",
+                                                 show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the ensemble's model.pt.")],
+    threshold: Annotated[float, typer.Option(help="Probability cut on the mean probability.")] = 0.5,
+) -> None:
+    """Combine trained models into one model that averages their probabilities.
+
+    Members may differ in network and 2.5D context but not in input size. The folder works
+    wherever a run folder does (evaluate, tune, compare, predict, export).
+
+    Example: brainseg ensemble runs/unet runs/unet_ctx1 --out runs/ensemble
+    """
+    from brainseg.ensemble import build_ensemble
+
+    summary = build_ensemble(models, out, threshold=threshold)
+    typer.echo(f"wrote {summary['model']} ({len(summary['members'])} members, context {summary['context']}; "
+               f"split: {summary['split']})")
+
+
 @app.command("export")
 def export_command(
     model: Annotated[Path, typer.Argument(help="Run folder, model.pt or checkpoint.", show_default=False)],

@@ -306,6 +306,12 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         raise BadInputError(run_dir, "already holds a run; use --resume to continue it or choose a new --out")
     if not config.data.root:
         raise OptionError("no data folder: pass --data DIR (or set data.root in the config)")
+    from brainseg.models import available_models
+    from brainseg.models.registry import canonical_name
+
+    if canonical_name(config.model.name) not in available_models():
+        raise OptionError(f"{config.model.name!r} is built from trained models (brainseg ensemble), not "
+                          f"trained; choose one of: {', '.join(available_models())}")
     started = time.perf_counter()
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     accelerator = resolve_accelerator(config.train.accelerator)

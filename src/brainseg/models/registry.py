@@ -10,6 +10,7 @@ from torch import nn
 
 from brainseg.errors import OptionError
 from brainseg.models._common import SizeChecked, check_common_args
+from brainseg.models.ensemble import Ensemble
 from brainseg.models.resunet import ResUNet
 from brainseg.models.unet import UNet
 
@@ -84,15 +85,19 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+# Built from trained members (`brainseg ensemble`), never trained as a whole.
+_COMBINATIONS: dict[str, Callable[..., nn.Module]] = {"ensemble": Ensemble}
+
+
 def available_models() -> list[str]:
-    """Canonical model names, sorted."""
+    """Canonical names of the trainable models, sorted."""
     return sorted(_REGISTRY)
 
 
 def canonical_name(name: str) -> str:
     """Normalise a user-given name ('ResUNet', 'attention-unet') to its registry key."""
     key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
+    if key not in _REGISTRY and key not in _COMBINATIONS:
         raise ModelConfigError(
             f"unknown model {name!r}; choose one of: {', '.join(available_models())}"
         )
@@ -106,7 +111,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     architecture (same state_dict keys and shapes).
     """
     key = canonical_name(name)
-    factory = _REGISTRY[key]
+    factory = _REGISTRY.get(key) or _COMBINATIONS[key]
     signature = inspect.signature(factory)
     accepted = list(signature.parameters)
     unknown = [k for k in kwargs if k not in signature.parameters]

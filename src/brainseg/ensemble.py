@@ -1,0 +1,85 @@
+"""`brainseg ensemble`: combine trained models into one self-describing model file.
+
+The result is a run-like folder (model.pt, split.json, ensemble.json) that evaluate, tune,
+compare, predict, export and the pretrained packaging accept like any trained run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from brainseg.errors import BadInputError, OptionError
+
+
+def _split_beside(model: Path, description: dict) -> dict | None:
+    folder = model if model.is_dir() else model.parent
+    if (folder / "split.json").exists():
+        return json.loads((folder / "split.json").read_text())
+    return description.get("split")
+
+
+def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: float = 0.5) -> dict:
+    """Write `out`/model.pt averaging the members' probabilities; returns the ensemble's summary."""
+    import torch
+
+    from brainseg import __version__
+    from brainseg.prediction import MODEL_FILE, file_digest, load_model_file
+    from brainseg.training import CHECKPOINT_FORMAT
+
+    if len(models) < 2:
+        raise OptionError("an ensemble needs at least two models")
+    if not 0 < threshold < 1:
+        raise OptionError(f"--threshold must be between 0 and 1, got {threshold}")
+    out = Path(out)
+    if (out / MODEL_FILE).exists():
+        raise BadInputError(out, f"already holds a {MODEL_FILE}; choose a new --out")
+    members, weights, sources, splits = [], {}, [], []
+    for i, model in enumerate(models):
+        path = Path(model)
+        description, state = load_model_file(path)
+        preprocessing = description["preprocessing"]
+        members.append({"name": description["model"]["name"], "kwargs": description["model"]["kwargs"],
+                        "context": int(preprocessing.get("context", 0)), "preprocessing": preprocessing})
+        weights.update({f"members.{i}.{key}": value for key, value in state.items()})
+        resolved = path / MODEL_FILE if path.is_dir() else path
+        sources.append({"file": str(resolved), "sha256_16": file_digest(resolved),
+                        "model": description["model"]["name"], "context": members[-1]["context"]})
+        splits.append(_split_beside(path, description))
+
+    first = members[0]["preprocessing"]
+    for member, source in zip(members, sources, strict=True):
+        for key in ("image_size", "normalisation"):
+            value = member["preprocessing"].get(key)
+            if value != first.get(key):
+                raise BadInputError(source["file"], f"{key} {value!r} differs from the first model's "
+                                                    f"{first.get(key)!r}")
+    context = max(m["context"] for m in members)
+    slice_channels = int(first["in_channels"]) // (2 * members[0]["context"] + 1)
+    kwargs = {"members": [{k: m[k] for k in ("name", "kwargs", "context")} for m in members],
+              "context": context, "slice_channels": slice_channels}
+    description = {
+        "format": CHECKPOINT_FORMAT,
+        "brainseg_version": __version__,
+        "model": {"name": "ensemble", "kwargs": kwargs},
+        "preprocessing": {"image_size": first["image_size"],
+                          "in_channels": (2 * context + 1) * slice_channels,
+                          "context": context, "normalisation": first["normalisation"],
+                          "channels_last": all(m["preprocessing"].get("channels_last", False)
+                                               for m in members)},
+        "threshold": threshold,
+        "members": sources,
+    }
+    from brainseg.models import create_model
+
+    create_model("ensemble", **kwargs).load_state_dict(weights)  # fails here, not at predict time
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"brainseg": description, "state_dict": weights}, out / MODEL_FILE)
+    shared_split = splits[0] if splits[0] and all(s == splits[0] for s in splits) else None
+    if shared_split:
+        (out / "split.json").write_text(json.dumps(shared_split, indent=2) + "\n")
+    summary = {"model": str(out / MODEL_FILE), "members": sources, "context": context,
+               "threshold": threshold, "split": "shared by all members" if shared_split else
+               "members differ: pass --split-file to evaluate"}
+    (out / "ensemble.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

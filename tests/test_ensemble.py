@@ -1,0 +1,106 @@
+"""brainseg ensemble: members averaged in probability, mixed 2.5D context, refusals, export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from brainseg.ensemble import build_ensemble
+from brainseg.errors import BadInputError, OptionError
+from brainseg.export import export_model
+from brainseg.models import create_model
+from brainseg.prediction import Predictor, load_model_file
+
+
+def write_variant(run, out, *, context: int = 0, image_size: int | None = None, seed: int = 0):
+    """A model file like the tiny run's, freshly initialised, with another context or input size."""
+    description, _ = load_model_file(run)
+    description = json.loads(json.dumps(description))
+    spec = description["model"]
+    spec["kwargs"]["in_channels"] = 3 * (2 * context + 1)
+    description["preprocessing"].update(in_channels=3 * (2 * context + 1), context=context)
+    if image_size:
+        description["preprocessing"]["image_size"] = image_size
+    torch.manual_seed(seed)
+    network = create_model(spec["name"], **spec["kwargs"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"brainseg": description, "state_dict": network.state_dict()}, out)
+    return out
+
+
+def volume(n: int = 5, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8)
+
+
+def test_ensemble_of_one_model_twice_predicts_like_the_model(tiny_run, tmp_path):
+    _, run = tiny_run
+    summary = build_ensemble([run, run], tmp_path / "ens")
+    assert (tmp_path / "ens" / "split.json").exists() and summary["split"] == "shared by all members"
+    single = Predictor.load(run, precision="32").predict_volume(volume())
+    combined = Predictor.load(tmp_path / "ens", precision="32").predict_volume(volume())
+    np.testing.assert_allclose(combined, single, atol=1e-5)
+
+
+def test_members_with_different_context_each_read_their_own_channels(tiny_run, tmp_path):
+    _, run = tiny_run
+    flat = write_variant(run, tmp_path / "flat" / "model.pt", context=0, seed=2)
+    stacked = write_variant(run, tmp_path / "stacked" / "model.pt", context=1, seed=3)
+    build_ensemble([flat, stacked], tmp_path / "ens")
+    ensemble = Predictor.load(tmp_path / "ens", precision="32")
+    assert ensemble.context == 1 and ensemble.in_channels == 9
+    slices = volume(6)
+    expected = (Predictor.load(flat, precision="32").predict_volume(slices)
+                + Predictor.load(stacked, precision="32").predict_volume(slices)) / 2
+    np.testing.assert_allclose(ensemble.predict_volume(slices), expected, atol=1e-5)
+
+
+def test_ensemble_exports_to_onnx_and_matches_torch(tiny_run, tmp_path):
+    _, run = tiny_run
+    stacked = write_variant(run, tmp_path / "stacked" / "model.pt", context=1, seed=3)
+    build_ensemble([run, stacked], tmp_path / "ens")
+    result = export_model(tmp_path / "ens", tmp_path / "ens.onnx")
+    assert result["max_abs_logit_difference"] < 1e-3
+    onnx_masks = Predictor.load(tmp_path / "ens.onnx", backend="onnx").predict_volume(volume()) >= 0.5
+    torch_masks = Predictor.load(tmp_path / "ens", precision="32").predict_volume(volume()) >= 0.5
+    assert (onnx_masks == torch_masks).mean() > 0.999
+
+
+def test_refusals(tiny_run, tmp_path):
+    _, run = tiny_run
+    with pytest.raises(OptionError, match="at least two"):
+        build_ensemble([run], tmp_path / "one")
+    other_size = write_variant(run, tmp_path / "big" / "model.pt", image_size=128)
+    with pytest.raises(BadInputError, match="image_size"):
+        build_ensemble([run, other_size], tmp_path / "mixed")
+    build_ensemble([run, run], tmp_path / "ens")
+    with pytest.raises(BadInputError, match="already holds"):
+        build_ensemble([run, run], tmp_path / "ens")
+
+
+def test_an_ensemble_cannot_be_trained(tiny_run, tmp_path):
+    from brainseg.config import RunConfig
+    from brainseg.training import train
+
+    data, _ = tiny_run
+    config = RunConfig().override({"data.root": str(data), "model.name": "ensemble"})
+    with pytest.raises(OptionError, match="built from trained models"):
+        train(config, tmp_path / "run", progress=False)
+
+
+def test_cli_ensemble_then_evaluate(tiny_run, tmp_path):
+    data, run = tiny_run
+    done = subprocess.run([sys.executable, "-m", "brainseg.cli", "ensemble", str(run), str(run),
+                           "--out", str(tmp_path / "ens")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 members" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "brainseg.cli", "evaluate", str(tmp_path / "ens"), "--data",
+                           str(data), "--split", "val", "--out", str(tmp_path / "eval")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["model"]["model"] == "ensemble"
