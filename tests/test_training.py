@@ -56,6 +56,17 @@ def test_one_epoch_writes_a_complete_run_folder(synthetic, tmp_path):
         train(small_config(synthetic, **{"train.epochs": 1}), run, progress=False)
 
 
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_trains_with_finite_losses(synthetic, tmp_path, precision):
+    # 16-mixed is the older-GPU path (loss scaling); torch runs both autocast modes on CPU too.
+    result = train(small_config(synthetic, **{"train.epochs": 2, "train.precision": precision}),
+                   tmp_path / "run", progress=False)
+    history = pd.read_csv(result.run_dir / "history.csv")
+    assert history["train_loss"].notna().all() and (history["train_loss"] < 10).all()
+    assert history["val_loss"].notna().all()
+    assert f'"precision": "{precision}"' in (result.run_dir / "val_metrics.json").read_text()
+
+
 def test_resume_continues_from_the_saved_epoch(synthetic, tmp_path):
     run = tmp_path / "run"
     train(small_config(synthetic, **{"train.epochs": 1}), run, progress=False)
