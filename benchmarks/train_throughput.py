@@ -1,6 +1,7 @@
 """Training throughput: the project's Lightning training step against a plain eager fp32 loop.
 
 Usage: python benchmarks/train_throughput.py [--steps 6] [--batch 16] [--quick]
+       [--model resunet] [--option upsample=transpose]
 
 For every row, the same network, batch and input size run in the same process, alternating:
   * baseline: plain eager PyTorch, fp32, NCHW: zero_grad, forward, BCE+Dice loss, backward, Adam step;
@@ -53,9 +54,10 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def baseline_seconds(filters: int, size: int, batch: int, steps: int, warmup: int) -> list[float]:
+def baseline_seconds(model_name: str, options: dict, filters: int, size: int, batch: int, steps: int,
+                     warmup: int) -> list[float]:
     torch.manual_seed(0)
-    model = create_model("unet", in_channels=3, base_filters=filters, depth=4)
+    model = create_model(model_name, in_channels=3, base_filters=filters, depth=4, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = create_loss("bce_dice")
     data = RandomSlices(batch, size)
@@ -82,11 +84,12 @@ def fit_with_timer(module, loader, precision: str, steps: int) -> StepTimer:
     return timer
 
 
-def project_step_seconds(filters: int, size: int, batch: int, steps: int, warmup: int, precision: str,
-                         channels_last: bool) -> list[float]:
+def project_step_seconds(model_name: str, options: dict, filters: int, size: int, batch: int, steps: int,
+                         warmup: int, precision: str, channels_last: bool) -> list[float]:
     torch.manual_seed(0)
     # val_every beyond the run: the LR scheduler waits for a validation that never comes.
-    config = RunConfig().override({"model.base_filters": filters, "model.depth": 4, "train.val_every": 1000,
+    config = RunConfig().override({"model.name": model_name, "model.options": options,
+                                   "model.base_filters": filters, "model.depth": 4, "train.val_every": 1000,
                                    "train.channels_last": channels_last, "data.image_size": size})
     module = SegmentationModule(config.to_dict(), 3, ["p"])
     loader = DataLoader(RandomSlices(batch, size), batch_size=batch, sampler=[0] * batch * (warmup + steps))
@@ -121,9 +124,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/project rounds")
     parser.add_argument("--quick", action="store_true", help="only the 128x128 rows")
+    parser.add_argument("--model", default="unet", help="registry name of the network")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra model argument, e.g. upsample=transpose (repeatable)")
     args = parser.parse_args()
+    options = dict(item.split("=", 1) for item in args.option)
     auto = resolve_precision("auto", "cpu")
     print(machine_header())
+    print(f"model {args.model} {options or ''}")
     print(f"batch {args.batch}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} "
           f"alternating rounds; medians. Precision 'auto' resolves to {auto} on this machine.\n")
 
@@ -135,10 +143,11 @@ def main() -> None:
         base: list[float] = []
         project: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):
-            base += baseline_seconds(filters, size, args.batch, args.steps, args.warmup)
+            base += baseline_seconds(args.model, options, filters, size, args.batch, args.steps, args.warmup)
             for precision, channels_last in variants:
                 project[(precision, channels_last)] += project_step_seconds(
-                    filters, size, args.batch, args.steps, args.warmup, precision, channels_last)
+                    args.model, options, filters, size, args.batch, args.steps, args.warmup, precision,
+                    channels_last)
         base_rate = args.batch / statistics.median(base)
         table.append([f"F={filters}", f"{size}²", "baseline: eager fp32 NCHW", f"{base_rate:.1f}", "1.00"])
         for (precision, channels_last), times in project.items():
