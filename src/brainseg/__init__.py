@@ -29,6 +29,7 @@ _LAZY = {
     "Predictor": "brainseg.prediction",
     "load_pretrained": "brainseg.pretrained",
     "export_model": "brainseg.export",
+    "build_ensemble": "brainseg.ensemble",
 }
 _ALIASES = {"split": "split_patients"}
 
