@@ -19,6 +19,12 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     assert load_config(path) == config
 
 
+def test_one_model_option_can_be_set_on_its_own():
+    config = RunConfig().override({"model.options": {"upsample": "bilinear", "extra": 1}})
+    config = config.override({"model.options.upsample": "transpose", "model.options.width": "2"})
+    assert config.model.options == {"upsample": "transpose", "extra": 1, "width": 2}
+
+
 @pytest.mark.parametrize("updates, message", [
     ({"train.lrr": 1}, "unknown setting train.lrr"),
     ({"trian.lr": 1}, "unknown setting 'trian.lr'"),

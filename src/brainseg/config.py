@@ -130,6 +130,14 @@ class RunConfig:
             section, _, name = key.partition(".")
             if section not in merged or not name:
                 raise OptionError(f"unknown setting {key!r}; settings look like train.lr or data.image_size")
+            if section == "model" and name.startswith("options."):  # one extra model argument
+                if isinstance(value, str):
+                    import yaml
+
+                    value = yaml.safe_load(value)  # "2" -> 2, "true" -> True, as in a YAML config
+                option = name.removeprefix("options.")
+                merged["model"]["options"] = {**merged["model"]["options"], option: value}
+                continue
             merged[section][name] = value
         return RunConfig.from_dict(merged, "override")
 
