@@ -56,15 +56,29 @@ def test_one_epoch_writes_a_complete_run_folder(synthetic, tmp_path):
         train(small_config(synthetic, **{"train.epochs": 1}), run, progress=False)
 
 
-@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
-def test_mixed_precision_trains_with_finite_losses(synthetic, tmp_path, precision):
-    # 16-mixed is the older-GPU path (loss scaling); torch runs both autocast modes on CPU too.
-    result = train(small_config(synthetic, **{"train.epochs": 2, "train.precision": precision}),
+def test_bf16_mixed_trains_with_finite_losses(synthetic, tmp_path):
+    result = train(small_config(synthetic, **{"train.epochs": 2, "train.precision": "bf16-mixed"}),
                    tmp_path / "run", progress=False)
     history = pd.read_csv(result.run_dir / "history.csv")
     assert history["train_loss"].notna().all() and (history["train_loss"] < 10).all()
     assert history["val_loss"].notna().all()
-    assert f'"precision": "{precision}"' in (result.run_dir / "val_metrics.json").read_text()
+    assert '"precision": "bf16-mixed"' in (result.run_dir / "val_metrics.json").read_text()
+
+
+def test_auto_precision_picks_fp16_on_gpus_without_bf16(monkeypatch):
+    from brainseg.training import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert resolve_precision("auto", "gpu") == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_precision("auto", "gpu") == "bf16-mixed"
+
+
+def test_the_recorded_precision_is_the_one_lightning_ran(synthetic, tmp_path):
+    # Lightning has no fp16 autocast on CPU and runs bf16-mixed instead; the run must say so.
+    result = train(small_config(synthetic, **{"train.epochs": 1, "train.precision": "16-mixed"}),
+                   tmp_path / "run", progress=False)
+    assert '"precision": "bf16-mixed"' in (result.run_dir / "val_metrics.json").read_text()
 
 
 def test_resume_continues_from_the_saved_epoch(synthetic, tmp_path):

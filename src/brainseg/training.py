@@ -345,6 +345,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         default_root_dir=run_dir, enable_progress_bar=progress, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(10, len(datamodule.train_dataloader()))), enable_model_summary=False,
     )
+    precision = str(trainer.precision)  # what Lightning runs: it turns 16-mixed on CPU into bf16-mixed
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
 
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
