@@ -13,10 +13,13 @@ from brainseg.errors import BadInputError, OptionError
 
 
 def _split_beside(model: Path, description: dict) -> dict | None:
-    folder = model if model.is_dir() else model.parent
-    if (folder / "split.json").exists():
-        return json.loads((folder / "split.json").read_text())
-    return description.get("split")
+    """The member's split (beside it or stored in it), or None when it has none."""
+    from brainseg.evaluation import EvaluateOptions, split_for
+
+    try:
+        return split_for(model, EvaluateOptions(side="val"), description)
+    except BadInputError:
+        return None
 
 
 def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: float = 0.5) -> dict:
@@ -77,7 +80,9 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
     torch.save({"brainseg": description, "state_dict": weights}, out / MODEL_FILE)
     shared_split = splits[0] if splits[0] and all(s == splits[0] for s in splits) else None
     if shared_split:
-        (out / "split.json").write_text(json.dumps(shared_split, indent=2) + "\n")
+        from brainseg.data.splits import save_split
+
+        save_split(shared_split, out / "split.json")
     summary = {"model": str(out / MODEL_FILE), "members": sources, "context": context,
                "threshold": threshold, "split": "shared by all members" if shared_split else
                "members differ: pass --split-file to evaluate"}
