@@ -128,7 +128,9 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra model argument, e.g. upsample=transpose (repeatable)")
     args = parser.parse_args()
-    options = dict(item.split("=", 1) for item in args.option)
+    # Parsed as `--set model.options.KEY=VALUE` is, so "2" becomes 2 here too.
+    options = RunConfig().override({f"model.options.{key}": value for key, value in
+                                    (item.split("=", 1) for item in args.option)}).model.options
     auto = resolve_precision("auto", "cpu")
     print(machine_header())
     print(f"model {args.model} {options or ''}")
