@@ -91,6 +91,32 @@ def test_resume_continues_from_the_saved_epoch(synthetic, tmp_path):
     assert last["epoch"] == 2  # Lightning stores the index of the last finished epoch
 
 
+def test_fine_tuning_starts_from_the_given_weights_at_another_size(synthetic, tmp_path):
+    source = train(small_config(synthetic, **{"train.epochs": 1}), tmp_path / "source", progress=False)
+    # A learning rate of 1e-9 keeps Adam's steps negligible, so the weights must still be the source's.
+    tuned = train(small_config(synthetic, **{"train.epochs": 1, "data.image_size": 96, "train.lr": 1e-9,
+                                             "train.init_weights": str(source.run_dir)}),
+                  tmp_path / "tuned", progress=False)
+    before = torch.load(source.model_file, weights_only=True)["state_dict"]
+    after = torch.load(tuned.model_file, weights_only=True)
+    assert after["brainseg"]["preprocessing"]["image_size"] == 96
+    convolutions = [k for k, v in before.items() if v.dim() == 4]
+    assert convolutions
+    for key in convolutions:
+        torch.testing.assert_close(after["state_dict"][key], before[key], atol=1e-6, rtol=0)
+
+
+def test_fine_tuning_refuses_weights_of_another_network(synthetic, tmp_path):
+    from brainseg.errors import BadInputError
+
+    source = train(small_config(synthetic, **{"train.epochs": 1}), tmp_path / "source", progress=False)
+    wider = small_config(synthetic, **{"train.epochs": 1, "model.base_filters": 8,
+                                       "train.init_weights": str(source.model_file)})
+    with pytest.raises(BadInputError, match="does not fit this run's"):
+        train(wider, tmp_path / "wider", progress=False)
+    assert not (tmp_path / "wider").exists()  # a refused run leaves no folder behind
+
+
 def test_patient_dice_convention():
     counts = torch.tensor([[5.0, 0, 0], [0, 0, 0], [1, 2, 3]], dtype=torch.float64)
     dice = patient_dice(counts)

@@ -201,6 +201,8 @@ def train_command(
     split: Annotated[Path | None, typer.Option(help="Split JSON to use (default: make one).")] = None,
     fold: Annotated[int | None, typer.Option(help="Fold of a k-fold split to train.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from this model file's or run folder's "
+                                                   "weights (fine-tuning, e.g. at a larger size).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Any setting, e.g. --set augment.elastic=true (repeatable).")] = None,
 ) -> None:
@@ -220,6 +222,7 @@ def train_command(
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.loss": loss,
         "train.precision": precision, "train.devices": devices, "train.accelerator": accelerator,
         "train.max_minutes": max_minutes, "train.seed": seed,
+        "train.init_weights": str(init) if init else None,
     }
     for item in set_ or []:
         key, sep, value = item.partition("=")

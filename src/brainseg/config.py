@@ -107,6 +107,7 @@ class TrainConfig:
     threshold: float = 0.5
     seed: int = 0
     val_every: int = 1  # validate every N epochs
+    init_weights: str = ""  # model file or run folder to start from (fine-tuning, e.g. at a larger size)
 
 
 @dataclass

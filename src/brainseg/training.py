@@ -268,19 +268,15 @@ def _is_rank_zero() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def prepare_split(config: RunConfig, table: pd.DataFrame, run_dir: Path) -> dict:
-    """The run's split: the given split file, or a new seeded split by patient; saved in the run."""
-    from brainseg.data.splits import load_split, save_split, split_patients
+def prepare_split(config: RunConfig, table: pd.DataFrame) -> dict:
+    """The run's split: the given split file, or a new seeded split by patient."""
+    from brainseg.data.splits import load_split, split_patients
 
     data = config.data
     if data.split:
-        split = load_split(data.split)
-    else:
-        split = split_patients(table, val=data.val, test=data.test, folds=data.folds or None,
-                               seed=config.train.seed, test_patients=data.test_patients)
-    if _is_rank_zero():
-        save_split(split, run_dir / "split.json")
-    return split
+        return load_split(data.split)
+    return split_patients(table, val=data.val, test=data.test, folds=data.folds or None,
+                          seed=config.train.seed, test_patients=data.test_patients)
 
 
 def split_tables(table: pd.DataFrame, split: dict, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -318,10 +314,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     precision = resolve_precision(config.train.precision, accelerator)
 
     result = scan(config.data.root, config.data.layout, cache=config.data.cache, progress=progress)
-    if _is_rank_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    split = prepare_split(config, result.table, run_dir)
+    split = prepare_split(config, result.table)
     train_table, val_table = split_tables(result.table, split, config.data.fold)
     if train_table.empty or val_table.empty:
         raise OptionError("the split leaves no training or no validation slices; check data.val / data.split")
@@ -329,6 +322,14 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     datamodule = SliceDataModule(config, train_table, val_table, result.store, workers)
     module = SegmentationModule(config.to_dict(), datamodule.train_set.in_channels,
                                 datamodule.val_set.patients)
+    if config.train.init_weights and not resume:  # a resumed run has its own weights in last.ckpt
+        load_initial_weights(module.model, config.train.init_weights)
+    if _is_rank_zero():  # written only once the run is known to start, so a refused run leaves nothing
+        from brainseg.data.splits import save_split
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        save_split(split, run_dir / "split.json")
 
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
                                  auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1,
@@ -359,6 +360,25 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
             _write_val_metrics(run_dir, best, patient_scores, val_table, precision, trainer)
     minutes = (time.perf_counter() - started) / 60
     return TrainResult(run_dir, best, model_file, patient_scores, minutes)
+
+
+def load_initial_weights(model: torch.nn.Module, source: str | Path) -> None:
+    """Start `model` from a trained model's weights; the layers must match, the input size need not."""
+    from brainseg.prediction import load_model_file
+
+    description, weights = load_model_file(source)
+    normalisation = description["preprocessing"].get("normalisation")
+    if normalisation != NORMALISATION:
+        raise BadInputError(source, f"its inputs were normalised as {normalisation!r}, not {NORMALISATION!r}")
+    ours = model.state_dict()
+    theirs = {k: v for k, v in weights.items() if k in ours}
+    mismatched = sorted(set(ours) ^ set(weights)) or [k for k in ours if ours[k].shape != theirs[k].shape]
+    if mismatched:
+        wanted = getattr(model, "brainseg_spec", {}).get("kwargs", {})
+        raise BadInputError(source, f"its network ({description['model']['name']}, "
+                                    f"{description['model']['kwargs']}) does not fit this run's "
+                                    f"({wanted}); first differing weight: {mismatched[0]}")
+    model.load_state_dict(theirs)
 
 
 def _logger(run_dir: Path):
