@@ -59,10 +59,23 @@ def test_members_with_different_context_each_read_their_own_channels(tiny_run, t
     np.testing.assert_allclose(ensemble.predict_volume(slices), expected, atol=1e-5)
 
 
+def test_members_of_different_input_size_each_see_their_own_size(tiny_run, tmp_path):
+    _, run = tiny_run
+    small = write_variant(run, tmp_path / "small" / "model.pt", image_size=32, seed=4)
+    build_ensemble([run, small], tmp_path / "ens")
+    ensemble = Predictor.load(tmp_path / "ens", precision="32")
+    assert ensemble.image_size == max(Predictor.load(run).image_size, 32)
+    slices = volume(4)
+    expected = (Predictor.load(run, precision="32").predict_volume(slices)
+                + Predictor.load(small, precision="32").predict_volume(slices)) / 2
+    np.testing.assert_allclose(ensemble.predict_volume(slices), expected, atol=1e-5)
+
+
 def test_ensemble_exports_to_onnx_and_matches_torch(tiny_run, tmp_path):
     _, run = tiny_run
     stacked = write_variant(run, tmp_path / "stacked" / "model.pt", context=1, seed=3)
-    build_ensemble([run, stacked], tmp_path / "ens")
+    small = write_variant(run, tmp_path / "small" / "model.pt", image_size=32, seed=4)
+    build_ensemble([run, stacked, small], tmp_path / "ens")
     result = export_model(tmp_path / "ens", tmp_path / "ens.onnx")
     assert result["max_abs_logit_difference"] < 1e-3
     onnx_masks = Predictor.load(tmp_path / "ens.onnx", backend="onnx").predict_volume(volume()) >= 0.5
@@ -74,9 +87,6 @@ def test_refusals(tiny_run, tmp_path):
     _, run = tiny_run
     with pytest.raises(OptionError, match="at least two"):
         build_ensemble([run], tmp_path / "one")
-    other_size = write_variant(run, tmp_path / "big" / "model.pt", image_size=128)
-    with pytest.raises(BadInputError, match="image_size"):
-        build_ensemble([run, other_size], tmp_path / "mixed")
     build_ensemble([run, run], tmp_path / "ens")
     with pytest.raises(BadInputError, match="already holds"):
         build_ensemble([run, run], tmp_path / "ens")

@@ -43,7 +43,8 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         description, state = load_model_file(path)
         preprocessing = description["preprocessing"]
         members.append({"name": description["model"]["name"], "kwargs": description["model"]["kwargs"],
-                        "context": int(preprocessing.get("context", 0)), "preprocessing": preprocessing})
+                        "context": int(preprocessing.get("context", 0)),
+                        "image_size": int(preprocessing["image_size"]), "preprocessing": preprocessing})
         weights.update({f"members.{i}.{key}": value for key, value in state.items()})
         resolved = path / MODEL_FILE if path.is_dir() else path
         sources.append({"file": str(resolved), "sha256_16": file_digest(resolved),
@@ -52,20 +53,20 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
 
     first = members[0]["preprocessing"]
     for member, source in zip(members, sources, strict=True):
-        for key in ("image_size", "normalisation"):
-            value = member["preprocessing"].get(key)
-            if value != first.get(key):
-                raise BadInputError(source["file"], f"{key} {value!r} differs from the first model's "
-                                                    f"{first.get(key)!r}")
+        value = member["preprocessing"].get("normalisation")
+        if value != first.get("normalisation"):
+            raise BadInputError(source["file"], f"normalisation {value!r} differs from the first model's "
+                                                f"{first.get('normalisation')!r}")
     context = max(m["context"] for m in members)
+    image_size = max(m["image_size"] for m in members)  # smaller members get their input resized down
     slice_channels = int(first["in_channels"]) // (2 * members[0]["context"] + 1)
-    kwargs = {"members": [{k: m[k] for k in ("name", "kwargs", "context")} for m in members],
-              "context": context, "slice_channels": slice_channels}
+    kwargs = {"members": [{k: m[k] for k in ("name", "kwargs", "context", "image_size")} for m in members],
+              "context": context, "slice_channels": slice_channels, "image_size": image_size}
     description = {
         "format": CHECKPOINT_FORMAT,
         "brainseg_version": __version__,
         "model": {"name": "ensemble", "kwargs": kwargs},
-        "preprocessing": {"image_size": first["image_size"],
+        "preprocessing": {"image_size": image_size,
                           "in_channels": (2 * context + 1) * slice_channels,
                           "context": context, "normalisation": first["normalisation"],
                           "channels_last": all(m["preprocessing"].get("channels_last", False)
