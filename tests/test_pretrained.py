@@ -40,3 +40,13 @@ def test_pretrained_validation_dice_matches_the_model_card(shared_data, tmp_path
     summary = evaluate(pretrained_path(), shared_data / "lgg", tmp_path / "eval", progress=False,
                        options=EvaluateOptions(side="val", split_file=str(split), precision="32"))
     assert summary["per_patient"]["dice"]["mean"] == pytest.approx(card_value("val_dice_mean"), abs=0.01)
+
+
+def test_pretrained_exports_to_onnx_in_the_working_folder(tmp_path, monkeypatch):
+    from brainseg.export import export_model
+
+    monkeypatch.chdir(tmp_path)  # never beside the shipped file, inside the installed package
+    result = export_model("pretrained")
+    assert Path(result["path"]) == Path("pretrained.onnx") and (tmp_path / "pretrained.onnx").exists()
+    assert result["input"] == [None, 3, 256, 256]
+    assert not pretrained_path().with_suffix(".onnx").exists()

@@ -390,10 +390,12 @@ def ensemble_command(
 
 @app.command("export")
 def export_command(
-    model: Annotated[Path, typer.Argument(help="Run folder, model.pt or checkpoint.", show_default=False)],
+    model: Annotated[str, typer.Argument(help="Run folder, model.pt, checkpoint or 'pretrained'.",
+                                         show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="Export format.")] = "onnx",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="File to write (default: model.onnx "
-                                                                 "beside the model).")] = None,
+                                                                 "beside the model; pretrained.onnx "
+                                                                 "here for 'pretrained').")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
 ) -> None:
     """Export a model to ONNX with a dynamic batch size, checked against torch.

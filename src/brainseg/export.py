@@ -17,14 +17,16 @@ FORMATS = ("onnx",)
 def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str = "onnx",
                  opset: int = 17) -> dict:
     """Write `out` (default: beside the model, model.onnx) and check it against torch."""
-    from brainseg.prediction import MODEL_FILE, load_model_file
+    from brainseg.prediction import MODEL_FILE, load_model_file, resolve_model_path
 
     if fmt not in FORMATS:
         raise OptionError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    source = Path(model)
+    source = resolve_model_path(model)
     description, weights = load_model_file(source)
-    folder = source if source.is_dir() else source.parent
-    out = Path(out) if out else folder / (Path(MODEL_FILE).stem + ".onnx")
+    if out is None:  # beside the model, but never inside the installed package
+        out = Path("pretrained.onnx") if str(model) == "pretrained" else (
+            (source if source.is_dir() else source.parent) / (Path(MODEL_FILE).stem + ".onnx"))
+    out = Path(out)
     from brainseg.models import create_model
 
     network = create_model(description["model"]["name"], **description["model"]["kwargs"])

@@ -20,9 +20,18 @@ from brainseg.errors import BadInputError
 MODEL_FILE = "model.pt"
 
 
+def resolve_model_path(path: str | Path) -> Path:
+    """The file or folder a model argument names; 'pretrained' is the model shipped in the package."""
+    if str(path) == "pretrained":
+        from brainseg.pretrained import pretrained_path
+
+        return pretrained_path()
+    return Path(path)
+
+
 def load_model_file(path: str | Path) -> tuple[dict, dict]:
-    """(description, state_dict) from a run folder, a model.pt or a Lightning .ckpt."""
-    path = Path(path)
+    """(description, state_dict) from a run folder, a model.pt, a Lightning .ckpt or 'pretrained'."""
+    path = resolve_model_path(path)
     if path.is_dir():
         if not (path / MODEL_FILE).exists():
             raise BadInputError(path, f"run folder has no {MODEL_FILE} (did training finish?)")
@@ -91,10 +100,7 @@ class Predictor:
     def load(cls, path: str | Path, *, backend: str = "torch", device: str = "cpu", precision: str = "auto",
              **options) -> Predictor:
         """A predictor on the torch or the ONNX Runtime backend ('pretrained' is the shipped model)."""
-        if str(path) == "pretrained":
-            from brainseg.pretrained import pretrained_path
-
-            path = pretrained_path()
+        path = resolve_model_path(path)
         if backend == "torch":
             if Path(path).suffix == ".onnx":
                 raise BadInputError(path, "an ONNX model needs --backend onnx")
