@@ -73,7 +73,7 @@ class Ensemble(nn.Module):
             if self.resized[i]:  # to_input's antialiased resize, then Predictor's resize of the logits
                 shrink = getattr(self, f"shrink_{i}")
                 member_input = (shrink.T @ member_input @ shrink).clamp(0.0, 1.0)
-                logits = network(member_input.contiguous(memory_format=torch.channels_last)).float()
+                logits = network(member_input).float()
                 grow = getattr(self, f"grow_{i}")
                 logits = grow.T @ logits @ grow
             else:
