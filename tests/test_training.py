@@ -91,8 +91,15 @@ def test_resume_continues_from_the_saved_epoch(synthetic, tmp_path):
     assert last["epoch"] == 2  # Lightning stores the index of the last finished epoch
 
 
-def test_fine_tuning_starts_from_the_given_weights_at_another_size(synthetic, tmp_path):
-    source = train(small_config(synthetic, **{"train.epochs": 1}), tmp_path / "source", progress=False)
+@pytest.fixture(scope="module")
+def one_epoch_run(synthetic, tmp_path_factory):
+    """A finished small run to start other runs from."""
+    return train(small_config(synthetic, **{"train.epochs": 1}), tmp_path_factory.mktemp("source") / "run",
+                 progress=False)
+
+
+def test_fine_tuning_starts_from_the_given_weights_at_another_size(synthetic, one_epoch_run, tmp_path):
+    source = one_epoch_run
     # A learning rate of 1e-9 keeps Adam's steps negligible, so the weights must still be the source's.
     tuned = train(small_config(synthetic, **{"train.epochs": 1, "data.image_size": 96, "train.lr": 1e-9,
                                              "train.init_weights": str(source.run_dir)}),
@@ -106,10 +113,10 @@ def test_fine_tuning_starts_from_the_given_weights_at_another_size(synthetic, tm
         torch.testing.assert_close(after["state_dict"][key], before[key], atol=1e-6, rtol=0)
 
 
-def test_fine_tuning_refuses_weights_of_another_network(synthetic, tmp_path):
+def test_fine_tuning_refuses_weights_of_another_network(synthetic, one_epoch_run, tmp_path):
     from brainseg.errors import BadInputError
 
-    source = train(small_config(synthetic, **{"train.epochs": 1}), tmp_path / "source", progress=False)
+    source = one_epoch_run
     wider = small_config(synthetic, **{"train.epochs": 1, "model.base_filters": 8,
                                        "train.init_weights": str(source.model_file)})
     with pytest.raises(BadInputError, match="does not fit this run's"):

@@ -371,14 +371,13 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path) -> None:
     if normalisation != NORMALISATION:
         raise BadInputError(source, f"its inputs were normalised as {normalisation!r}, not {NORMALISATION!r}")
     ours = model.state_dict()
-    theirs = {k: v for k, v in weights.items() if k in ours}
-    mismatched = sorted(set(ours) ^ set(weights)) or [k for k in ours if ours[k].shape != theirs[k].shape]
+    mismatched = sorted(set(ours) ^ set(weights)) or [k for k in ours if ours[k].shape != weights[k].shape]
     if mismatched:
         wanted = getattr(model, "brainseg_spec", {}).get("kwargs", {})
         raise BadInputError(source, f"its network ({description['model']['name']}, "
                                     f"{description['model']['kwargs']}) does not fit this run's "
                                     f"({wanted}); first differing weight: {mismatched[0]}")
-    model.load_state_dict(theirs)
+    model.load_state_dict(weights)
 
 
 def _logger(run_dir: Path):

@@ -43,7 +43,6 @@ class Ensemble(nn.Module):
         if not members:
             raise OptionError("an ensemble needs at least one member")
         self.channel_ranges: list[tuple[int, int]] = []
-        self.resized: list[bool] = []
         networks = []
         for i, member in enumerate(members):
             member_context = int(member.get("context", 0))
@@ -58,8 +57,7 @@ class Ensemble(nn.Module):
             self.channel_ranges.append((start, start + expected))
             networks.append(create_model(member["name"], **member["kwargs"]))
             size = int(member.get("image_size") or image_size)
-            self.resized.append(bool(image_size) and size != image_size)
-            if self.resized[-1]:  # buffers, not weights: rebuilt from the sizes, never saved
+            if image_size and size != image_size:  # buffers, not weights: rebuilt from the sizes, never saved
                 self.register_buffer(f"shrink_{i}", resize_matrix(image_size, size, antialias=True),
                                      persistent=False)
                 self.register_buffer(f"grow_{i}", resize_matrix(size, image_size, antialias=False),
@@ -70,14 +68,13 @@ class Ensemble(nn.Module):
         probabilities = []
         for i, (network, (start, stop)) in enumerate(zip(self.members, self.channel_ranges, strict=True)):
             member_input = images[:, start:stop]
-            if self.resized[i]:  # to_input's antialiased resize, then Predictor's resize of the logits
-                shrink = getattr(self, f"shrink_{i}")
-                member_input = (shrink.T @ member_input @ shrink).clamp(0.0, 1.0)
+            shrink = getattr(self, f"shrink_{i}", None)  # only members of another size have one
+            if shrink is None:
                 logits = network(member_input).float()
+            else:  # to_input's antialiased resize, then Predictor's resize of the logits
+                logits = network((shrink.T @ member_input @ shrink).clamp(0.0, 1.0)).float()
                 grow = getattr(self, f"grow_{i}")
                 logits = grow.T @ logits @ grow
-            else:
-                logits = network(member_input).float()
             probabilities.append(torch.sigmoid(logits))
         mean = torch.stack(probabilities).mean(dim=0)
         return torch.logit(mean, eps=PROBABILITY_EPS)
