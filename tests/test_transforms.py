@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor, get_track_meta
 from torch.utils.data import DataLoader, Dataset
 
-from brainseg.config import AugmentConfig, AugmentConfigError
+from brainseg.config import AugmentConfig, AugmentConfigError, DataConfig
 from brainseg.data.transforms import build_transforms, seed_worker
 from brainseg.errors import BrainsegError
 
@@ -111,6 +111,38 @@ def test_bad_config_is_a_user_error():
         AugmentConfig(gamma=1.5)
     with pytest.raises(AugmentConfigError, match="p_geometric"):
         AugmentConfig(p_geometric=float("nan"))
+
+
+def test_patches_are_cut_together_and_a_third_centred_on_tumour():
+    size, side = 128, 32
+    mask = torch.zeros(1, size, size)
+    mask[:, 100:104, 10:14] = 1  # a small lesion far from the centre
+    image = torch.full((3, size, size), 0.3)
+    image[:, :8] = 0.0  # black rows are never patch centres
+    image[1] = torch.maximum(image[1], mask[0])  # FLAIR carries the lesion, so the two can be compared
+    transform = build_transforms(None, train=True, seed=0, patch_size=side)
+    hits = 0
+    for _ in range(200):
+        out = transform({"image": image, "mask": mask, "patient": 7})
+        assert out["image"].shape == (3, side, side) and out["mask"].shape == (1, side, side)
+        assert out["patient"] == 7
+        assert torch.equal(out["image"][1] == 1.0, out["mask"][0] == 1.0)
+        hits += bool(out["mask"].any())
+    # A uniform window holds the lesion about 7 % of the time; the third centred on tumour always do.
+    assert 0.3 < hits / 200 < 0.7
+    empty = transform({"image": image, "mask": torch.zeros(1, size, size)})  # no tumour, no warning
+    assert empty["mask"].shape == (1, side, side) and not empty["mask"].any()
+
+
+def test_patches_come_before_augmentation():
+    out = build_transforms(HEAVY, train=True, seed=1, patch_size=48)(make_sample(64))
+    assert out["image"].shape == (3, 48, 48)
+    assert_binary(out["mask"])
+
+
+def test_patch_larger_than_the_slice_is_refused():
+    with pytest.raises(BrainsegError, match="patch_size"):
+        DataConfig(image_size=128, patch_size=256)
 
 
 class _Slices(Dataset):

@@ -28,11 +28,17 @@ class DataConfig:
     folds: int = 0  # with fold >= 0: k-fold split of the non-test patients
     fold: int = -1  # which fold to train (-1: plain train/val split)
     image_size: int = 256  # network input side; predictions are scored at the original size
+    patch_size: int = 0  # train on random square patches of this side cut from image_size slices (0: whole)
     context: int = 0  # 2.5D: neighbouring slices stacked on each side (0 = plain 2D)
     tumour_weight: float = 3.0  # how much more often a tumour slice is drawn than another
     samples_per_epoch: int = 0  # 0: as many draws as training slices
     num_workers: int = -1  # data loader workers; -1 picks from the core count
     cache: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.patch_size <= self.image_size:
+            raise OptionError(f"data.patch_size must be between 0 (whole slices) and data.image_size "
+                              f"({self.image_size}), got {self.patch_size}")
 
 
 @dataclass

@@ -190,7 +190,8 @@ class SliceDataModule(L.LightningDataModule):
 
         data = config.data
         self.config = config
-        augment = build_transforms(config.augment, train=True, seed=config.train.seed)
+        augment = build_transforms(config.augment, train=True, seed=config.train.seed,
+                                   patch_size=data.patch_size)
         self.train_set = SliceDataset(train_table, store, image_size=data.image_size, context=data.context,
                                       transform=augment)
         self.val_set = SliceDataset(val_table, store, image_size=data.image_size, context=data.context,

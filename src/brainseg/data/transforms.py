@@ -9,6 +9,7 @@ and the caller's dict and tensors are never modified. Outputs are plain contiguo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Hashable, Mapping
 from functools import partial
 from typing import Any
@@ -22,6 +23,7 @@ from monai.transforms import (
     Rand2DElasticd,
     RandAdjustContrastd,
     RandAffined,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
     Randomizable,
@@ -102,6 +104,24 @@ def _elastic_for(shape: tuple[int, ...]) -> Rand2DElasticd:
     return transform
 
 
+class _PatchCrop(RandCropByPosNegLabeld):
+    """One square patch per slice: centred on a tumour pixel a third of the time, else on any non-black pixel.
+
+    The cut comes before the other augmentations, so they run at the patch's size. On slices without
+    tumour MONAI warns that it cannot balance the centres and draws from the non-black pixels alone,
+    which is what is wanted here, so that warning is silenced.
+    """
+
+    def __init__(self, side: int) -> None:
+        super().__init__(keys=KEYS, label_key="mask", spatial_size=(side, side), pos=1.0, neg=2.0,
+                         num_samples=1, image_key="image", image_threshold=0.0)
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*unable to generate class balanced samples.*")
+            return super().__call__(data, lazy=lazy)[0]
+
+
 class _Finish(Transform):
     """Clips the image to [0, 1] (intensity ops and noise overshoot) and returns plain tensors."""
 
@@ -139,16 +159,7 @@ class AugmentPipeline(Compose):
             set_track_meta(previous)
 
 
-def build_transforms(config: AugmentConfig | None, *, train: bool,
-                     seed: int | None = None) -> Callable[[dict], dict]:
-    """Augmentation for training; for validation (or no config) only the plain-tensor conversion.
-
-    ``seed`` makes the sequence of draws reproducible; without it the pipeline gets fresh entropy. In
-    DataLoader workers pass :func:`seed_worker` as ``worker_init_fn`` so workers do not repeat each
-    other's draws.
-    """
-    if not train or config is None:
-        return _Finish(clip=False)
+def _augmentations(config: AugmentConfig) -> list[Callable]:
     steps: list[Callable] = []
     if config.geometric and config.p_geometric > 0:
         steps.append(_PerShape(KEYS, partial(_affine_for, config), prob=config.p_geometric))
@@ -167,6 +178,24 @@ def build_transforms(config: AugmentConfig | None, *, train: bool,
             steps.append(RandShiftIntensityd(keys="image", prob=p, offsets=config.brightness))
     if config.noise_std > 0 and p > 0:
         steps.append(RandGaussianNoised(keys="image", prob=p, mean=0.0, std=config.noise_std))
+    return steps
+
+
+def build_transforms(config: AugmentConfig | None, *, train: bool, seed: int | None = None,
+                     patch_size: int = 0) -> Callable[[dict], dict]:
+    """Augmentation for training; for validation (or no config) only the plain-tensor conversion.
+
+    ``patch_size`` > 0 first cuts a training patch of that side (see :class:`_PatchCrop`).
+
+    ``seed`` makes the sequence of draws reproducible; without it the pipeline gets fresh entropy. In
+    DataLoader workers pass :func:`seed_worker` as ``worker_init_fn`` so workers do not repeat each
+    other's draws.
+    """
+    if not train or (config is None and not patch_size):
+        return _Finish(clip=False)
+    steps: list[Callable] = [_PatchCrop(patch_size)] if patch_size else []
+    if config is not None:
+        steps += _augmentations(config)
     steps.append(_Finish(clip=True))
     pipeline = AugmentPipeline(steps)
     pipeline.set_random_state(seed=seed)
