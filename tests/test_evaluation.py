@@ -117,7 +117,7 @@ def test_compare_two_runs_on_the_same_patients(tiny_run, tmp_path):
         compare_runs([run], data, tmp_path / "cmp2", side="test", split_file=leaky, progress=False)
 
 
-def test_tune_measures_options_and_stores_the_threshold(tiny_run, tmp_path):
+def test_tune_measures_options_and_stores_its_choice(tiny_run, tmp_path):
     import shutil
 
     from brainseg.tune import tune
@@ -132,4 +132,13 @@ def test_tune_measures_options_and_stores_the_threshold(tiny_run, tmp_path):
                                                  "tta_flip", "tuned_threshold"}
     best = summary["tuned_threshold"]
     assert best["dice_mean"] >= summary["baseline"]["dice_mean"] or np.isnan(summary["baseline"]["dice_mean"])
-    assert Predictor.from_checkpoint(copy).cutoff == pytest.approx(best["threshold"])
+    chosen = summary["recommended"]
+    assert not chosen["tta_flip"]
+    assert chosen["dice_mean"] == pytest.approx(table[~table.tta_flip]["dice_mean"].max())
+    predictor = Predictor.from_checkpoint(copy)
+    assert predictor.cutoff == pytest.approx(chosen["threshold"])
+    assert predictor.postprocessing == {"largest_component": chosen["largest_component"],
+                                        "min_size": chosen["min_size"]}
+    # The caller's choice wins over the stored one.
+    override = Predictor.from_checkpoint(copy, largest_component=not chosen["largest_component"], min_size=7)
+    assert override.postprocessing == {"largest_component": not chosen["largest_component"], "min_size": 7}

@@ -103,3 +103,22 @@ def test_cli_bad_model_and_partial_failure_exit_codes(tiny_run, inputs, tmp_path
     assert empty.returncode == 2 and "not a brainseg checkpoint" in empty.stderr
     exported = run_cli("export", str(run), "--out", str(tmp_path / "m.onnx"))
     assert exported.returncode == 0 and "max |logit difference|" in exported.stdout
+
+
+def test_stored_post_processing_applies_unless_overridden():
+    import torch
+
+    from brainseg.prediction import Predictor
+
+    probability = np.zeros((3, 16, 16), np.float32)
+    probability[0:2, 2:8, 2:8] = 0.9  # a large component over two slices
+    probability[2, 12:14, 12:14] = 0.6  # a small one elsewhere
+    description = {"threshold": 0.5, "postprocessing": {"largest_component": True, "min_size": 0}}
+    stored = Predictor(torch.nn.Identity(), description)
+    assert stored.postprocessing == {"largest_component": True, "min_size": 0}
+    assert stored.masks(probability).sum() == 2 * 36
+    plain = Predictor(torch.nn.Identity(), description, largest_component=False)
+    assert plain.masks(probability).sum() == 2 * 36 + 4
+    older = Predictor(torch.nn.Identity(), {"threshold": 0.5})  # files from before post-processing was stored
+    assert older.postprocessing == {"largest_component": False, "min_size": 0}
+    assert Predictor(torch.nn.Identity(), {"threshold": 0.5}, min_size=5).masks(probability).sum() == 2 * 36

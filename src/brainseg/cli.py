@@ -28,6 +28,11 @@ DataDir = Annotated[Path, typer.Argument(help="Data set folder (kaggle_3m patien
 Layout = Annotated[str, typer.Option(help="Layout: auto, kaggle_3m or images_masks.")]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Decode every file again; do not "
                                                           "read or write the slice cache.")]
+LargestComponent = Annotated[bool | None, typer.Option(
+    "--largest-component/--no-largest-component",
+    help="Keep only the largest 3D component (default: as the model file recommends).", show_default=False)]
+MinSize = Annotated[int | None, typer.Option(
+    help="Drop 3D components smaller than this, in voxels (default: the model file's).", show_default=False)]
 
 
 def _version(value: bool) -> None:
@@ -246,8 +251,8 @@ def evaluate_command(
     split_file: Annotated[Path | None, typer.Option(help="Split JSON (default: the run's).")] = None,
     fold: Annotated[int, typer.Option(help="Fold, for a k-fold split's train/val.")] = -1,
     threshold: Annotated[float | None, typer.Option(help="Probability cut (default: checkpoint's).")] = None,
-    largest_component: Annotated[bool, typer.Option(help="Keep the largest 3D component.")] = False,
-    min_size: Annotated[int, typer.Option(help="Drop 3D components smaller than this (voxels).")] = 0,
+    largest_component: LargestComponent = None,
+    min_size: MinSize = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.")] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
@@ -280,7 +285,8 @@ def tune_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for tuning.csv and tuning.json.")]
     = Path("tuning"),
     split: Annotated[str, typer.Option(help="Split side to tune on (never test).")] = "val",
-    store: Annotated[bool, typer.Option(help="Store the tuned threshold in the model file.")] = False,
+    store: Annotated[bool, typer.Option(help="Store the best threshold and post-processing (without TTA) "
+                                             "in the model file for predict and evaluate.")] = False,
 ) -> None:
     """Measure thresholds, largest-component, small-component removal and flip TTA on validation.
 
@@ -302,8 +308,9 @@ def tune_command(
                f"largest component {best['largest_component']}, min size {best['min_size']}, "
                f"flip TTA {best['tta_flip']})")
     if store:
-        typer.echo(f"stored threshold {summary['tuned_threshold']['threshold']:g} in "
-                   f"{summary['stored_threshold_in']}")
+        chosen = summary["recommended"]
+        typer.echo(f"stored threshold {chosen['threshold']:g}, largest component "
+                   f"{chosen['largest_component']}, min size {chosen['min_size']} in {summary['stored_in']}")
 
 
 @app.command("compare")
@@ -313,7 +320,7 @@ def compare_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the comparison.")] = Path("comparison"),
     split: Annotated[str, typer.Option(help="Split side to score: test or val.")] = "test",
     split_file: Annotated[Path | None, typer.Option(help="Split JSON (default: the first run's).")] = None,
-    largest_component: Annotated[bool, typer.Option(help="Keep the largest 3D component.")] = False,
+    largest_component: LargestComponent = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
 ) -> None:
     """Score several runs on the same patients; write compare.csv, compare.md and compare.png.
@@ -342,8 +349,8 @@ def predict_command(
     batch_size: Annotated[int, typer.Option(help="Slices per network call.")] = 16,
     probabilities: Annotated[bool, typer.Option(help="Also write probability maps.")] = False,
     overlays: Annotated[bool, typer.Option(help="Write overlay PNGs.")] = True,
-    largest_component: Annotated[bool, typer.Option(help="Keep the largest 3D component.")] = False,
-    min_size: Annotated[int, typer.Option(help="Drop components smaller than this.")] = 0,
+    largest_component: LargestComponent = None,
+    min_size: MinSize = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
     threshold: Annotated[float | None, typer.Option(help="Probability cut (default: model's).")] = None,
     axis: Annotated[int, typer.Option(help="NIfTI slicing axis (0, 1 or 2).")] = 2,

@@ -42,8 +42,8 @@ class EvaluateOptions:
     split_file: str = ""  # default: the run's split.json
     fold: int = -1
     threshold: float | None = None  # None: the checkpoint's
-    largest_component: bool = False  # keep the largest 3D component per patient
-    min_size: int = 0  # drop 3D components smaller than this (voxels)
+    largest_component: bool | None = None  # keep the largest 3D component (None: as the model recommends)
+    min_size: int | None = None  # drop 3D components smaller than this, in voxels (None: the model's)
     tta_flip: bool = False
     precision: str = "auto"  # auto (bf16 where the hardware runs it natively) or 32
     seed: int = 0
@@ -91,14 +91,14 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     """Score a model on the chosen side of the split and write tables and figures to `out`."""
     from brainseg.data.index import ensure_outside, scan
     from brainseg.metrics import count, dice, hd95, iou, precision, recall
-    from brainseg.postprocess import postprocess
     from brainseg.prediction import Predictor
 
     options = options or EvaluateOptions()
     out = Path(out)
     ensure_outside(out, data)
     predictor = Predictor.load(model, precision=options.precision, tta_flip=options.tta_flip,
-                               threshold=options.threshold)
+                               threshold=options.threshold, largest_component=options.largest_component,
+                               min_size=options.min_size)
     model = Path(predictor.source)
     result = scan(data, layout, progress=progress)
     rows = select_rows(result.table, split_for(model, options, predictor.description), options)
@@ -117,8 +117,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
         images = np.stack([result.store.image(k) for k in keys])
         truth = np.stack([result.store.mask(k) for k in keys]).astype(bool)
         probability = predictor.predict_volume(images)
-        predicted = postprocess(probability >= cutoff, largest=options.largest_component,
-                                min_size=options.min_size)
+        predicted = predictor.masks(probability)
         c = count(predicted, truth)
         patient_rows.append({"patient": patient, "slices": len(keys), "dice": dice(c), "iou": iou(c),
                              "precision": precision(c), "recall": recall(c), "hd95": hd95(predicted, truth),
@@ -173,7 +172,7 @@ def _summary(per_patient, per_slice, predictor, result, options, cutoff) -> dict
         "model": predictor.identity,
         "data": {"root": str(result.root), "layout": result.layout, "side": options.side,
                  "patients": len(per_patient), "slices": len(per_slice)},
-        "options": {**asdict(options), "threshold": cutoff},
+        "options": {**asdict(options), "threshold": cutoff, **predictor.postprocessing},
         "conventions": CONVENTIONS,
         "per_patient": {name: _stats(per_patient[name]) for name in
                         ("dice", "iou", "precision", "recall", "hd95")},
@@ -186,7 +185,6 @@ def _summary(per_patient, per_slice, predictor, result, options, cutoff) -> dict
 
 def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, predictor) -> list[str]:
     from brainseg import plots
-    from brainseg.postprocess import postprocess
 
     names = []
     if grid:
@@ -204,8 +202,7 @@ def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, pr
         volume = rows[rows["patient"] == patient].sort_values("slice")
         images = np.stack([result.store.image(k) for k in volume["image_path"]])
         truth = np.stack([result.store.mask(k) for k in volume["image_path"]]).astype(bool)
-        predicted = postprocess(predictor.predict_volume(images) >= cutoff,
-                                largest=options.largest_component, min_size=options.min_size)
+        predicted = predictor.masks(predictor.predict_volume(images))
         dice_value = float(ranked["dice"].iloc[len(ranked) // 2])
         names.append(plots.volume_montage(images, truth, predicted, out / "volume_montage.png",
                                           f"{patient}: Dice {dice_value:.3f}").name)

@@ -124,7 +124,7 @@ def _overlay_png(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
 
 def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, *, backend: str = "torch",
                   device: str = "cpu", batch_size: int = 16, save_probabilities: bool = False,
-                  overlays: bool = True, largest_component: bool = False, min_size: int = 0,
+                  overlays: bool = True, largest_component: bool | None = None, min_size: int | None = None,
                   tta_flip: bool = False, threshold: float | None = None, axis: int = 2,
                   progress: bool = True, echo=print) -> pd.DataFrame:
     """Predict every case found in `inputs`, write masks/overlays under `out`, and predictions.csv."""
@@ -137,14 +137,14 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
 
             ensure_outside(out, item)
     predictor = Predictor.load(model, backend=backend, device=device, batch_size=batch_size,
-                               tta_flip=tta_flip, threshold=threshold)
+                               tta_flip=tta_flip, threshold=threshold, largest_component=largest_component,
+                               min_size=min_size)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     pending: list[Case] = []  # single images wait here to go through the network as one batch
 
     def flush() -> None:
-        rows.extend(_predict_images(predictor, pending, out, save_probabilities, overlays, largest_component,
-                                    min_size, echo))
+        rows.extend(_predict_images(predictor, pending, out, save_probabilities, overlays, echo))
         pending.clear()
 
     for case in progress_bar(list(discover([Path(p) for p in inputs])), desc="predicting", unit="case",
@@ -159,8 +159,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                 flush()
             continue
         try:
-            rows.append(_predict_volume_case(predictor, case, out, save_probabilities, overlays,
-                                             largest_component, min_size, axis))
+            rows.append(_predict_volume_case(predictor, case, out, save_probabilities, overlays, axis))
         except BrainsegError as error:
             echo(f"error: {error}")
             rows.append({"case": case.name, "kind": case.kind, "input": str(_case_input(case)),
@@ -185,10 +184,8 @@ def _probability_png(probability: np.ndarray) -> np.ndarray:
 
 
 def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities: bool, overlays: bool,
-                    largest: bool, min_size: int, echo) -> list[dict]:
+                    echo) -> list[dict]:
     """Single images, read, checked and predicted as one batch; each bad one becomes an error row."""
-    from brainseg.postprocess import postprocess
-
     rows, good, images = [], [], []
     for case in cases:
         try:
@@ -203,7 +200,7 @@ def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities:
     else:
         probabilities = predictor.probabilities(images, [image.shape[:2] for image in images])
     for case, image, probability in zip(good, images, probabilities, strict=True):
-        mask = postprocess(probability >= predictor.cutoff, largest=largest, min_size=min_size)
+        mask = predictor.masks(probability)
         target = out / "masks" / f"{case.name}.png"
         _write_png(target, mask.astype(np.uint8) * 255)
         if overlays:
@@ -216,14 +213,12 @@ def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities:
 
 
 def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
-                         largest: bool, min_size: int, axis: int) -> dict:
-    from brainseg.postprocess import postprocess
-
+                         axis: int) -> dict:
     if case.kind == "nifti":
-        return _predict_nifti(predictor, case, out, save_probabilities, overlays, largest, min_size, axis)
+        return _predict_nifti(predictor, case, out, save_probabilities, overlays, axis)
     images = np.stack([_checked(predictor, path) for path in case.paths])
     probability = predictor.predict_volume(images)
-    masks = postprocess(probability >= predictor.cutoff, largest=largest, min_size=min_size)  # in 3D
+    masks = predictor.masks(probability)  # post-processed in 3D
     folder = out / "masks" / case.name
     for path, image, mask, prob in zip(case.paths, images, masks, probability, strict=True):
         _write_png(folder / f"{path.stem}_mask.png", mask.astype(np.uint8) * 255)
@@ -240,16 +235,14 @@ def _checked(predictor, path: Path) -> np.ndarray:
 
 
 def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
-                   largest: bool, min_size: int, axis: int) -> dict:
+                   axis: int) -> dict:
     import nibabel as nib
-
-    from brainseg.postprocess import postprocess
 
     path = case.paths[0]
     slices, volume = nifti_to_slices(path, axis)
     predictor.check_image(slices[0], str(path))
     probability = predictor.predict_volume(slices)
-    masks = postprocess(probability >= predictor.cutoff, largest=largest, min_size=min_size)
+    masks = predictor.masks(probability)
     header = volume.header.copy()
     header.set_data_dtype(np.uint8)
     target = out / "masks" / f"{case.name}_mask.nii.gz"

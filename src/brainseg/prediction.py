@@ -70,6 +70,8 @@ class Predictor:
     batch_size: int = 16
     tta_flip: bool = False
     threshold: float | None = None  # None: the checkpoint's threshold
+    largest_component: bool | None = None  # None: the checkpoint's post-processing (off if it has none)
+    min_size: int | None = None  # None: the checkpoint's
     source: str = ""
     identity: dict = field(default_factory=dict)
 
@@ -148,6 +150,23 @@ class Predictor:
     def cutoff(self) -> float:
         return float(self.threshold if self.threshold is not None else self.description.get("threshold", 0.5))
 
+    @property
+    def postprocessing(self) -> dict:
+        """The post-processing in force: the caller's choices over the checkpoint's recommendation."""
+        stored = self.description.get("postprocessing", {})
+        largest, min_size = self.largest_component, self.min_size
+        return {"largest_component": bool(stored.get("largest_component") if largest is None else largest),
+                "min_size": int((stored.get("min_size") if min_size is None else min_size) or 0)}
+
+    def masks(self, probability: np.ndarray) -> np.ndarray:
+        """Probabilities of one volume (N, H, W) or image (H, W) -> binary mask: threshold, then the
+        post-processing in force (largest component in 3D over a volume's slices)."""
+        from brainseg.postprocess import postprocess
+
+        settings = self.postprocessing
+        return postprocess(probability >= self.cutoff, largest=settings["largest_component"],
+                           min_size=settings["min_size"])
+
     def check_image(self, image: np.ndarray, name: str = "image") -> np.ndarray:
         """(H, W) or (H, W, C) uint8 -> (H, W, C) with the channel count the model expects."""
         if image.ndim == 2:
@@ -219,7 +238,7 @@ class Predictor:
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """One slice (H, W[, C]) uint8 -> binary mask (H, W) uint8 at the input's size."""
-        return (self.predict_volume(np.asarray(image)[None])[0] >= self.cutoff).astype(np.uint8)
+        return self.masks(self.predict_volume(np.asarray(image)[None])[0]).astype(np.uint8)
 
 
 def _onnx_file_for(path: Path) -> Path:

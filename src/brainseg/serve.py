@@ -68,6 +68,7 @@ class Service:
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.predictor.identity, "threshold": self.predictor.cutoff,
+                "postprocessing": self.predictor.postprocessing,
                 "limits": {"max_upload_mb": self.settings.max_upload_mb,
                            "max_slices": self.settings.max_slices}}
 
@@ -100,7 +101,7 @@ class Service:
         image = self.predictor.check_image(image, name)
         with self._lock:
             probability = self.predictor.predict_volume(image[None])
-        return self._result("image", image[None], probability >= self.predictor.cutoff, name)
+        return self._result("image", image[None], self.predictor.masks(probability), name)
 
     def _predict_nifti(self, folder: Path, name: str, data: bytes) -> dict:
         import nibabel as nib
@@ -113,7 +114,7 @@ class Service:
         self._check_slices(len(slices))
         with self._lock:
             probability = self.predictor.predict_volume(slices)
-        masks = probability >= self.predictor.cutoff
+        masks = self.predictor.masks(probability)
         header = volume.header.copy()
         header.set_data_dtype(np.uint8)
         buffer = io.BytesIO()
@@ -166,7 +167,7 @@ class Service:
         images = np.stack([self.predictor.check_image(read_image(p), p.name) for p in slices])
         with self._lock:
             probability = self.predictor.predict_volume(images)
-        return self._result("patient", images, probability >= self.predictor.cutoff, "patient")
+        return self._result("patient", images, self.predictor.masks(probability), "patient")
 
     def _check_slices(self, count: int) -> None:
         if count > self.settings.max_slices:
@@ -195,7 +196,8 @@ class Service:
         return {"id": identifier, "kind": kind, "name": name, "slices": len(masks),
                 "height": int(masks.shape[1]), "width": int(masks.shape[2]),
                 "tumour_pixels": int(sum(areas)), "tumour_pixels_per_slice": areas,
-                "threshold": self.predictor.cutoff, "model": self.predictor.identity,
+                "threshold": self.predictor.cutoff, "postprocessing": self.predictor.postprocessing,
+                "model": self.predictor.identity,
                 "images": [base64.b64encode(p).decode() for p in image_pngs],
                 "masks": [base64.b64encode(p).decode() for p in mask_pngs],
                 "downloads": {file: f"/api/download/{identifier}/{file}" for file in files}}

@@ -1,4 +1,4 @@
-"""Measure post-processing and test-time options on validation patients, and tune the threshold.
+"""Measure post-processing and test-time options on validation patients, and choose the model's own.
 
 Probabilities are computed once per patient (with and without flip TTA); every combination of
 threshold, largest 3D component and minimum component size is then scored from them.
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from brainseg.errors import BadInputError
 from brainseg.evaluation import EvaluateOptions, select_rows, split_for
 from brainseg.progress import progress as progress_bar
 
@@ -29,6 +30,8 @@ def tune(model: str | Path, data: str | Path, out: str | Path, *, side: str = "v
     from brainseg.postprocess import postprocess
     from brainseg.prediction import Predictor
 
+    if store and str(model) == "pretrained":
+        raise BadInputError("--store", "would write into the installed package; tune a copy of the model")
     model, out = Path(model), Path(out)
     ensure_outside(out, data)
     options = EvaluateOptions(side=side, split_file=split_file)
@@ -55,7 +58,7 @@ def tune(model: str | Path, data: str | Path, out: str | Path, *, side: str = "v
     table.to_csv(out / "tuning.csv", index=False)
     summary = _summary(table, plain.cutoff, side, len(patients))
     if store:
-        summary["stored_threshold_in"] = str(store_threshold(model, summary["tuned_threshold"]["threshold"]))
+        summary["stored_in"] = str(store_postprocessing(model, summary["recommended"]))
     (out / "tuning.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -77,16 +80,24 @@ def _summary(table: pd.DataFrame, default: float, side: str, patients: int) -> d
                               "tuned_threshold": tuned},
         "tuned_threshold": tuned,
         "best_combination": best,
+        # What --store writes: the best without flip TTA, which doubles the cost of every prediction
+        # and stays the user's choice.
+        "recommended": table[~table.tta_flip].loc[lambda t: t["dice_mean"].idxmax()].to_dict(),
     }
 
 
-def store_threshold(model: Path, threshold: float) -> Path:
-    """Write the tuned threshold into the model file's description (model.pt of a run)."""
+def store_postprocessing(model: Path, chosen: dict) -> Path:
+    """Write a tuned threshold and post-processing into the model file's description (a run's model.pt).
+
+    Prediction and evaluation then apply them unless told otherwise."""
     from brainseg.prediction import MODEL_FILE
 
     path = model / MODEL_FILE if model.is_dir() else model
     state = torch.load(path, map_location="cpu", weights_only=True)
-    state["brainseg"]["threshold"] = float(threshold)
-    state["brainseg"]["threshold_source"] = "tuned on validation patients (brainseg tune)"
+    source = "tuned on validation patients (brainseg tune)"
+    state["brainseg"]["threshold"] = float(chosen["threshold"])
+    state["brainseg"]["threshold_source"] = source
+    state["brainseg"]["postprocessing"] = {"largest_component": bool(chosen["largest_component"]),
+                                           "min_size": int(chosen["min_size"]), "source": source}
     torch.save(state, path)
     return path
