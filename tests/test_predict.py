@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -56,6 +57,9 @@ def test_predict_every_input_kind(tiny_run, inputs, tmp_path):
     assert Image.open(out / "masks" / "a.png").size == (96, 80)  # the input's own size
     assert Image.open(out / "overlays" / "a.png").size == (96, 80)
     assert (out / "probabilities" / "b.png").exists()
+    settings = json.loads((out / "predictions.json").read_text())  # what ran, beside the results
+    assert settings["largest_component"] is True and settings["min_size"] == 0
+    assert settings["failed"] == 4 and settings["cases"] == len(table)
     slice_masks = sorted((out / "masks" / inputs["patient"].name).glob("*_mask.png"))
     assert len(slice_masks) == by_case.loc[inputs["patient"].name, "slices"]
     mask = nib.load(str(out / "masks" / "scan_mask.nii.gz"))

@@ -5,6 +5,7 @@ however many files there are. A bad file is reported and skipped; the rest are w
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,10 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
     columns = ["case", "kind", "input", "slices", "tumour_pixels", "tumour_volume_ml", "mask", "status"]
     table = pd.DataFrame(rows).reindex(columns=columns)
     table.to_csv(out / "predictions.csv", index=False)
+    failed = int((table["status"] != "ok").sum())
+    settings = {"model": predictor.identity, "threshold": predictor.cutoff, **predictor.postprocessing,
+                "tta_flip": predictor.tta_flip, "cases": len(table), "failed": failed}
+    (out / "predictions.json").write_text(json.dumps(settings, indent=2) + "\n")
     return table
 
 
