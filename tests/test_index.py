@@ -218,3 +218,27 @@ def test_without_cache_nothing_is_cached(tmp_path, isolated_cache):
     images, masks = stacked
     assert images.shape == (3, 32, 32, 3) and masks.shape == (3, 32, 32)
     assert set(np.unique(masks)) <= {0, 1}
+
+
+def test_explore_names_patients_with_a_copied_channel():
+    import numpy as np
+    import pandas as pd
+
+    from brainseg.data.explore import identical_channels
+
+    rng = np.random.default_rng(0)
+    images = {}
+    for patient in ("A", "B"):
+        for number in range(3):
+            image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            if patient == "B":
+                image[..., 2] = image[..., 1]  # post-contrast missing, FLAIR copied in, in every slice
+            images[f"{patient}/{number}"] = image
+    images["A/0"][..., 0] = images["A/0"][..., 1]  # equal in one slice only: not a copied sequence
+
+    class Store:
+        def image(self, key):
+            return images[key]
+
+    table = pd.DataFrame({"patient": [k.split("/")[0] for k in images], "image_path": list(images)})
+    assert identical_channels(table, Store()) == {"B": ["1=2"]}

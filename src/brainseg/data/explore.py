@@ -34,8 +34,26 @@ def summarise(result: Scan) -> dict:
         "slices_per_patient": _min_median_max(patients["slices"]),
         "tumour_pixels_per_tumour_slice": _min_median_max(tumour),
         "patients_without_tumour": int((patients["tumour_voxels"] == 0).sum()),
+        "patients_with_identical_channels": identical_channels(table, result.store),
         "problems": result.report.counts(),
     }
+
+
+def identical_channels(table: pd.DataFrame, store: SliceStore) -> dict[str, list[str]]:
+    """Patients in whose every slice two channels are equal, e.g. {"P": ["1=2"]}.
+
+    kaggle_3m fills a missing sequence with a copy of FLAIR; a model trained on three distinct
+    sequences may then miss the tumour, so such patients are worth knowing about.
+    """
+    found = {}
+    for patient, rows in table.groupby("patient", sort=True):
+        images = [store.image(key) for key in rows["image_path"]]
+        channels = images[0].shape[-1] if images and images[0].ndim == 3 else 1
+        pairs = [f"{a}={b}" for a in range(channels) for b in range(a + 1, channels)
+                 if all(np.array_equal(image[..., a], image[..., b]) for image in images)]
+        if pairs:
+            found[str(patient)] = pairs
+    return found
 
 
 def intensity_ranges(store: SliceStore, keys) -> list[dict]:
@@ -91,6 +109,11 @@ def summary_lines(summary: dict) -> list[str]:
     if area["min"] is not None:
         lines.append(f"tumour pixels:  min {area['min']}, median {area['median']:g}, "
                      f"max {area['max']} (per tumour slice)")
+    copied = summary.get("patients_with_identical_channels", {})
+    if copied:
+        names = ", ".join(f"{name} ({' '.join(pairs)})" for name, pairs in copied.items())
+        lines.append(f"identical channels (a sequence copied into another's place): {len(copied)} "
+                     f"{unit}: {names}")
     if summary["problems"]:
         counts = ", ".join(f"{k}: {v}" for k, v in summary["problems"].items())
         lines.append(f"problems:       {counts}")
