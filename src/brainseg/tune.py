@@ -6,6 +6,7 @@ threshold, largest 3D component and minimum component size is then scored from t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -38,7 +39,7 @@ def tune(model: str | Path, data: str | Path, out: str | Path, *, side: str = "v
     result = scan(data, layout, progress=progress)
     rows = select_rows(result.table, split_for(model, options), options)
     plain = Predictor.from_checkpoint(model)
-    flipped = Predictor.from_checkpoint(model, tta_flip=True)
+    flipped = dataclasses.replace(plain, tta_flip=True)  # the same network, not a second load
     combos = list(itertools.product((False, True), (False, True), MIN_SIZES, THRESHOLDS))
     scores = {combo: [] for combo in combos}
     patients = list(rows.groupby("patient", sort=True))
