@@ -48,6 +48,37 @@ def test_evaluate_all_and_postprocessing_options(tiny_run, tmp_path):
     assert summary["options"]["largest_component"] is True
 
 
+@pytest.mark.parametrize(("replaces", "replaced"), [("", ()), ("post", (2,)), ("pre+post", (0, 2))])
+def test_flair_replaces_overwrites_those_channels_before_prediction(tiny_run, tmp_path, monkeypatch,
+                                                                    replaces, replaced):
+    data, run = tiny_run
+    seen = []
+    original = Predictor.predict_volume
+
+    def spy(self, images, *args, **kwargs):
+        seen.append(np.array(images))
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_volume", spy)
+    options = EvaluateOptions(side="all", precision="32", flair_replaces=replaces)
+    summary = evaluate(run, data, tmp_path / "eval", options=options, progress=False)
+    assert summary["options"]["flair_replaces"] == replaces and len(seen) == 4  # 3 + the montage
+    for images in seen:
+        assert images.shape[-1] == 3
+        for channel in (0, 2):
+            assert np.array_equal(images[..., channel], images[..., 1]) == (channel in replaced)
+    # the synthetic channels differ, so no patient has equal channels in the data itself
+    assert pd.read_csv(tmp_path / "eval" / "per_patient.csv")["equal_channels"].isna().all()
+
+
+def test_flair_replaces_refuses_an_unknown_pattern(tiny_run, tmp_path):
+    data, run = tiny_run
+    with pytest.raises(BadInputError, match="flair-replaces"):
+        evaluate(run, data, tmp_path / "eval", options=EvaluateOptions(side="all", flair_replaces="pre"),
+                 progress=False)
+    assert not (tmp_path / "eval").exists()
+
+
 def test_evaluate_needs_a_split_for_test_side(tiny_run, tmp_path):
     data, run = tiny_run
     model = tmp_path / "elsewhere" / "model.pt"

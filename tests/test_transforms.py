@@ -145,6 +145,31 @@ def test_patch_larger_than_the_slice_is_refused():
         DataConfig(image_size=128, patch_size=256)
 
 
+def test_missing_sequence_copies_flair_over_contrast_in_both_patterns():
+    config = AugmentConfig(geometric=False, hflip=False, p_missing_sequence=0.5)
+    transform = build_transforms(config, train=True, seed=4)
+    sample = make_sample()
+    original = sample["image"].clone()
+    patterns = {"none": 0, "post": 0, "both": 0}
+    for _ in range(400):
+        out = transform(sample)
+        image = out["image"]
+        assert torch.equal(image[1], original[1]) and torch.equal(out["mask"], sample["mask"])
+        post, pre = torch.equal(image[2], original[1]), torch.equal(image[0], original[1])
+        if not post:  # pre-contrast is never replaced alone
+            assert torch.equal(image, original)
+        patterns["both" if pre else "post" if post else "none"] += 1
+    assert torch.equal(sample["image"], original)  # the caller's tensor is untouched
+    assert 140 < patterns["none"] < 260 and patterns["post"] > 60 and patterns["both"] > 60
+
+
+def test_missing_sequence_leaves_single_channel_images_alone():
+    transform = build_transforms(AugmentConfig(p_missing_sequence=1.0, geometric=False, hflip=False),
+                                 train=True, seed=0)
+    image = torch.rand(1, 32, 32)
+    assert torch.equal(transform({"image": image, "mask": torch.zeros(1, 32, 32)})["image"], image)
+
+
 class _Slices(Dataset):
     def __init__(self, transform):
         self.transforms = {"train": transform}  # held in a dict: MONAI's own walker would miss it

@@ -254,6 +254,9 @@ def evaluate_command(
     largest_component: LargestComponent = None,
     min_size: MinSize = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
+    flair_replaces: Annotated[str, typer.Option(
+        help="Robustness check: overwrite post-contrast ('post') or pre- and post-contrast ('pre+post') "
+             "with FLAIR before predicting, as kaggle_3m does for a missing sequence.")] = "",
     seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.")] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
     layout: Layout = "auto",
@@ -266,7 +269,7 @@ def evaluate_command(
 
     options = EvaluateOptions(side=split, split_file=str(split_file or ""), fold=fold, threshold=threshold,
                               largest_component=largest_component, min_size=min_size, tta_flip=tta, seed=seed,
-                              precision=precision)
+                              precision=precision, flair_replaces=flair_replaces)
     summary = evaluate(model, data, out, layout=layout, options=options)
     dice = summary["per_patient"]["dice"]
     if dice["n"]:

@@ -74,6 +74,9 @@ class AugmentConfig:
     elastic: bool = False
     p_intensity: float = 0.5
     p_elastic: float = 0.3
+    # Probability that a slice's pre- and/or post-contrast channel is replaced by its FLAIR channel, as
+    # kaggle_3m does for patients missing a sequence (9 of the 75 shared patients); 0 = off.
+    p_missing_sequence: float = 0.0
 
     def __post_init__(self) -> None:
         bounded = {  # name: (low, high, high included)
@@ -81,6 +84,7 @@ class AugmentConfig:
             "zoom": (0.0, 1.0, False), "brightness": (0.0, 1.0, True), "contrast": (0.0, 1.0, False),
             "gamma": (0.0, 1.0, False), "noise_std": (0.0, 1.0, True), "p_geometric": (0.0, 1.0, True),
             "p_intensity": (0.0, 1.0, True), "p_elastic": (0.0, 1.0, True),
+            "p_missing_sequence": (0.0, 1.0, True),
         }
         for name, (low, high, closed) in bounded.items():
             value = getattr(self, name)

@@ -33,7 +33,13 @@ CONVENTIONS = {
     "resolution": "scored at each slice's original size (predictions are resized back from the "
                   "network input)",
     "threshold": "probability >= threshold is tumour",
+    "flair_replaces": "a robustness check: the named channels (post = post-contrast, pre+post = both) "
+                      "were overwritten with FLAIR before prediction, as kaggle_3m does for a missing "
+                      "sequence; equal_channels in per_patient.csv names pairs already equal in the data",
 }
+
+# --flair-replaces: the channels (of pre-contrast, FLAIR, post-contrast) overwritten with FLAIR
+FLAIR_REPLACES = {"": (), "post": (2,), "pre+post": (0, 2)}
 
 
 @dataclass
@@ -45,6 +51,7 @@ class EvaluateOptions:
     largest_component: bool | None = None  # keep the largest 3D component (None: as the model recommends)
     min_size: int | None = None  # drop 3D components smaller than this, in voxels (None: the model's)
     tta_flip: bool = False
+    flair_replaces: str = ""  # "post" or "pre+post": overwrite those channels with FLAIR (robustness)
     precision: str = "auto"  # auto (bf16 where the hardware runs it natively) or 32
     seed: int = 0
     grid_slices: int = 8
@@ -89,11 +96,14 @@ def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOption
 def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: str = "auto",
              options: EvaluateOptions | None = None, progress: bool = True) -> dict:
     """Score a model on the chosen side of the split and write tables and figures to `out`."""
+    from brainseg.data.explore import equal_channel_pairs
     from brainseg.data.index import ensure_outside, scan
     from brainseg.metrics import count, dice, hd95, iou, precision, recall
     from brainseg.prediction import Predictor
 
     options = options or EvaluateOptions()
+    if options.flair_replaces not in FLAIR_REPLACES:
+        raise BadInputError("--flair-replaces", f"must be post or pre+post, not {options.flair_replaces!r}")
     out = Path(out)
     ensure_outside(out, data)
     predictor = Predictor.load(model, precision=options.precision, tta_flip=options.tta_flip,
@@ -114,14 +124,16 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     for patient, volume in progress_bar(patients, desc="evaluating", unit="patient", enabled=progress):
         volume = volume.sort_values("slice")
         keys = volume["image_path"].tolist()
-        images = np.stack([result.store.image(k) for k in keys])
-        truth = np.stack([result.store.mask(k) for k in keys]).astype(bool)
+        images, truth = _volume(result.store, keys)
+        equal_channels = " ".join(equal_channel_pairs(images))
+        images = _replace_with_flair(images, options.flair_replaces, keys[0])
         probability = predictor.predict_volume(images)
         predicted = predictor.masks(probability)
         c = count(predicted, truth)
         patient_rows.append({"patient": patient, "slices": len(keys), "dice": dice(c), "iou": iou(c),
                              "precision": precision(c), "recall": recall(c), "hd95": hd95(predicted, truth),
-                             "true_voxels": int(truth.sum()), "predicted_voxels": int(predicted.sum())})
+                             "true_voxels": int(truth.sum()), "predicted_voxels": int(predicted.sum()),
+                             "equal_channels": equal_channels})
         for i, key in enumerate(keys):
             sc = count(predicted[i], truth[i])
             slice_rows.append({"patient": patient, "slice": int(volume["slice"].iloc[i]),
@@ -141,6 +153,23 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     summary["figures"] = _figures(out, per_patient, grid, examples, options, cutoff, result, rows, predictor)
     (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
     return summary
+
+
+def _volume(store, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A patient's stacked images and boolean masks, in the order of `keys`."""
+    images = np.stack([store.image(k) for k in keys])
+    return images, np.stack([store.mask(k) for k in keys]).astype(bool)
+
+
+def _replace_with_flair(images: np.ndarray, pattern: str, name: str) -> np.ndarray:
+    replaced = list(FLAIR_REPLACES[pattern])
+    if not replaced:
+        return images
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise BadInputError(name, "--flair-replaces needs 3-channel (pre, FLAIR, post) images")
+    images = images.copy()  # the store's arrays are read-only views
+    images[..., replaced] = images[..., 1:2]
+    return images
 
 
 def _pick_grid_slices(rows: pd.DataFrame, count: int, rng) -> list[str]:
@@ -200,8 +229,9 @@ def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, pr
     if not ranked.empty:  # the median patient shows typical behaviour better than the best or worst
         patient = ranked["patient"].iloc[len(ranked) // 2]
         volume = rows[rows["patient"] == patient].sort_values("slice")
-        images = np.stack([result.store.image(k) for k in volume["image_path"]])
-        truth = np.stack([result.store.mask(k) for k in volume["image_path"]]).astype(bool)
+        keys = volume["image_path"].tolist()
+        images, truth = _volume(result.store, keys)
+        images = _replace_with_flair(images, options.flair_replaces, keys[0])
         predicted = predictor.masks(predictor.predict_volume(images))
         dice_value = float(ranked["dice"].iloc[len(ranked) // 2])
         names.append(plots.volume_montage(images, truth, predicted, out / "volume_montage.png",

@@ -47,13 +47,17 @@ def identical_channels(table: pd.DataFrame, store: SliceStore) -> dict[str, list
     """
     found = {}
     for patient, rows in table.groupby("patient", sort=True):
-        images = [store.image(key) for key in rows["image_path"]]
-        channels = images[0].shape[-1] if images and images[0].ndim == 3 else 1
-        pairs = [f"{a}={b}" for a in range(channels) for b in range(a + 1, channels)
-                 if all(np.array_equal(image[..., a], image[..., b]) for image in images)]
+        pairs = equal_channel_pairs([store.image(key) for key in rows["image_path"]])
         if pairs:
             found[str(patient)] = pairs
     return found
+
+
+def equal_channel_pairs(images) -> list[str]:
+    """Channel pairs ("a=b") equal in every one of these (H, W, C) images; [] for single-channel images."""
+    channels = images[0].shape[-1] if len(images) and images[0].ndim == 3 else 1
+    return [f"{a}={b}" for a in range(channels) for b in range(a + 1, channels)
+            if all(np.array_equal(image[..., a], image[..., b]) for image in images)]
 
 
 def intensity_ranges(store: SliceStore, keys) -> list[dict]:

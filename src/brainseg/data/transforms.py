@@ -122,6 +122,36 @@ class _PatchCrop(RandCropByPosNegLabeld):
             return super().__call__(data, lazy=lazy)[0]
 
 
+class _MissingSequence(RandomizableTransform):
+    """With probability ``prob``, copies the FLAIR channel over post-contrast, or over both other channels.
+
+    kaggle_3m fills a patient's missing sequence with FLAIR, so a model that never saw that learns to
+    trust contrast that is absent: held-out copied-FLAIR patients scored 0.53 mean Dice in 5-fold CV
+    against 0.80 for the others. The two patterns are equally likely (the shared data has both). Only
+    3-channel (pre-contrast, FLAIR, post-contrast) images are touched.
+    """
+
+    FLAIR = 1
+    PATTERNS = ((2,), (0, 2))  # post-contrast only; pre- and post-contrast
+
+    def __init__(self, prob: float) -> None:
+        RandomizableTransform.__init__(self, prob)
+        self._replaced: tuple[int, ...] = ()
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self._replaced = self.PATTERNS[self.R.randint(len(self.PATTERNS))]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        self.randomize()
+        image = data["image"]
+        if not self._do_transform or image.shape[0] != 3:
+            return data
+        image = torch.as_tensor(image).clone()  # the caller's tensor stays as it was
+        image[list(self._replaced)] = image[self.FLAIR].clone()
+        return {**data, "image": image}
+
+
 class _Finish(Transform):
     """Clips the image to [0, 1] (intensity ops and noise overshoot) and returns plain tensors."""
 
@@ -161,6 +191,8 @@ class AugmentPipeline(Compose):
 
 def _augmentations(config: AugmentConfig) -> list[Callable]:
     steps: list[Callable] = []
+    if config.p_missing_sequence > 0:  # first: the scanner-side substitution precedes any augmentation
+        steps.append(_MissingSequence(config.p_missing_sequence))
     if config.geometric and config.p_geometric > 0:
         steps.append(_PerShape(KEYS, partial(_affine_for, config), prob=config.p_geometric))
     if config.hflip:
