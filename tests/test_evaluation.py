@@ -173,3 +173,16 @@ def test_tune_measures_options_and_stores_its_choice(tiny_run, tmp_path):
     # The caller's choice wins over the stored one.
     override = Predictor.from_checkpoint(copy, largest_component=not chosen["largest_component"], min_size=7)
     assert override.postprocessing == {"largest_component": not chosen["largest_component"], "min_size": 7}
+
+
+def test_tune_reads_the_split_stored_in_a_model_file_away_from_its_run(tiny_run, tmp_path):
+    from brainseg.tune import tune
+
+    data, run = tiny_run
+    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    state["brainseg"]["split"] = json.loads((run / "split.json").read_text())  # as the shipped model has
+    alone = tmp_path / "elsewhere" / "model.pt"
+    alone.parent.mkdir()
+    torch.save(state, alone)
+    summary = tune(alone, data, tmp_path / "tuning", progress=False)
+    assert summary["patients"] == len(state["brainseg"]["split"]["val"])

@@ -29,16 +29,17 @@ def tune(model: str | Path, data: str | Path, out: str | Path, *, side: str = "v
     from brainseg.data.index import ensure_outside, scan
     from brainseg.metrics import count, dice
     from brainseg.postprocess import postprocess
-    from brainseg.prediction import Predictor
+    from brainseg.prediction import Predictor, resolve_model_path
 
     if store and str(model) == "pretrained":
         raise BadInputError("--store", "would write into the installed package; tune a copy of the model")
-    model, out = Path(model), Path(out)
+    model, out = Path(resolve_model_path(model)), Path(out)
     ensure_outside(out, data)
     options = EvaluateOptions(side=side, split_file=split_file)
-    result = scan(data, layout, progress=progress)
-    rows = select_rows(result.table, split_for(model, options), options)
     plain = Predictor.from_checkpoint(model)
+    result = scan(data, layout, progress=progress)
+    # A model file away from its run (the shipped one) carries its split in its description.
+    rows = select_rows(result.table, split_for(model, options, plain.description), options)
     flipped = dataclasses.replace(plain, tta_flip=True)  # the same network, not a second load
     combos = list(itertools.product((False, True), (False, True), MIN_SIZES, THRESHOLDS))
     scores = {combo: [] for combo in combos}
