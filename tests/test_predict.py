@@ -71,6 +71,27 @@ def test_predict_every_input_kind(tiny_run, inputs, tmp_path):
     assert len(saved) == len(table)
 
 
+def test_a_patient_with_flair_copied_into_a_sequence_gets_a_note(tiny_run, inputs, tmp_path):
+    import tifffile
+
+    _, run = tiny_run
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for path in inputs["patient"].glob("*.tif"):
+        image = tifffile.imread(path)
+        if image.ndim == 3:  # slices, not masks: post-contrast replaced by FLAIR, as kaggle_3m does
+            image = image.copy()
+            image[..., 2] = image[..., 1]
+        tifffile.imwrite(copied / path.name, image)
+    messages: list[str] = []
+    table = predict_paths(run, [inputs["patient"], copied], tmp_path / "out", progress=False,
+                          echo=messages.append).set_index("case")
+    assert table.loc["copied", "equal_channels"] == "1=2" and table.loc["copied", "status"] == "ok"
+    assert table.loc[inputs["patient"].name, "equal_channels"] == ""
+    assert messages == ["note: copied: channels 1=2 are identical in every slice (a sequence replaced by "
+                        "FLAIR?); the model may miss tumour on such scans"]
+
+
 def test_onnx_export_and_backend_give_the_same_masks(tiny_run, inputs, tmp_path):
     _, run = tiny_run
     result = export_model(run, tmp_path / "model.onnx")

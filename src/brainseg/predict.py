@@ -161,12 +161,16 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
             continue
         try:
             rows.append(_predict_volume_case(predictor, case, out, save_probabilities, overlays, axis))
+            if rows[-1]["equal_channels"]:
+                echo(f"note: {case.name}: channels {rows[-1]['equal_channels']} are identical in every "
+                     "slice (a sequence replaced by FLAIR?); the model may miss tumour on such scans")
         except BrainsegError as error:
             echo(f"error: {error}")
             rows.append({"case": case.name, "kind": case.kind, "input": str(_case_input(case)),
                          "status": _problem(error)})
     flush()
-    columns = ["case", "kind", "input", "slices", "tumour_pixels", "tumour_volume_ml", "mask", "status"]
+    columns = ["case", "kind", "input", "slices", "tumour_pixels", "tumour_volume_ml", "mask",
+               "equal_channels", "status"]
     table = pd.DataFrame(rows).reindex(columns=columns)
     table.to_csv(out / "predictions.csv", index=False)
     failed = int((table["status"] != "ok").sum())
@@ -232,7 +236,15 @@ def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: b
         if save_probabilities:
             _write_png(out / "probabilities" / case.name / f"{path.stem}.png", _probability_png(prob))
     return {"case": case.name, "kind": "patient", "input": str(_case_input(case)), "slices": len(case.paths),
-            "tumour_pixels": int(masks.sum()), "mask": str(folder), "status": "ok"}
+            "tumour_pixels": int(masks.sum()), "mask": str(folder), "equal_channels": _equal_channels(images),
+            "status": "ok"}
+
+
+def _equal_channels(images: np.ndarray) -> str:
+    """Channel pairs equal in every slice, e.g. "0=1 0=2 1=2": kaggle_3m's fill for a missing sequence."""
+    from brainseg.data.explore import equal_channel_pairs
+
+    return " ".join(equal_channel_pairs(images))
 
 
 def _checked(predictor, path: Path) -> np.ndarray:
@@ -273,4 +285,4 @@ def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, o
     voxel_ml = float(np.prod(zooms)) / 1000.0
     return {"case": case.name, "kind": "nifti", "input": str(path), "slices": len(slices),
             "tumour_pixels": int(masks.sum()), "tumour_volume_ml": round(int(masks.sum()) * voxel_ml, 3),
-            "mask": str(target), "status": "ok"}
+            "mask": str(target), "equal_channels": _equal_channels(slices), "status": "ok"}
