@@ -79,6 +79,15 @@ def test_flair_replaces_refuses_an_unknown_pattern(tiny_run, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+def test_flair_replaces_needs_three_channels():
+    from brainseg.evaluation import _replace_with_flair
+
+    grey = np.zeros((2, 8, 8, 1), np.uint8)
+    assert _replace_with_flair(grey, "", "scan.png") is grey  # nothing asked, nothing checked
+    with pytest.raises(BadInputError, match=r"scan\.png.*3-channel"):
+        _replace_with_flair(grey, "post", "scan.png")
+
+
 def test_evaluate_needs_a_split_for_test_side(tiny_run, tmp_path):
     data, run = tiny_run
     model = tmp_path / "elsewhere" / "model.pt"

@@ -112,6 +112,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     model = Path(predictor.source)
     result = scan(data, layout, progress=progress)
     rows = select_rows(result.table, split_for(model, options, predictor.description), options)
+    first = rows["image_path"].iloc[0]  # refused before anything is written
+    _replace_with_flair(result.store.image(first)[None], options.flair_replaces, first)
     out.mkdir(parents=True, exist_ok=True)
     cutoff = predictor.cutoff
 
