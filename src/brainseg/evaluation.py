@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainseg.data.io import FLAIR_CHANNEL, MISSING_SEQUENCES, equal_channel_text
 from brainseg.errors import BadInputError
 from brainseg.progress import progress as progress_bar
 
@@ -37,9 +38,6 @@ CONVENTIONS = {
                       "were overwritten with FLAIR before prediction, as kaggle_3m does for a missing "
                       "sequence; equal_channels in per_patient.csv names pairs already equal in the data",
 }
-
-# --flair-replaces: the channels (of pre-contrast, FLAIR, post-contrast) overwritten with FLAIR
-FLAIR_REPLACES = {"": (), "post": (2,), "pre+post": (0, 2)}
 
 
 @dataclass
@@ -96,13 +94,12 @@ def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOption
 def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: str = "auto",
              options: EvaluateOptions | None = None, progress: bool = True) -> dict:
     """Score a model on the chosen side of the split and write tables and figures to `out`."""
-    from brainseg.data.explore import equal_channel_pairs
     from brainseg.data.index import ensure_outside, scan
     from brainseg.metrics import count, dice, hd95, iou, precision, recall
     from brainseg.prediction import Predictor
 
     options = options or EvaluateOptions()
-    if options.flair_replaces not in FLAIR_REPLACES:
+    if options.flair_replaces and options.flair_replaces not in MISSING_SEQUENCES:
         raise BadInputError("--flair-replaces", f"must be post or pre+post, not {options.flair_replaces!r}")
     out = Path(out)
     ensure_outside(out, data)
@@ -127,7 +124,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
         volume = volume.sort_values("slice")
         keys = volume["image_path"].tolist()
         images, truth = _volume(result.store, keys)
-        equal_channels = " ".join(equal_channel_pairs(images))
+        equal_channels = equal_channel_text(images)
         images = _replace_with_flair(images, options.flair_replaces, keys[0])
         probability = predictor.predict_volume(images)
         predicted = predictor.masks(probability)
@@ -164,13 +161,13 @@ def _volume(store, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _replace_with_flair(images: np.ndarray, pattern: str, name: str) -> np.ndarray:
-    replaced = list(FLAIR_REPLACES[pattern])
-    if not replaced:
+    if not pattern:
         return images
+    replaced = list(MISSING_SEQUENCES[pattern])
     if images.ndim != 4 or images.shape[-1] != 3:
         raise BadInputError(name, "--flair-replaces needs 3-channel (pre, FLAIR, post) images")
     images = images.copy()  # the store's arrays are read-only views
-    images[..., replaced] = images[..., 1:2]
+    images[..., replaced] = images[..., FLAIR_CHANNEL:FLAIR_CHANNEL + 1]
     return images
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.index import SLICE_NAME
-from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, read_image
+from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, equal_channel_text, read_image
 from brainseg.errors import BadInputError, BrainsegError
 from brainseg.progress import progress as progress_bar
 
@@ -236,15 +236,9 @@ def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: b
         if save_probabilities:
             _write_png(out / "probabilities" / case.name / f"{path.stem}.png", _probability_png(prob))
     return {"case": case.name, "kind": "patient", "input": str(_case_input(case)), "slices": len(case.paths),
-            "tumour_pixels": int(masks.sum()), "mask": str(folder), "equal_channels": _equal_channels(images),
-            "status": "ok"}
+            "tumour_pixels": int(masks.sum()), "mask": str(folder),
+            "equal_channels": equal_channel_text(images), "status": "ok"}
 
-
-def _equal_channels(images: np.ndarray) -> str:
-    """Channel pairs equal in every slice, e.g. "0=1 0=2 1=2": kaggle_3m's fill for a missing sequence."""
-    from brainseg.data.explore import equal_channel_pairs
-
-    return " ".join(equal_channel_pairs(images))
 
 
 def _checked(predictor, path: Path) -> np.ndarray:
@@ -285,4 +279,4 @@ def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, o
     voxel_ml = float(np.prod(zooms)) / 1000.0
     return {"case": case.name, "kind": "nifti", "input": str(path), "slices": len(slices),
             "tumour_pixels": int(masks.sum()), "tumour_volume_ml": round(int(masks.sum()) * voxel_ml, 3),
-            "mask": str(target), "equal_channels": _equal_channels(slices), "status": "ok"}
+            "mask": str(target), "equal_channels": equal_channel_text(slices), "status": "ok"}

@@ -33,7 +33,7 @@ def tune(model: str | Path, data: str | Path, out: str | Path, *, side: str = "v
 
     if store and str(model) == "pretrained":
         raise BadInputError("--store", "would write into the installed package; tune a copy of the model")
-    model, out = Path(resolve_model_path(model)), Path(out)
+    model, out = resolve_model_path(model), Path(out)
     ensure_outside(out, data)
     options = EvaluateOptions(side=side, split_file=split_file)
     plain = Predictor.from_checkpoint(model)

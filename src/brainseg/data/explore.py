@@ -11,6 +11,7 @@ import pandas as pd
 from brainseg import plots
 from brainseg.data.cache import SliceStore
 from brainseg.data.index import Scan, ensure_outside, scan
+from brainseg.data.io import equal_channel_pairs
 from brainseg.data.splits import patient_table, split_unit
 
 
@@ -51,13 +52,6 @@ def identical_channels(table: pd.DataFrame, store: SliceStore) -> dict[str, list
         if pairs:
             found[str(patient)] = pairs
     return found
-
-
-def equal_channel_pairs(images) -> list[str]:
-    """Channel pairs ("a=b") equal in every one of these (H, W, C) images; [] for single-channel images."""
-    channels = images[0].shape[-1] if len(images) and images[0].ndim == 3 else 1
-    return [f"{a}={b}" for a in range(channels) for b in range(a + 1, channels)
-            if all(np.array_equal(image[..., a], image[..., b]) for image in images)]
 
 
 def intensity_ranges(store: SliceStore, keys) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Reading slice images and masks from TIFF, PNG, JPEG and BMP files."""
+"""Reading slice images and masks from TIFF, PNG, JPEG and BMP files; the LGG channel layout."""
 
 from __future__ import annotations
 
@@ -10,6 +10,23 @@ from brainseg.errors import BadInputError
 
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 IMAGE_SUFFIXES = TIFF_SUFFIXES | {".png", ".jpg", ".jpeg", ".bmp"}
+
+# kaggle_3m slices hold (pre-contrast, FLAIR, post-contrast). Where a patient lacked a sequence, FLAIR
+# was copied into its place; these are the channels so overwritten, by pattern.
+FLAIR_CHANNEL = 1
+MISSING_SEQUENCES = {"post": (2,), "pre+post": (0, 2)}
+
+
+def equal_channel_text(images) -> str:
+    """The pairs of :func:`equal_channel_pairs` as one table cell, e.g. "0=1 0=2 1=2" ("" if none)."""
+    return " ".join(equal_channel_pairs(images))
+
+
+def equal_channel_pairs(images) -> list[str]:
+    """Channel pairs ("a=b") equal in every one of these (H, W, C) images; [] for single-channel images."""
+    channels = images[0].shape[-1] if len(images) and images[0].ndim == 3 else 1
+    return [f"{a}={b}" for a in range(channels) for b in range(a + 1, channels)
+            if all(np.array_equal(image[..., a], image[..., b]) for image in images)]
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -35,6 +35,7 @@ from monai.transforms import (
 from monai.utils import MAX_SEED
 
 from brainseg.config import AugmentConfig
+from brainseg.data.io import FLAIR_CHANNEL, MISSING_SEQUENCES
 
 KEYS = ("image", "mask")
 _MODES = ("bilinear", "nearest")  # per key: image interpolated, mask kept binary
@@ -131,8 +132,7 @@ class _MissingSequence(RandomizableTransform):
     3-channel (pre-contrast, FLAIR, post-contrast) images are touched.
     """
 
-    FLAIR = 1
-    PATTERNS = ((2,), (0, 2))  # post-contrast only; pre- and post-contrast
+    PATTERNS = tuple(MISSING_SEQUENCES.values())
 
     def __init__(self, prob: float) -> None:
         RandomizableTransform.__init__(self, prob)
@@ -148,7 +148,7 @@ class _MissingSequence(RandomizableTransform):
         if not self._do_transform or image.shape[0] != 3:
             return data
         image = torch.as_tensor(image).clone()  # the caller's tensor stays as it was
-        image[list(self._replaced)] = image[self.FLAIR].clone()
+        image[list(self._replaced)] = image[FLAIR_CHANNEL].clone()
         return {**data, "image": image}
 
 
