@@ -190,6 +190,9 @@ def train_command(
     config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its "
                                                      "last checkpoint.")] = None,
+    refit: Annotated[Path | None, typer.Option(help="Refit this validated run on its train and val "
+                                                    "patients: same config, its best epoch count and "
+                                                    "LR drops, no validation.")] = None,
     model: Annotated[str | None, typer.Option(help="unet, resunet, attention_unet or monai_unet.")] = None,
     base_filters: Annotated[int | None, typer.Option(help="Filters of the first level.")] = None,
     depth: Annotated[int | None, typer.Option(help="Down-sampling steps.")] = None,
@@ -220,6 +223,8 @@ def train_command(
 
     if resume is None and out is None:
         raise OptionError("pass --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
+    if refit is not None and (resume is not None or config is not None):
+        raise OptionError("--refit takes the run's own config; do not combine it with --resume or --config")
     overrides = {
         "data.root": str(data) if data else None, "data.image_size": image_size, "data.context": context,
         "data.split": str(split) if split else None, "data.fold": fold,
@@ -234,7 +239,12 @@ def train_command(
         if not sep:
             raise OptionError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
         overrides[key.strip()] = value.strip()
-    result = run_training(resume or out, config_file=config, overrides=overrides, resume=resume is not None)
+    result = run_training(resume or out, config_file=config, overrides=overrides, resume=resume is not None,
+                          refit=refit)
+    if result.refit:
+        typer.echo(f"refit on train and val patients (no validation); kept {result.best_checkpoint}")
+        typer.echo(f"wrote {result.model_file} ({result.minutes:.1f} min)")
+        return
     scores = [v for v in result.val_patient_dice.values() if v == v]
     mean = f"{sum(scores) / len(scores):.4f}" if scores else "n/a"
     typer.echo(f"best checkpoint: {result.best_checkpoint}")

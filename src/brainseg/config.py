@@ -27,6 +27,9 @@ class DataConfig:
     test_patients: list[str] = field(default_factory=list)  # fixed test set (overrides `test`)
     folds: int = 0  # with fold >= 0: k-fold split of the non-test patients
     fold: int = -1  # which fold to train (-1: plain train/val split)
+    # Refit: train on the train and val patients together, with no validation; the epochs and LR
+    # milestones come from a run that was validated (brainseg train --refit RUN), the last epoch is kept.
+    refit: bool = False
     image_size: int = 256  # network input side; predictions are scored at the original size
     patch_size: int = 0  # train on random square patches of this side cut from image_size slices (0: whole)
     context: int = 0  # 2.5D: neighbouring slices stacked on each side (0 = plain 2D)
@@ -108,6 +111,7 @@ class TrainConfig:
     early_stopping_patience: int = 10  # epochs without a better validation patient Dice
     lr_patience: int = 4  # ReduceLROnPlateau patience, in epochs
     lr_factor: float = 0.5
+    lr_milestones: list[int] = field(default_factory=list)  # epochs where LR *= lr_factor (else on plateau)
     min_lr: float = 1e-6
     precision: str = "auto"  # auto, 32, bf16-mixed or 16-mixed
     channels_last: bool = True
@@ -118,6 +122,12 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # validate every N epochs
     init_weights: str = ""  # model file or run folder to start from (fine-tuning, e.g. at a larger size)
+
+    def __post_init__(self) -> None:
+        milestones = self.lr_milestones
+        if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+            raise OptionError(f"train.lr_milestones must be increasing epoch numbers of at least 1, "
+                              f"got {milestones}")
 
 
 @dataclass
@@ -219,7 +229,8 @@ def _coerce(hint, value, where: str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise OptionError(f"{where} must be a list, got {value!r}")
-        return [str(v) for v in value]
+        item = (typing.get_args(hint) or (str,))[0]
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, typing.Dict):  # noqa: UP006
         if not isinstance(value, dict):
             raise OptionError(f"{where} must be a mapping, got {value!r}")

@@ -85,6 +85,9 @@ def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOption
     fold = options.fold if options.fold >= 0 and "folds" in split else None
     if "folds" in split and fold is None and options.side != "test":
         raise BadInputError("--fold", "this is a k-fold split: pass --fold for its train/val sides")
+    if options.side == "val" and split.get("refit_val"):
+        raise BadInputError("--split", "this model was refit on its validation patients (train and val "
+                                       "together); score it on test")
     rows = select(table, split, options.side, fold)
     if rows.empty:
         raise BadInputError("--split", f"no slices of this data set are on the {options.side} side")

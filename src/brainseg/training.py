@@ -3,6 +3,10 @@
 A run folder holds config.yaml, split.json, history.csv, learning_curves.png, checkpoints/
 (best and last, for resuming), model.pt (the best weights with everything needed to predict)
 and val_metrics.json / val_patients.csv (the best model's per-patient validation Dice).
+
+A refit run (`data.refit`, made by `brainseg train --refit RUN`) trains on a validated run's train
+and val patients together for the epochs and LR milestones that run chose on validation, with no
+validation of its own; its model.pt holds the last epoch and its split.json lists val as empty.
 """
 
 from __future__ import annotations
@@ -154,6 +158,12 @@ class SegmentationModule(L.LightningModule):
     def configure_optimizers(self):
         train = self.run_config.train
         optimizer = torch.optim.Adam(self.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        if train.lr_milestones:
+            steps = torch.optim.lr_scheduler.MultiStepLR(optimizer, train.lr_milestones,
+                                                         gamma=train.lr_factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": steps, "interval": "epoch"}}
+        if self.run_config.data.refit:  # nothing to plateau on
+            return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=train.lr_factor, patience=train.lr_patience, min_lr=train.min_lr)
         return {"optimizer": optimizer,
@@ -227,12 +237,16 @@ class HistoryCallback(Callback):
             history = pd.read_csv(self.path)
             history[history["epoch"] < trainer.current_epoch].to_csv(self.path, index=False)
 
+    def on_train_epoch_start(self, trainer, module) -> None:
+        # Read here: Lightning steps an epoch-interval schedule (not a plateau one) before epoch end.
+        self.epoch_lr = trainer.optimizers[0].param_groups[0]["lr"]
+
     def on_train_epoch_end(self, trainer, module) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
         row = {"epoch": trainer.current_epoch, "seconds": round(time.perf_counter() - self.started, 1),
-               "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+               "lr": self.epoch_lr}
         for name in ("train_loss_epoch", "train_dice", "train_iou", "train_accuracy", "val_loss", "val_dice",
                      "val_iou", "val_accuracy", MONITOR):
             row[name.replace("_epoch", "")] = metrics.get(name, float("nan"))
@@ -263,6 +277,7 @@ class TrainResult:
     model_file: Path | None
     val_patient_dice: dict[str, float]
     minutes: float
+    refit: bool = False  # trained on train+val without validation: the checkpoint is the last epoch
 
 
 def _is_rank_zero() -> bool:
@@ -288,6 +303,38 @@ def split_tables(table: pd.DataFrame, split: dict, fold: int) -> tuple[pd.DataFr
             raise OptionError(f"data.fold must be in 0..{len(split['folds']) - 1} for this k-fold split")
         return select(table, split, "train", fold), select(table, split, "val", fold)
     return select(table, split, "train"), select(table, split, "val")
+
+
+def refit_split(split: dict, fold: int) -> dict:
+    """The split a refit run trains on: the validation patients (of `fold`) moved into training."""
+    if "folds" in split and not 0 <= fold < len(split["folds"]):
+        raise OptionError(f"data.fold must be in 0..{len(split['folds']) - 1} for this k-fold split")
+    group = split["folds"][fold] if "folds" in split else split
+    kept = {key: value for key, value in split.items() if key not in ("train", "val", "folds")}
+    return {**kept, "train": sorted([*group["train"], *group["val"]]), "val": [],
+            "refit_val": sorted(group["val"])}
+
+
+def refit_settings(run_dir: str | Path) -> dict:
+    """Overrides that refit a validated run on its train and val patients together.
+
+    The refit keeps the run's config and runs as many epochs as the run needed to reach its best
+    validation score, lowering the LR at the epochs where the run's plateau schedule lowered it."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    if config.data.refit:
+        raise BadInputError(run_dir, "is itself a refit; refit the validated run it came from")
+    history_file = run_dir / "history.csv"
+    history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
+    scored = history.dropna(subset=[MONITOR]) if MONITOR in history else history.iloc[0:0]
+    if scored.empty or not (run_dir / "split.json").exists():
+        raise BadInputError(run_dir, "has no validated epoch (history.csv with val_patient_dice) and "
+                                     "split.json to refit from")
+    best = int(scored.loc[scored[MONITOR].idxmax(), "epoch"])
+    lr = history.set_index("epoch")["lr"]
+    milestones = [int(e) for e in lr.index if 0 < e <= best and e - 1 in lr.index and lr[e] < lr[e - 1]]
+    return {"data.refit": True, "data.split": str((run_dir / "split.json").resolve()),
+            "train.epochs": best + 1, "train.lr_milestones": milestones, "train.max_minutes": 0.0}
 
 
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -316,8 +363,11 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
 
     result = scan(config.data.root, config.data.layout, cache=config.data.cache, progress=progress)
     split = prepare_split(config, result.table)
-    train_table, val_table = split_tables(result.table, split, config.data.fold)
-    if train_table.empty or val_table.empty:
+    refit = config.data.refit
+    if refit:
+        split = refit_split(split, max(config.data.fold, 0) if "folds" in split else -1)
+    train_table, val_table = split_tables(result.table, split, config.data.fold if not refit else -1)
+    if train_table.empty or (val_table.empty and not refit):
         raise OptionError("the split leaves no training or no validation slices; check data.val / data.split")
     workers = config.data.num_workers if config.data.num_workers >= 0 else default_workers(accelerator)
     datamodule = SliceDataModule(config, train_table, val_table, result.store, workers)
@@ -332,27 +382,37 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         save_config(config, run_dir / "config.yaml")
         save_split(split, run_dir / "split.json")
 
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
-                                 auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1,
-                                 save_last=True)
-    callbacks = [checkpoint, HistoryCallback(run_dir), LearningRateMonitor("epoch"),
-                 EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
+    if refit:  # no validation: keep the last epoch, stop at train.epochs
+        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True)
+        callbacks = [checkpoint, HistoryCallback(run_dir), LearningRateMonitor("epoch")]
+    else:
+        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
+                                     auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1,
+                                     save_last=True)
+        callbacks = [checkpoint, HistoryCallback(run_dir), LearningRateMonitor("epoch"),
+                     EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
     train_cfg = config.train
     trainer = L.Trainer(
         accelerator=accelerator, devices=train_cfg.devices,
         strategy="ddp" if train_cfg.devices > 1 else "auto",
         precision=precision, max_epochs=train_cfg.epochs,
         max_time={"minutes": train_cfg.max_minutes} if train_cfg.max_minutes > 0 else None,
-        check_val_every_n_epoch=train_cfg.val_every, callbacks=callbacks, logger=_logger(run_dir),
+        check_val_every_n_epoch=train_cfg.val_every, limit_val_batches=0 if refit else None,
+        callbacks=callbacks, logger=_logger(run_dir),
         default_root_dir=run_dir, enable_progress_bar=progress, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(10, len(datamodule.train_dataloader()))), enable_model_summary=False,
     )
     precision = str(trainer.precision)  # what Lightning runs: it turns 16-mixed on CPU into bf16-mixed
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
 
-    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     patient_scores: dict[str, float] = {}
     model_file = None
+    if refit:
+        final = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+        if final is not None and final.exists() and trainer.is_global_zero:
+            model_file = export_model_file(final, run_dir / "model.pt")
+        return TrainResult(run_dir, final, model_file, {}, (time.perf_counter() - started) / 60, refit=True)
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     if best is not None and best.exists():
         trainer.validate(module, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         patient_scores = module.last_patient_dice
@@ -430,11 +490,15 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def run_training(out: str | Path, *, config_file: str | Path | None = None,
-                 overrides: dict | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
-    """The `brainseg train` job: defaults <- config file (or the run's own, when resuming) <- flags."""
+                 overrides: dict | None = None, resume: bool = False, refit: str | Path | None = None,
+                 progress: bool = True) -> TrainResult:
+    """The `brainseg train` job: defaults <- config file (or the run's own, when resuming or
+    refitting `refit`) <- flags."""
     base = RunConfig()
     if resume:
         base = load_run_config(out)
+    elif refit:
+        base = load_run_config(refit).override(refit_settings(refit))
     elif config_file:
         base = load_config(config_file)
     config = base
