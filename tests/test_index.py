@@ -209,6 +209,32 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, isolated_cach
     assert len(scan(root).table) == 5
 
 
+def test_two_processes_writing_one_cache_both_keep_a_readable_store(tmp_path, isolated_cache,
+                                                                    monkeypatch):
+    """Two jobs started together on new data both build the cache; neither may fail or lose its slices."""
+    from brainseg.data import cache
+
+    root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 3})
+    directory = cache.cache_dir_for(root, "kaggle_3m")
+    image = np.full((32, 32, 3), 7, np.uint8)
+    mask = np.ones((32, 32), np.uint8)
+    writers = []
+    for pid in (101, 102):  # as if from two processes: each stages in its own folder
+        with monkeypatch.context() as patch:
+            patch.setattr(cache.os, "getpid", lambda pid=pid: pid)
+            writer = cache.StoreWriter(directory)
+        writer.add(image + pid % 2, mask)
+        writers.append(writer)
+    first = writers[0].finish(["a.tif"], {"fingerprint": "x"})
+    second = writers[1].finish(["a.tif"], {"fingerprint": "x"})  # replaces the folder `first` maps
+    assert first.image("a.tif")[0, 0, 0] == 8 and second.image("a.tif")[0, 0, 0] == 7
+    assert cache.read_manifest(directory) is not None
+    assert [p.name for p in isolated_cache.iterdir()] == [directory.name]  # no staging folder left
+
+    scan(root)  # a scan that builds the cache writes its index inside it before it appears
+    assert (directory / "index.csv").exists() and scan(root).from_cache
+
+
 def test_without_cache_nothing_is_cached(tmp_path, isolated_cache):
     root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 3})
     result = scan(root, cache=False)

@@ -7,6 +7,7 @@ modification time, so that any change to the data set rebuilds it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,11 +91,11 @@ class StoreWriter:
             self._image_parts: list[np.ndarray] = []
             self._mask_parts: list[np.ndarray] = []
         else:
-            self._tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp.mkdir(parents=True)
-            self._image_file = open(self._tmp / "images.u8", "wb")  # noqa: SIM115
-            self._mask_file = open(self._tmp / "masks.u8", "wb")  # noqa: SIM115
+            self.staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir(parents=True)
+            self._image_file = open(self.staging / "images.u8", "wb")  # noqa: SIM115
+            self._mask_file = open(self.staging / "masks.u8", "wb")  # noqa: SIM115
 
     def add(self, image: np.ndarray, mask: np.ndarray) -> None:
         height, width, channels = image.shape
@@ -117,18 +118,27 @@ class StoreWriter:
             return SliceStore(images, masks, offsets, keys)
         self._image_file.close()
         self._mask_file.close()
-        np.save(self._tmp / "offsets.npy", offsets)
+        np.save(self.staging / "offsets.npy", offsets)
         manifest = {"format": CACHE_FORMAT, "keys": keys, **metadata}
-        (self._tmp / "manifest.json").write_text(json.dumps(manifest))
-        shutil.rmtree(self.directory, ignore_errors=True)
-        os.replace(self._tmp, self.directory)
-        return open_store(self.directory)
+        (self.staging / "manifest.json").write_text(json.dumps(manifest))
+        # Mapped before the move: a process writing the same cache at the same time may replace or
+        # delete the folder, but mapped files stay readable until this store is closed.
+        store = open_store(self.staging)
+        stale = self.directory.with_name(f"{self.directory.name}.old-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.directory, stale)
+        try:
+            os.replace(self.staging, self.directory)
+        except OSError:  # another process put its copy in place in between; it holds the same slices
+            shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
+        return store
 
     def abort(self) -> None:
         if self.directory is not None:
             self._image_file.close()
             self._mask_file.close()
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def read_manifest(directory: Path) -> dict | None:

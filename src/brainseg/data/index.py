@@ -304,16 +304,14 @@ def _decode(found: Discovery, directory: Path | None, digest: str, progress: boo
                 keys.append(str(pair.image))
                 rows.append(_row(pair, result, found.layout))
         table = _join_metadata(pd.DataFrame(rows, columns=COLUMNS), found)
-        if directory is not None:
-            directory.parent.mkdir(parents=True, exist_ok=True)
+        if directory is not None:  # into the staging folder, so the cache appears whole or not at all
+            table.to_csv(writer.staging / "index.csv", index=False)
         store = writer.finish(keys, {"fingerprint": digest, "root": str(found.root),
                                      "layout": found.layout,
                                      "problems": [p.to_dict() for p in problems]})
     except BaseException:
         writer.abort()
         raise
-    if directory is not None:
-        table.to_csv(directory / "index.csv", index=False)
     return table, store, problems
 
 
