@@ -14,6 +14,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
     config = RunConfig().override({"train.lr": "3e-4", "data.test_patients": "A, B",
                                    "train.channels_last": "no", "model.options": {"upsample": "transpose"}})
     assert config.train.lr == 3e-4 and config.data.test_patients == ["A", "B"]
+    assert RunConfig().override({"train.lr_milestones": "30, 38"}).train.lr_milestones == [30, 38]
     assert config.train.channels_last is False and config.model.options == {"upsample": "transpose"}
     path = save_config(config, tmp_path / "config.yaml")
     assert load_config(path) == config
@@ -32,6 +33,9 @@ def test_one_model_option_can_be_set_on_its_own():
     ({"train.epochs": 2.5}, "train.epochs must be int"),
     ({"train.channels_last": "maybe"}, "train.channels_last must be bool"),
     ({"augment.gamma": 1.5}, r"augment.gamma must be in \[0, 1\)"),
+    ({"train.lr_milestones": "30, x"}, r"train.lr_milestones\[1\] must be int"),
+    ({"train.lr_milestones": "38, 30"}, "lr_milestones must be increasing"),
+    ({"train.lr_milestones": [0]}, "of at least 1"),
 ])
 def test_bad_settings_name_the_setting(updates, message):
     with pytest.raises(OptionError, match=message):

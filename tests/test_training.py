@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -111,6 +112,53 @@ def test_fine_tuning_starts_from_the_given_weights_at_another_size(synthetic, on
     assert convolutions
     for key in convolutions:
         torch.testing.assert_close(after["state_dict"][key], before[key], atol=1e-6, rtol=0)
+
+
+def test_refit_settings_follow_the_validated_runs_best_epoch_and_lr_drops(tmp_path):
+    from brainseg.config import save_config
+    from brainseg.errors import BadInputError
+    from brainseg.training import refit_settings
+
+    run = tmp_path / "run"
+    save_config(RunConfig().override({"train.max_minutes": 30}), run / "config.yaml")
+    (run / "split.json").write_text("{}")
+    pd.DataFrame({"epoch": range(7), "lr": [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4, 1.25e-4],
+                  "val_patient_dice": [0.5, 0.6, 0.7, 0.72, 0.71, 0.70, 0.75 - 0.1]}
+                 ).to_csv(run / "history.csv", index=False)
+    settings = refit_settings(run)
+    # best at epoch 3: four epochs, with the drop at epoch 2 (the one at epoch 4 came after the best)
+    assert settings["train.epochs"] == 4 and settings["train.lr_milestones"] == [2]
+    assert settings["data.refit"] is True and settings["train.max_minutes"] == 0.0
+    assert settings["data.split"] == str((run / "split.json").resolve())
+    (run / "history.csv").write_text("epoch,lr,val_patient_dice\n")
+    with pytest.raises(BadInputError, match="no validated epoch"):
+        refit_settings(run)
+
+
+def test_refit_trains_on_train_and_val_patients_without_validation(synthetic, one_epoch_run, tmp_path):
+    from brainseg.errors import BadInputError
+    from brainseg.evaluation import EvaluateOptions, evaluate
+
+    source = one_epoch_run.run_dir
+    result = run_training(tmp_path / "refit", refit=source, progress=False,
+                          overrides={"train.epochs": 3, "train.lr_milestones": [1, 2]})
+    assert result.refit and result.val_patient_dice == {} and result.model_file.exists()
+    run = result.run_dir
+    before, after = (json.loads((folder / "split.json").read_text()) for folder in (source, run))
+    assert after["val"] == [] and after["refit_val"] == before["val"]
+    assert after["train"] == sorted(before["train"] + before["val"]) and after["test"] == before["test"]
+    history = pd.read_csv(run / "history.csv")
+    assert history["lr"].tolist() == pytest.approx([1e-3, 5e-4, 2.5e-4])  # the LR each epoch trained at
+    assert history["val_patient_dice"].isna().all() and not (run / "val_metrics.json").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    kept = torch.load(result.model_file, weights_only=True)["state_dict"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for key, value in kept.items():  # model.pt holds the last epoch's weights
+        torch.testing.assert_close(value, last[f"model.{key}"])
+    with pytest.raises(BadInputError, match="refit on its validation patients"):
+        evaluate(run, synthetic, tmp_path / "eval", options=EvaluateOptions(side="val"), progress=False)
+    with pytest.raises(BadInputError, match="is itself a refit"):
+        run_training(tmp_path / "again", refit=run, progress=False)
 
 
 def test_fine_tuning_refuses_weights_of_another_network(synthetic, one_epoch_run, tmp_path):
