@@ -121,6 +121,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     grid_keys = set(_pick_grid_slices(rows, options.grid_slices, rng))
     grid: list[dict] = []
     examples: dict[str, dict] = {}  # patient -> its largest-tumour slice, for the worst-patient grid
+    packed_masks: dict[str, tuple] = {}  # patient -> its bit-packed prediction, for the volume montage
     patient_rows, slice_rows = [], []
     patients = list(rows.groupby("patient", sort=True))
     for patient, volume in progress_bar(patients, desc="evaluating", unit="patient", enabled=progress):
@@ -132,6 +133,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
         probability = predictor.predict_volume(images)
         predicted = predictor.masks(probability)
         c = count(predicted, truth)
+        packed_masks[patient] = (np.packbits(predicted), predicted.shape)
         patient_rows.append({"patient": patient, "slices": len(keys), "dice": dice(c), "iou": iou(c),
                              "precision": precision(c), "recall": recall(c), "hd95": hd95(predicted, truth),
                              "true_voxels": int(truth.sum()), "predicted_voxels": int(predicted.sum()),
@@ -152,7 +154,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     per_patient.to_csv(out / "per_patient.csv", index=False)
     per_slice.to_csv(out / "per_slice.csv", index=False)
     summary = _summary(per_patient, per_slice, predictor, result, options, cutoff)
-    summary["figures"] = _figures(out, per_patient, grid, examples, options, cutoff, result, rows, predictor)
+    summary["figures"] = _figures(out, per_patient, grid, examples, options, cutoff, result, rows,
+                                  packed_masks)
     (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
     return summary
 
@@ -214,7 +217,7 @@ def _summary(per_patient, per_slice, predictor, result, options, cutoff) -> dict
     }
 
 
-def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, predictor) -> list[str]:
+def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, packed_masks) -> list[str]:
     from brainseg import plots
 
     names = []
@@ -234,7 +237,8 @@ def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, pr
         keys = volume["image_path"].tolist()
         images, truth = _volume(result.store, keys)
         images = _replace_with_flair(images, options.flair_replaces, keys[0])
-        predicted = predictor.masks(predictor.predict_volume(images))
+        bits, shape = packed_masks[patient]
+        predicted = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
         dice_value = float(ranked["dice"].iloc[len(ranked) // 2])
         names.append(plots.volume_montage(images, truth, predicted, out / "volume_montage.png",
                                           f"{patient}: Dice {dice_value:.3f}").name)
