@@ -83,6 +83,23 @@ def test_ensemble_exports_to_onnx_and_matches_torch(tiny_run, tmp_path):
     assert (onnx_masks == torch_masks).mean() > 0.999
 
 
+def test_settings_from_copies_a_tuned_models_threshold_and_postprocessing(tiny_run, tmp_path):
+    from brainseg.tune import store_postprocessing
+
+    _, run = tiny_run
+    build_ensemble([run, run], tmp_path / "tuned")
+    store_postprocessing(tmp_path / "tuned", {"threshold": 0.6, "largest_component": True, "min_size": 20})
+    build_ensemble([run, run], tmp_path / "refit", settings_from=tmp_path / "tuned")
+    predictor = Predictor.load(tmp_path / "refit", precision="32")
+    assert predictor.cutoff == 0.6
+    assert predictor.postprocessing == {"largest_component": True, "min_size": 20}
+    description, _ = load_model_file(tmp_path / "refit")
+    assert description["settings_from"] == str(tmp_path / "tuned")
+    assert "validation" in description["threshold_source"]
+    with pytest.raises(OptionError, match="not both"):
+        build_ensemble([run, run], tmp_path / "both", threshold=0.4, settings_from=tmp_path / "tuned")
+
+
 def test_refusals(tiny_run, tmp_path):
     _, run = tiny_run
     with pytest.raises(OptionError, match="at least two"):

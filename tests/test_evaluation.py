@@ -62,7 +62,8 @@ def test_flair_replaces_overwrites_those_channels_before_prediction(tiny_run, tm
     monkeypatch.setattr(Predictor, "predict_volume", spy)
     options = EvaluateOptions(side="all", precision="32", flair_replaces=replaces)
     summary = evaluate(run, data, tmp_path / "eval", options=options, progress=False)
-    assert summary["options"]["flair_replaces"] == replaces and len(seen) == 3  # once per patient: the montage reuses its mask
+    # once per patient: the volume montage reuses its mask
+    assert summary["options"]["flair_replaces"] == replaces and len(seen) == 3
     for images in seen:
         assert images.shape[-1] == 3
         for channel in (0, 2):

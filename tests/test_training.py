@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -138,11 +139,16 @@ def test_refit_settings_follow_the_validated_runs_best_epoch_and_lr_drops(tmp_pa
 def test_refit_trains_on_train_and_val_patients_without_validation(synthetic, one_epoch_run, tmp_path):
     from brainseg.errors import BadInputError
     from brainseg.evaluation import EvaluateOptions, evaluate
+    from brainseg.prediction import Predictor
+    from brainseg.tune import store_postprocessing
 
-    source = one_epoch_run.run_dir
+    source = shutil.copytree(one_epoch_run.run_dir, tmp_path / "source")
+    store_postprocessing(source, {"threshold": 0.6, "largest_component": True, "min_size": 0})
     result = run_training(tmp_path / "refit", refit=source, progress=False,
                           overrides={"train.epochs": 3, "train.lr_milestones": [1, 2]})
     assert result.refit and result.val_patient_dice == {} and result.model_file.exists()
+    refit = Predictor.load(result.model_file)  # keeps the threshold tuned on the run's validation
+    assert refit.cutoff == 0.6 and refit.postprocessing["largest_component"] is True
     run = result.run_dir
     before, after = (json.loads((folder / "split.json").read_text()) for folder in (source, run))
     assert after["val"] == [] and after["refit_val"] == before["val"]

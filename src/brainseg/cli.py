@@ -392,7 +392,11 @@ def ensemble_command(
     models: Annotated[list[Path], typer.Argument(help="Run folders or model files (two or more).",
                                                  show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the ensemble's model.pt.")],
-    threshold: Annotated[float, typer.Option(help="Probability cut on the mean probability.")] = 0.5,
+    threshold: Annotated[float | None, typer.Option(
+        help="Probability cut on the mean probability [default: 0.5].", show_default=False)] = None,
+    settings_from: Annotated[Path | None, typer.Option(
+        help="Copy the threshold and post-processing stored in this model file or run (e.g. the "
+             "validated ensemble that these refit members replace).")] = None,
 ) -> None:
     """Combine trained models into one model that averages their probabilities.
 
@@ -403,9 +407,9 @@ def ensemble_command(
     """
     from brainseg.ensemble import build_ensemble
 
-    summary = build_ensemble(models, out, threshold=threshold)
-    typer.echo(f"wrote {summary['model']} ({len(summary['members'])} members, context {summary['context']}; "
-               f"split: {summary['split']})")
+    summary = build_ensemble(models, out, threshold=threshold, settings_from=settings_from)
+    typer.echo(f"wrote {summary['model']} ({len(summary['members'])} members, context {summary['context']}, "
+               f"threshold {summary['threshold']:g}; split: {summary['split']})")
 
 
 @app.command("export")

@@ -22,8 +22,12 @@ def _split_beside(model: Path, description: dict) -> dict | None:
         return None
 
 
-def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: float = 0.5) -> dict:
-    """Write `out`/model.pt averaging the members' probabilities; returns the ensemble's summary."""
+def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: float | None = None,
+                   settings_from: str | Path | None = None) -> dict:
+    """Write `out`/model.pt averaging the members' probabilities; returns the ensemble's summary.
+
+    `settings_from` copies the threshold and post-processing stored in another model file, e.g. the
+    validated ensemble whose members these are refits of (a refit has no patients left to tune on)."""
     import torch
 
     from brainseg import __version__
@@ -32,6 +36,14 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
 
     if len(models) < 2:
         raise OptionError("an ensemble needs at least two models")
+    settings: dict = {"threshold": 0.5}
+    if settings_from is not None:
+        if threshold is not None:
+            raise OptionError("give --threshold or --settings-from, not both")
+        from brainseg.tune import tuned_settings
+
+        settings = tuned_settings(settings_from)
+    threshold = settings["threshold"] if threshold is None else threshold
     if not 0 < threshold < 1:
         raise OptionError(f"--threshold must be between 0 and 1, got {threshold}")
     out = Path(out)
@@ -71,6 +83,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
                           "context": context, "normalisation": first["normalisation"],
                           "channels_last": all(m["preprocessing"].get("channels_last", False)
                                                for m in members)},
+        **settings,
         "threshold": threshold,
         "members": sources,
     }
@@ -84,8 +97,9 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         from brainseg.data.splits import save_split
 
         save_split(shared_split, out / "split.json")
+    copied = {key: value for key, value in settings.items() if key != "threshold"}
     summary = {"model": str(out / MODEL_FILE), "members": sources, "context": context,
-               "threshold": threshold, "split": "shared by all members" if shared_split else
+               "threshold": threshold, **copied, "split": "shared by all members" if shared_split else
                "members differ: pass --split-file to evaluate"}
     (out / "ensemble.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

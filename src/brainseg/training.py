@@ -503,4 +503,12 @@ def run_training(out: str | Path, *, config_file: str | Path | None = None,
         base = load_config(config_file)
     config = base
     config = config.override({k: v for k, v in (overrides or {}).items() if v is not None})
-    return train(config, out, resume=resume, progress=progress)
+    result = train(config, out, resume=resume, progress=progress)
+    if refit and result.model_file is not None and (Path(refit) / "model.pt").exists():
+        # the run's tuned threshold and post-processing were chosen on its validation patients
+        from brainseg.tune import tuned_settings
+
+        state = torch.load(result.model_file, map_location="cpu", weights_only=True)
+        state["brainseg"].update(tuned_settings(refit))
+        torch.save(state, result.model_file)
+    return result

@@ -88,6 +88,17 @@ def _summary(table: pd.DataFrame, default: float, side: str, patients: int) -> d
     }
 
 
+def tuned_settings(model: str | Path) -> dict:
+    """The threshold and post-processing stored in a model file, to give to another model trained
+    the same way (a refit or an ensemble of refits), which has no validation patients of its own."""
+    from brainseg.prediction import load_model_file
+
+    description, _ = load_model_file(model)
+    settings = {key: description[key] for key in ("threshold", "threshold_source", "postprocessing")
+                if key in description}
+    return {**settings, "settings_from": str(model)}
+
+
 def store_postprocessing(model: Path, chosen: dict) -> Path:
     """Write a tuned threshold and post-processing into the model file's description (a run's model.pt).
 
