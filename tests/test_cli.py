@@ -42,6 +42,10 @@ def test_help_does_not_import_heavy_libraries():
     (["index", "/no/such/folder"], "error: /no/such/folder: folder does not exist"),
     (["explore", "/no/such/folder"], "error: /no/such/folder: folder does not exist"),
     (["split", "/no/such/folder"], "error: /no/such/folder: folder does not exist"),
+    (["train", "--refit", "/no/such/run", "--out", "/tmp/never"],
+     "error: /no/such/run: not a brainseg run folder (no config.yaml)"),
+    (["train", "--refit", "/no/such/run", "--resume", "/no/such/run"],
+     "error: --refit takes the run's own config; do not combine it with --resume or --config"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     result = run_cli(*args)
