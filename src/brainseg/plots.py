@@ -100,7 +100,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
-    """Train and validation loss per epoch on a log scale (left), validation Dice (right)."""
+    """Train and validation loss per epoch on a log scale (left), train and validation Dice (right)."""
     plt = _pyplot()
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = history["epoch"]
@@ -118,7 +118,8 @@ def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
     dice_ax.set_xlabel("epoch")
     dice_ax.set_ylabel("Dice")
     dice_ax.set_ylim(0, 1)
-    dice_ax.set_title("Validation Dice")
+    validated = any(c in history and history[c].notna().any() for c in ("val_patient_dice", "val_dice"))
+    dice_ax.set_title("Dice" if validated else "Training Dice (no validation patients: a refit)")
     if best_epoch is not None:
         for ax in (loss_ax, dice_ax):
             ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1,
