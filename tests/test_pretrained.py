@@ -42,6 +42,17 @@ def test_pretrained_validation_dice_matches_the_model_card(shared_data, tmp_path
     assert summary["per_patient"]["dice"]["mean"] == pytest.approx(card_value("val_dice_mean"), abs=0.01)
 
 
+@pytest.mark.shared
+def test_pretrained_test_dice_matches_the_model_card(shared_data, tmp_path):
+    """The headline number, on patients the shipped model never saw, from the split stored in it."""
+    from brainseg.evaluation import EvaluateOptions, evaluate
+
+    summary = evaluate("pretrained", shared_data / "lgg", tmp_path / "eval", progress=False,
+                       options=EvaluateOptions(side="test", precision="32"))
+    assert summary["data"]["patients"] == 7
+    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(card_value("test_dice_mean"), abs=0.01)
+
+
 def test_pretrained_exports_to_onnx_in_the_working_folder(tmp_path, monkeypatch):
     from brainseg.export import export_model
 
