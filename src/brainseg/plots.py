@@ -119,7 +119,7 @@ def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
     dice_ax.set_ylabel("Dice")
     dice_ax.set_ylim(0, 1)
     validated = any(c in history and history[c].notna().any() for c in ("val_patient_dice", "val_dice"))
-    dice_ax.set_title("Dice" if validated else "Training Dice (no validation patients: a refit)")
+    dice_ax.set_title("Dice" if validated else "Training Dice (no validation scores)")
     if best_epoch is not None:
         for ax in (loss_ax, dice_ax):
             ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1,

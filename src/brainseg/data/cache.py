@@ -125,6 +125,7 @@ class StoreWriter:
         # delete the folder, but mapped files stay readable until this store is closed.
         store = open_store(self.staging)
         stale = self.directory.with_name(f"{self.directory.name}.old-{os.getpid()}")
+        shutil.rmtree(stale, ignore_errors=True)  # left by a crashed process that had our pid
         with contextlib.suppress(FileNotFoundError):
             os.replace(self.directory, stale)
         try:
