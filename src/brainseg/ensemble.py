@@ -44,6 +44,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
 
         settings = tuned_settings(settings_from)
     threshold = settings["threshold"] if threshold is None else threshold
+    copied = {key: value for key, value in settings.items() if key != "threshold"}
     if not 0 < threshold < 1:
         raise OptionError(f"--threshold must be between 0 and 1, got {threshold}")
     out = Path(out)
@@ -83,7 +84,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
                           "context": context, "normalisation": first["normalisation"],
                           "channels_last": all(m["preprocessing"].get("channels_last", False)
                                                for m in members)},
-        **settings,
+        **copied,
         "threshold": threshold,
         "members": sources,
     }
@@ -97,7 +98,6 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         from brainseg.data.splits import save_split
 
         save_split(shared_split, out / "split.json")
-    copied = {key: value for key, value in settings.items() if key != "threshold"}
     summary = {"model": str(out / MODEL_FILE), "members": sources, "context": context,
                "threshold": threshold, **copied, "split": "shared by all members" if shared_split else
                "members differ: pass --split-file to evaluate"}

@@ -240,7 +240,6 @@ def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: b
             "equal_channels": equal_channel_text(images), "status": "ok"}
 
 
-
 def _checked(predictor, path: Path) -> np.ndarray:
     return predictor.check_image(read_image(path), str(path))
 

@@ -295,21 +295,25 @@ def prepare_split(config: RunConfig, table: pd.DataFrame) -> dict:
                           seed=config.train.seed, test_patients=data.test_patients)
 
 
+def _train_and_val(split: dict, fold: int) -> dict:
+    """The split's train/val patient lists, or those of `fold` in a k-fold split."""
+    if "folds" not in split:
+        return split
+    if not 0 <= fold < len(split["folds"]):
+        raise OptionError(f"data.fold must be in 0..{len(split['folds']) - 1} for this k-fold split")
+    return split["folds"][fold]
+
+
 def split_tables(table: pd.DataFrame, split: dict, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     from brainseg.data.splits import select
 
-    if "folds" in split:
-        if not 0 <= fold < len(split["folds"]):
-            raise OptionError(f"data.fold must be in 0..{len(split['folds']) - 1} for this k-fold split")
-        return select(table, split, "train", fold), select(table, split, "val", fold)
-    return select(table, split, "train"), select(table, split, "val")
+    group = _train_and_val(split, fold)
+    return select(table, group, "train"), select(table, group, "val")
 
 
 def refit_split(split: dict, fold: int) -> dict:
     """The split a refit run trains on: the validation patients (of `fold`) moved into training."""
-    if "folds" in split and not 0 <= fold < len(split["folds"]):
-        raise OptionError(f"data.fold must be in 0..{len(split['folds']) - 1} for this k-fold split")
-    group = split["folds"][fold] if "folds" in split else split
+    group = _train_and_val(split, fold)
     kept = {key: value for key, value in split.items() if key not in ("train", "val", "folds")}
     return {**kept, "train": sorted([*group["train"], *group["val"]]), "val": [],
             "refit_val": sorted(group["val"])}
@@ -364,9 +368,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     result = scan(config.data.root, config.data.layout, cache=config.data.cache, progress=progress)
     split = prepare_split(config, result.table)
     refit = config.data.refit
-    if refit:
-        split = refit_split(split, max(config.data.fold, 0) if "folds" in split else -1)
-    train_table, val_table = split_tables(result.table, split, config.data.fold if not refit else -1)
+    if refit:  # a plain split from here on, so split_tables ignores the fold
+        split = refit_split(split, max(config.data.fold, 0))
+    train_table, val_table = split_tables(result.table, split, config.data.fold)
     if train_table.empty or (val_table.empty and not refit):
         raise OptionError("the split leaves no training or no validation slices; check data.val / data.split")
     workers = config.data.num_workers if config.data.num_workers >= 0 else default_workers(accelerator)
@@ -506,9 +510,7 @@ def run_training(out: str | Path, *, config_file: str | Path | None = None,
     result = train(config, out, resume=resume, progress=progress)
     if refit and result.model_file is not None and (Path(refit) / "model.pt").exists():
         # the run's tuned threshold and post-processing were chosen on its validation patients
-        from brainseg.tune import tuned_settings
+        from brainseg.tune import store_settings, tuned_settings
 
-        state = torch.load(result.model_file, map_location="cpu", weights_only=True)
-        state["brainseg"].update(tuned_settings(refit))
-        torch.save(state, result.model_file)
+        store_settings(result.model_file, tuned_settings(refit))
     return result

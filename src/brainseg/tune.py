@@ -103,14 +103,19 @@ def store_postprocessing(model: Path, chosen: dict) -> Path:
     """Write a tuned threshold and post-processing into the model file's description (a run's model.pt).
 
     Prediction and evaluation then apply them unless told otherwise."""
+    source = "tuned on validation patients (brainseg tune)"
+    return store_settings(model, {
+        "threshold": float(chosen["threshold"]), "threshold_source": source,
+        "postprocessing": {"largest_component": bool(chosen["largest_component"]),
+                           "min_size": int(chosen["min_size"]), "source": source}})
+
+
+def store_settings(model: Path, settings: dict) -> Path:
+    """Update the description in a model file (or a run's model.pt) with these entries."""
     from brainseg.prediction import MODEL_FILE
 
     path = model / MODEL_FILE if model.is_dir() else model
     state = torch.load(path, map_location="cpu", weights_only=True)
-    source = "tuned on validation patients (brainseg tune)"
-    state["brainseg"]["threshold"] = float(chosen["threshold"])
-    state["brainseg"]["threshold_source"] = source
-    state["brainseg"]["postprocessing"] = {"largest_component": bool(chosen["largest_component"]),
-                                           "min_size": int(chosen["min_size"]), "source": source}
+    state["brainseg"].update(settings)
     torch.save(state, path)
     return path
