@@ -64,3 +64,11 @@ def test_shipped_recipes_load_by_name():
 def test_train_cli_needs_out_or_resume():
     result = CliRunner().invoke(app, ["train", "--data", "x"])
     assert isinstance(result.exception, OptionError)
+
+
+def test_every_public_api_name_resolves():
+    import brainseg
+
+    for name in brainseg.__all__:
+        assert getattr(brainseg, name) is not None, name
+    assert brainseg.split is brainseg.split_patients

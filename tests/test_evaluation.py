@@ -196,3 +196,71 @@ def test_tune_reads_the_split_stored_in_a_model_file_away_from_its_run(tiny_run,
     torch.save(state, alone)
     summary = tune(alone, data, tmp_path / "tuning", progress=False)
     assert summary["patients"] == len(state["brainseg"]["split"]["val"])
+
+
+def _as_fold(run, folder, fold: int, split: dict):
+    """A copy of `run` that says it trained fold `fold` of `split` (a k-fold split)."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(run, folder)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["data"]["fold"] = fold
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "split.json").write_text(json.dumps(split))
+    return folder
+
+
+def test_crossval_pools_each_fold_on_its_own_validation_patients(tiny_run, tmp_path):
+    from brainseg.crossval import cross_validate
+
+    data, run = tiny_run
+    patients = sorted(pd.read_csv(run / "val_patients.csv")["patient"].tolist()
+                      + json.loads((run / "split.json").read_text())["train"])
+    split = {"test": [], "folds": [{"train": patients[1:], "val": patients[:1]},
+                                   {"train": patients[:1], "val": patients[1:]}]}
+    runs = [_as_fold(run, tmp_path / f"fold{k}", k, split) for k in (1, 0)]
+    summary = cross_validate(runs, data, tmp_path / "cv", options=EvaluateOptions(precision="32"),
+                             progress=False)
+    pooled = pd.read_csv(tmp_path / "cv" / "out_of_fold.csv")
+    assert sorted(pooled["patient"]) == patients  # every patient once, by the fold that held it out
+    for k in (0, 1):
+        assert sorted(pooled.loc[pooled["fold"] == k, "patient"]) == split["folds"][k]["val"]
+        alone = pd.read_csv(tmp_path / "cv" / f"fold{k}" / "per_patient.csv")
+        assert summary["per_fold"][str(k)]["mean"] == pytest.approx(alone["dice"].mean())
+    assert summary["dice"]["mean"] == pytest.approx(pooled["dice"].mean())
+    assert summary["missing_folds"] == []
+    assert summary["all_sequences"]["patients"] + summary["copied_sequence"]["patients"] == len(patients)
+    assert "| all | 3 |" in (tmp_path / "cv" / "crossval.md").read_text()
+    assert (tmp_path / "cv" / "crossval.png").stat().st_size > 0
+    from brainseg.report import write_report
+
+    page = write_report(tmp_path / "cv").read_text()
+    assert "Cross-validation (out of fold)" in page and 'href="out_of_fold.csv"' in page
+    assert 'src="fold1/patient_dice.png"' in page  # each fold's own evaluation is in the report too
+
+    # Runs that are not folds, or that repeat a fold, are refused before anything is scored.
+    with pytest.raises(BadInputError, match="not a run of a k-fold split"):
+        cross_validate([run], data, tmp_path / "cv2", progress=False)
+    with pytest.raises(BadInputError, match="fold 0 is given twice"):
+        cross_validate([runs[1], _as_fold(run, tmp_path / "again", 0, split)], data, tmp_path / "cv3",
+                       progress=False)
+    other = {"test": [], "folds": list(reversed(split["folds"]))}
+    with pytest.raises(BadInputError, match="k-fold split differs"):
+        cross_validate([runs[1], _as_fold(run, tmp_path / "other", 1, other)], data, tmp_path / "cv4",
+                       progress=False)
+    assert not any((tmp_path / name).exists() for name in ("cv2", "cv3", "cv4"))
+
+
+def test_crossval_scores_copied_sequence_patients_apart():
+    from brainseg.crossval import _summary
+
+    pooled = pd.DataFrame({"patient": ["a", "b", "c", "d"], "fold": [0, 0, 1, 1],
+                           "dice": [0.9, 0.5, 0.7, np.nan],
+                           "equal_channels": [np.nan, "0=1 0=2 1=2", "", "0=2"]})
+    summary = _summary(pooled, {0: "r0", 1: "r1"}, 3, EvaluateOptions())
+    assert summary["copied_sequence"] == {"patients": 1, "mean": 0.5, "median": 0.5, "min": 0.5}
+    assert summary["all_sequences"]["mean"] == pytest.approx(0.8)
+    assert summary["missing_folds"] == [2]
+    assert summary["per_fold"]["1"]["patients"] == 1  # a patient with no Dice is left out

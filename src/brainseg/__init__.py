@@ -30,6 +30,8 @@ _LAZY = {
     "load_pretrained": "brainseg.pretrained",
     "export_model": "brainseg.export",
     "build_ensemble": "brainseg.ensemble",
+    "cross_validate": "brainseg.crossval",
+    "compare_runs": "brainseg.compare",
 }
 _ALIASES = {"split": "split_patients"}
 

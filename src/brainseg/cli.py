@@ -349,6 +349,33 @@ def compare_command(
     typer.echo(f"wrote {out}/compare.csv, compare.md, compare.png ({len(table)} runs)")
 
 
+@app.command("crossval")
+def crossval_command(
+    runs: Annotated[list[Path], typer.Argument(help="One run folder per fold of a k-fold split.",
+                                               show_default=False)],
+    data: Annotated[Path, typer.Option(help="Data set folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("crossval"),
+    threshold: Annotated[float | None, typer.Option(help="Probability cut (default: each model's).")] = None,
+    largest_component: LargestComponent = None,
+    flair_replaces: Annotated[str, typer.Option(
+        help="Robustness check: overwrite 'post' or 'pre+post' with FLAIR before predicting.")] = "",
+    precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
+    layout: Layout = "auto",
+) -> None:
+    """Score each fold's run on its own validation patients and pool them (out-of-fold Dice).
+
+    Example: brainseg crossval runs/fold0 runs/fold1 runs/fold2 --data ../shared/data/lgg --out cv
+    """
+    from brainseg.crossval import cross_validate
+    from brainseg.evaluation import EvaluateOptions
+
+    options = EvaluateOptions(threshold=threshold, largest_component=largest_component,
+                              flair_replaces=flair_replaces, precision=precision)
+    cross_validate(runs, data, out, options=options, layout=layout)
+    typer.echo((out / "crossval.md").read_text())
+    typer.echo(f"wrote {out}/out_of_fold.csv, crossval.json, crossval.md, crossval.png, one folder per fold")
+
+
 @app.command("predict")
 def predict_command(
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders of images, kaggle_3m patient "

@@ -148,6 +148,20 @@ def _comparison_section(root: Path, folder: Path) -> str:
                       _figure(root, folder / "compare.png", "Dice per patient volume per model")])
 
 
+def _crossval_section(root: Path, folder: Path) -> str:
+    summary = json.loads((folder / "crossval.json").read_text())
+    groups = [("all", summary["dice"]), *((f"fold {k}", v) for k, v in summary["per_fold"].items()),
+              ("a sequence copied from another", summary["copied_sequence"]),
+              ("all three sequences recorded", summary["all_sequences"])]
+    table = pd.DataFrame([{"patients": name, **stats} for name, stats in groups])
+    missing = summary["missing_folds"]
+    parts = ["<h2>Cross-validation (out of fold)</h2>", f"<p>{html.escape(summary['metric'])}.</p>",
+             f"<p>Folds not given: {', '.join(map(str, missing))}.</p>" if missing else "", _table(table),
+             _figure(root, folder / "crossval.png", "Out-of-fold Dice per patient volume, per fold"),
+             f"<p>{_link(root, folder / 'out_of_fold.csv', 'out_of_fold.csv')}</p>"]
+    return "\n".join(parts)
+
+
 def _headline(root: Path) -> str:
     """The evaluation results first, one line each, before the details."""
     lines = []
@@ -184,6 +198,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, title: st
             sections.append(_evaluation_section(root, summary.parent))
     for compare in sorted(root.rglob("compare.csv")):
         sections.append(_comparison_section(root, compare.parent))
+    for crossval in sorted(root.rglob("crossval.json")):
+        sections.append(_crossval_section(root, crossval.parent))
     for predictions in sorted(root.rglob("predictions.csv")):
         name = predictions.parent.relative_to(root).as_posix()
         sections.append(_predictions_section(root, predictions.parent, f"Predictions: {name}"))

@@ -1,0 +1,116 @@
+"""`brainseg crossval`: the runs of a k-fold split, each scored on its own fold's validation
+patients, pooled into one out-of-fold table (every non-test patient scored by a model that never
+trained on it), with summaries overall, per fold and for patients with a copied sequence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from brainseg.errors import BadInputError
+from brainseg.evaluation import EvaluateOptions, evaluate
+
+
+def fold_of(run: Path) -> tuple[int, dict]:
+    """The fold a run trained on and its k-fold split (refused for a run of a plain split)."""
+    from brainseg.data.splits import load_split
+    from brainseg.training import load_run_config
+
+    fold = load_run_config(run).data.fold
+    if not (run / "split.json").exists():
+        raise BadInputError(run, "no split.json in the run folder")
+    split = load_split(run / "split.json")
+    if fold < 0 or "folds" not in split:
+        raise BadInputError(run, "not a run of a k-fold split (train it with --set data.fold=K on a "
+                                 "split made with brainseg split --folds)")
+    return fold, split
+
+
+def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
+                   options: EvaluateOptions | None = None, layout: str = "auto",
+                   progress: bool = True) -> dict:
+    """Evaluate each fold's run on that fold's validation patients; write out_of_fold.csv,
+    crossval.json, crossval.md and crossval.png to `out` (each fold's evaluation in out/foldK)."""
+    from brainseg import plots
+    from brainseg.data.index import ensure_outside
+
+    if not runs:
+        raise BadInputError("crossval", "give the run folder of at least one fold")
+    runs, out = [Path(r) for r in runs], Path(out)
+    ensure_outside(out, data)
+    folds: dict[int, Path] = {}
+    first_split = None
+    for run in runs:  # every run is checked before anything is evaluated
+        fold, split = fold_of(run)
+        if first_split is None:
+            first_split = split
+        elif split["folds"] != first_split["folds"]:
+            raise BadInputError(run, f"its k-fold split differs from {runs[0]}'s")
+        if fold in folds:
+            raise BadInputError(run, f"fold {fold} is given twice (also {folds[fold]})")
+        folds[fold] = run
+    base = options or EvaluateOptions()
+    tables = []
+    for fold, run in sorted(folds.items()):
+        fold_options = EvaluateOptions(**{**base.__dict__, "side": "val", "fold": fold,
+                                          "split_file": str(run / "split.json")})
+        evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options, progress=progress)
+        table = pd.read_csv(out / f"fold{fold}" / "per_patient.csv")
+        tables.append(table.assign(fold=fold, run=str(run)))
+    pooled = pd.concat(tables, ignore_index=True)
+    pooled.to_csv(out / "out_of_fold.csv", index=False)
+    summary = _summary(pooled, folds, len(first_split["folds"]), base)
+    (out / "crossval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "crossval.md").write_text(_markdown(summary))
+    per_fold = {f"fold {fold}": pooled.loc[pooled["fold"] == fold, "dice"].to_numpy() for fold in folds}
+    plots.compare_models({**per_fold, "all": pooled["dice"].to_numpy()}, out / "crossval.png",
+                         f"Out-of-fold Dice per patient volume ({len(pooled)} patients)")
+    return summary
+
+
+def _stats(values: pd.Series) -> dict:
+    finite = values.dropna()
+    if finite.empty:
+        return {"patients": 0, "mean": None, "median": None, "min": None}
+    return {"patients": len(finite), "mean": float(finite.mean()), "median": float(finite.median()),
+            "min": float(finite.min())}
+
+
+def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, options: EvaluateOptions) -> dict:
+    equal = pooled["equal_channels"]  # read back from CSV: NaN where no channels are equal
+    copied = equal.notna() & (equal.astype(str) != "")
+    return {
+        "metric": "Dice per patient volume, each patient scored by the run that held it out (out of fold)",
+        "folds": {str(fold): str(run) for fold, run in sorted(folds.items())},
+        "missing_folds": [k for k in range(fold_count) if k not in folds],
+        "options": {key: value for key, value in options.__dict__.items()
+                    if key in ("threshold", "largest_component", "min_size", "tta_flip", "flair_replaces",
+                               "precision")},
+        "dice": _stats(pooled["dice"]),
+        "per_fold": {str(fold): _stats(pooled.loc[pooled["fold"] == fold, "dice"]) for fold in sorted(folds)},
+        # kaggle_3m copies FLAIR over a sequence a patient lacks: such patients are scored apart.
+        "copied_sequence": _stats(pooled.loc[copied, "dice"]),
+        "all_sequences": _stats(pooled.loc[~copied, "dice"]),
+        "worst": pooled.nsmallest(5, "dice")[["patient", "fold", "dice"]].to_dict(orient="records"),
+    }
+
+
+def _markdown(summary: dict) -> str:
+    def row(name: str, stats: dict) -> str:
+        if not stats["patients"]:
+            return f"| {name} | 0 | – | – | – |"
+        return (f"| {name} | {stats['patients']} | {stats['mean']:.4f} | {stats['median']:.4f} "
+                f"| {stats['min']:.4f} |")
+
+    lines = ["# Cross-validation (out of fold)", "", summary["metric"] + ".", ""]
+    if summary["missing_folds"]:
+        lines += [f"Folds not given: {', '.join(map(str, summary['missing_folds']))}.", ""]
+    lines += ["| patients | n | mean | median | min |", "|---|---|---|---|---|",
+              row("all", summary["dice"])]
+    lines += [row(f"fold {fold}", stats) for fold, stats in summary["per_fold"].items()]
+    lines += [row("a sequence copied from another", summary["copied_sequence"]),
+              row("all three sequences recorded", summary["all_sequences"]), ""]
+    return "\n".join(lines)
+
