@@ -92,12 +92,21 @@ def test_settings_from_copies_a_tuned_models_threshold_and_postprocessing(tiny_r
     build_ensemble([run, run], tmp_path / "refit", settings_from=tmp_path / "tuned")
     predictor = Predictor.load(tmp_path / "refit", precision="32")
     assert predictor.cutoff == 0.6
-    assert predictor.postprocessing == {"largest_component": True, "min_size": 20}
+    assert predictor.postprocessing == {"largest_component": True, "min_size": 20, "min_fraction": 0.0}
     description, _ = load_model_file(tmp_path / "refit")
     assert description["settings_from"] == str(tmp_path / "tuned")
     assert "validation" in description["threshold_source"]
     with pytest.raises(OptionError, match="not both"):
         build_ensemble([run, run], tmp_path / "both", threshold=0.4, settings_from=tmp_path / "tuned")
+    # Post-processing given outright replaces the copied entries it names and keeps the threshold.
+    build_ensemble([run, run], tmp_path / "cv", settings_from=tmp_path / "tuned",
+                   postprocessing={"largest_component": False, "min_fraction": 0.25, "min_size": None})
+    chosen = Predictor.load(tmp_path / "cv", precision="32")
+    assert chosen.cutoff == 0.6
+    assert chosen.postprocessing == {"largest_component": False, "min_size": 20, "min_fraction": 0.25}
+    assert load_model_file(tmp_path / "cv")[0]["postprocessing"]["source"] == "given to brainseg ensemble"
+    with pytest.raises(OptionError, match="between 0 and 1"):
+        build_ensemble([run, run], tmp_path / "bad", postprocessing={"min_fraction": 2.0})
 
 
 def test_refusals(tiny_run, tmp_path):

@@ -11,7 +11,12 @@ import torch
 
 from brainseg.errors import BadInputError
 from brainseg.evaluation import EvaluateOptions, evaluate
-from brainseg.postprocess import largest_component, postprocess, remove_small_components
+from brainseg.postprocess import (
+    largest_component,
+    postprocess,
+    remove_minor_components,
+    remove_small_components,
+)
 from brainseg.prediction import Predictor, load_model_file
 
 
@@ -134,6 +139,14 @@ def test_postprocessing_components():
     assert largest_component(volume).sum() == 18
     assert remove_small_components(volume, 4).sum() == 22
     assert postprocess(volume, min_size=2).sum() == 22
+    # Shares of the largest (18 voxels): 4 voxels are 0.22 of it, 1 voxel 0.06.
+    assert remove_minor_components(volume, 0.2).sum() == 22
+    assert remove_minor_components(volume, 0.25).sum() == 18
+    assert remove_minor_components(volume, 0.0).sum() == 23
+    twin = volume.copy()
+    twin[2, 0:3, 5:9] = True  # a second lesion nearly as large: the largest component alone would drop it
+    assert remove_minor_components(twin, 0.25).sum() == 18 + 12
+    assert postprocess(twin, min_fraction=0.25, min_size=2).sum() == 18 + 12
     assert not largest_component(np.zeros((4, 4), bool)).any()
 
 
@@ -168,8 +181,9 @@ def test_tune_measures_options_and_stores_its_choice(tiny_run, tmp_path):
     shutil.copytree(run, copy)
     summary = tune(copy, data, tmp_path / "tuning", store=True, progress=False)
     table = pd.read_csv(tmp_path / "tuning" / "tuning.csv")
-    assert len(table) == 2 * 2 * 3 * 13
-    assert set(summary["each_option_alone"]) == {"largest_component", "min_size_20", "min_size_100",
+    assert len(table) == 2 * 5 * 3 * 13  # flip TTA, which components, min size, threshold
+    assert set(summary["each_option_alone"]) == {"largest_component", "min_fraction_0.1", "min_fraction_0.25",
+                                                 "min_fraction_0.5", "min_size_20", "min_size_100",
                                                  "tta_flip", "tuned_threshold"}
     best = summary["tuned_threshold"]
     assert best["dice_mean"] >= summary["baseline"]["dice_mean"] or np.isnan(summary["baseline"]["dice_mean"])
@@ -179,10 +193,13 @@ def test_tune_measures_options_and_stores_its_choice(tiny_run, tmp_path):
     predictor = Predictor.from_checkpoint(copy)
     assert predictor.cutoff == pytest.approx(chosen["threshold"])
     assert predictor.postprocessing == {"largest_component": chosen["largest_component"],
-                                        "min_size": chosen["min_size"]}
+                                        "min_size": chosen["min_size"],
+                                        "min_fraction": chosen["min_fraction"]}
     # The caller's choice wins over the stored one.
-    override = Predictor.from_checkpoint(copy, largest_component=not chosen["largest_component"], min_size=7)
-    assert override.postprocessing == {"largest_component": not chosen["largest_component"], "min_size": 7}
+    override = Predictor.from_checkpoint(copy, largest_component=not chosen["largest_component"], min_size=7,
+                                         min_fraction=0.5)
+    assert override.postprocessing == {"largest_component": not chosen["largest_component"], "min_size": 7,
+                                       "min_fraction": 0.5}
 
 
 def test_tune_reads_the_split_stored_in_a_model_file_away_from_its_run(tiny_run, tmp_path):
@@ -212,14 +229,20 @@ def _as_fold(run, folder, fold: int, split: dict):
     return folder
 
 
+def _two_folds(run) -> dict:
+    """A 2-fold split of the tiny run's patients."""
+    patients = sorted(pd.read_csv(run / "val_patients.csv")["patient"].tolist()
+                      + json.loads((run / "split.json").read_text())["train"])
+    return {"test": [], "folds": [{"train": patients[1:], "val": patients[:1]},
+                                  {"train": patients[:1], "val": patients[1:]}]}
+
+
 def test_crossval_pools_each_fold_on_its_own_validation_patients(tiny_run, tmp_path):
     from brainseg.crossval import cross_validate
 
     data, run = tiny_run
-    patients = sorted(pd.read_csv(run / "val_patients.csv")["patient"].tolist()
-                      + json.loads((run / "split.json").read_text())["train"])
-    split = {"test": [], "folds": [{"train": patients[1:], "val": patients[:1]},
-                                   {"train": patients[:1], "val": patients[1:]}]}
+    split = _two_folds(run)
+    patients = sorted(split["folds"][0]["train"] + split["folds"][0]["val"])
     runs = [_as_fold(run, tmp_path / f"fold{k}", k, split) for k in (1, 0)]
     summary = cross_validate(runs, data, tmp_path / "cv", options=EvaluateOptions(precision="32"),
                              progress=False)
@@ -264,3 +287,20 @@ def test_crossval_scores_copied_sequence_patients_apart():
     assert summary["all_sequences"]["mean"] == pytest.approx(0.8)
     assert summary["missing_folds"] == [2]
     assert summary["per_fold"]["1"]["patients"] == 1  # a patient with no Dice is left out
+
+
+def test_tune_pools_fold_runs_out_of_fold(tiny_run, tmp_path):
+    from brainseg.crossval import cross_validate
+    from brainseg.tune import tune
+
+    data, run = tiny_run
+    split = _two_folds(run)
+    runs = [_as_fold(run, tmp_path / f"fold{k}", k, split) for k in (0, 1)]
+    summary = tune(runs, data, tmp_path / "tuning", progress=False)
+    assert summary["side"] == "val out of fold" and summary["patients"] == 3
+    assert summary["runs"] == [str(r) for r in runs]
+    # Its baseline (threshold 0.5, nothing else) is the out-of-fold mean that crossval reports.
+    pooled = cross_validate(runs, data, tmp_path / "cv", progress=False)
+    assert summary["baseline"]["dice_mean"] == pytest.approx(pooled["dice"]["mean"], abs=1e-6)
+    with pytest.raises(BadInputError, match="not several fold runs"):
+        tune(runs, data, tmp_path / "stored", store=True, progress=False)

@@ -140,10 +140,14 @@ def test_stored_post_processing_applies_unless_overridden():
     probability[2, 12:14, 12:14] = 0.6  # a small one elsewhere
     description = {"threshold": 0.5, "postprocessing": {"largest_component": True, "min_size": 0}}
     stored = Predictor(torch.nn.Identity(), description)
-    assert stored.postprocessing == {"largest_component": True, "min_size": 0}
+    assert stored.postprocessing == {"largest_component": True, "min_size": 0, "min_fraction": 0.0}
     assert stored.masks(probability).sum() == 2 * 36
     plain = Predictor(torch.nn.Identity(), description, largest_component=False)
     assert plain.masks(probability).sum() == 2 * 36 + 4
     older = Predictor(torch.nn.Identity(), {"threshold": 0.5})  # files from before post-processing was stored
-    assert older.postprocessing == {"largest_component": False, "min_size": 0}
+    assert older.postprocessing == {"largest_component": False, "min_size": 0, "min_fraction": 0.0}
     assert Predictor(torch.nn.Identity(), {"threshold": 0.5}, min_size=5).masks(probability).sum() == 2 * 36
+    # A share of the largest: 4 voxels are 1/18 of it, so 0.05 keeps them and 0.25 drops them.
+    shares = {"threshold": 0.5, "postprocessing": {"largest_component": False, "min_fraction": 0.25}}
+    assert Predictor(torch.nn.Identity(), shares).masks(probability).sum() == 2 * 36
+    assert Predictor(torch.nn.Identity(), shares, min_fraction=0.05).masks(probability).sum() == 2 * 36 + 4

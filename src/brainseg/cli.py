@@ -33,6 +33,9 @@ LargestComponent = Annotated[bool | None, typer.Option(
     help="Keep only the largest 3D component (default: as the model file recommends).", show_default=False)]
 MinSize = Annotated[int | None, typer.Option(
     help="Drop 3D components smaller than this, in voxels (default: the model file's).", show_default=False)]
+MinFraction = Annotated[float | None, typer.Option(
+    help="Drop 3D components smaller than this fraction of the largest, e.g. 0.25; 0 keeps all "
+         "(default: the model file's).", show_default=False)]
 
 
 def _version(value: bool) -> None:
@@ -263,6 +266,7 @@ def evaluate_command(
     threshold: Annotated[float | None, typer.Option(help="Probability cut (default: checkpoint's).")] = None,
     largest_component: LargestComponent = None,
     min_size: MinSize = None,
+    min_fraction: MinFraction = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
     flair_replaces: Annotated[str, typer.Option(
         help="Robustness check: overwrite post-contrast ('post') or pre- and post-contrast ('pre+post') "
@@ -278,7 +282,8 @@ def evaluate_command(
     from brainseg.evaluation import EvaluateOptions, evaluate
 
     options = EvaluateOptions(side=split, split_file=str(split_file or ""), fold=fold, threshold=threshold,
-                              largest_component=largest_component, min_size=min_size, tta_flip=tta, seed=seed,
+                              largest_component=largest_component, min_size=min_size,
+                              min_fraction=min_fraction, tta_flip=tta, seed=seed,
                               precision=precision, flair_replaces=flair_replaces)
     summary = evaluate(model, data, out, layout=layout, options=options)
     dice = summary["per_patient"]["dice"]
@@ -293,7 +298,9 @@ def evaluate_command(
 
 @app.command("tune")
 def tune_command(
-    model: Annotated[Path, typer.Argument(help="Run folder or model.pt.", show_default=False)],
+    models: Annotated[list[Path], typer.Argument(
+        help="Run folder or model.pt; or the run folders of a k-fold split's folds, each tuned on its own "
+             "validation patients and pooled (out of fold).", show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for tuning.csv and tuning.json.")]
     = Path("tuning"),
@@ -309,21 +316,23 @@ def tune_command(
 
     if split == "test":
         raise BadInputError("--split", "tuning on the test patients would leak them into model selection")
-    summary = tune(model, data, out, side=split, store=store)
+    summary = tune(models if len(models) > 1 else models[0], data, out, side=split, store=store)
     base = summary["baseline"]
-    typer.echo(f"{summary['metric']} on {summary['patients']} {split} patients "
+    typer.echo(f"{summary['metric']} on {summary['patients']} {summary['side']} patients "
                f"(baseline, threshold {base['threshold']:g}): {base['dice_mean']:.4f}")
     for name, row in summary["each_option_alone"].items():
         typer.echo(f"  {name:<18} {row['dice_mean']:.4f} ({row['dice_mean'] - base['dice_mean']:+.4f})"
                    + (f" at threshold {row['threshold']:g}" if name == "tuned_threshold" else ""))
-    best = summary["best_combination"]
-    typer.echo(f"  best combination: {best['dice_mean']:.4f} (threshold {best['threshold']:g}, "
-               f"largest component {best['largest_component']}, min size {best['min_size']}, "
-               f"flip TTA {best['tta_flip']})")
+    for name in ("best_combination", "recommended"):
+        row = summary[name]
+        typer.echo(f"  {name.replace('_', ' ')}: {row['dice_mean']:.4f} ({_settings_text(row)})")
     if store:
-        chosen = summary["recommended"]
-        typer.echo(f"stored threshold {chosen['threshold']:g}, largest component "
-                   f"{chosen['largest_component']}, min size {chosen['min_size']} in {summary['stored_in']}")
+        typer.echo(f"stored {_settings_text(summary['recommended'])} in {summary['stored_in']}")
+
+
+def _settings_text(row: dict) -> str:
+    return (f"threshold {row['threshold']:g}, largest component {row['largest_component']}, "
+            f"min fraction {row['min_fraction']:g}, min size {row['min_size']}, flip TTA {row['tta_flip']}")
 
 
 @app.command("compare")
@@ -357,6 +366,7 @@ def crossval_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("crossval"),
     threshold: Annotated[float | None, typer.Option(help="Probability cut (default: each model's).")] = None,
     largest_component: LargestComponent = None,
+    min_fraction: MinFraction = None,
     flair_replaces: Annotated[str, typer.Option(
         help="Robustness check: overwrite 'post' or 'pre+post' with FLAIR before predicting.")] = "",
     precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
@@ -370,7 +380,7 @@ def crossval_command(
     from brainseg.evaluation import EvaluateOptions
 
     options = EvaluateOptions(threshold=threshold, largest_component=largest_component,
-                              flair_replaces=flair_replaces, precision=precision)
+                              min_fraction=min_fraction, flair_replaces=flair_replaces, precision=precision)
     cross_validate(runs, data, out, options=options, layout=layout)
     typer.echo((out / "crossval.md").read_text())
     typer.echo(f"wrote {out}/out_of_fold.csv, crossval.json, crossval.md, crossval.png, one folder per fold")
@@ -391,6 +401,7 @@ def predict_command(
     overlays: Annotated[bool, typer.Option(help="Write overlay PNGs.")] = True,
     largest_component: LargestComponent = None,
     min_size: MinSize = None,
+    min_fraction: MinFraction = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
     threshold: Annotated[float | None, typer.Option(help="Probability cut (default: model's).")] = None,
     axis: Annotated[int, typer.Option(help="NIfTI slicing axis (0, 1 or 2).")] = 2,
@@ -406,7 +417,8 @@ def predict_command(
 
     table = predict_paths(model, inputs, out, backend=backend, device=device, batch_size=batch_size,
                           save_probabilities=probabilities, overlays=overlays,
-                          largest_component=largest_component, min_size=min_size, tta_flip=tta,
+                          largest_component=largest_component, min_size=min_size,
+                          min_fraction=min_fraction, tta_flip=tta,
                           threshold=threshold, axis=axis, echo=lambda line: typer.echo(line, err=True))
     failed = int((table["status"] != "ok").sum())
     typer.echo(f"{len(table) - failed} cases predicted, {failed} failed; wrote {out}/predictions.csv")
@@ -424,6 +436,12 @@ def ensemble_command(
     settings_from: Annotated[Path | None, typer.Option(
         help="Copy the threshold and post-processing stored in this model file or run (e.g. the "
              "validated ensemble that these refit members replace).")] = None,
+    largest_component: Annotated[bool | None, typer.Option(
+        "--largest-component/--no-largest-component",
+        help="Store this post-processing (default: none, or what --settings-from copies).",
+        show_default=False)] = None,
+    min_size: MinSize = None,
+    min_fraction: MinFraction = None,
 ) -> None:
     """Combine trained models into one model that averages their probabilities.
 
@@ -434,7 +452,9 @@ def ensemble_command(
     """
     from brainseg.ensemble import build_ensemble
 
-    summary = build_ensemble(models, out, threshold=threshold, settings_from=settings_from)
+    summary = build_ensemble(models, out, threshold=threshold, settings_from=settings_from,
+                             postprocessing={"largest_component": largest_component, "min_size": min_size,
+                                             "min_fraction": min_fraction})
     typer.echo(f"wrote {summary['model']} ({len(summary['members'])} members, context {summary['context']}, "
                f"threshold {summary['threshold']:g}; split: {summary['split']})")
 

@@ -28,21 +28,14 @@ def fold_of(run: Path) -> tuple[int, dict]:
     return fold, split
 
 
-def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
-                   options: EvaluateOptions | None = None, layout: str = "auto",
-                   progress: bool = True) -> dict:
-    """Evaluate each fold's run on that fold's validation patients; write out_of_fold.csv,
-    crossval.json, crossval.md and crossval.png to `out` (each fold's evaluation in out/foldK)."""
-    from brainseg import plots
-    from brainseg.data.index import ensure_outside
-
+def check_folds(runs: list[str | Path]) -> tuple[dict[int, Path], int]:
+    """({fold: run folder} sorted by fold, the split's fold count) for runs that are distinct folds of
+    one k-fold split."""
     if not runs:
         raise BadInputError("crossval", "give the run folder of at least one fold")
-    runs, out = [Path(r) for r in runs], Path(out)
-    ensure_outside(out, data)
     folds: dict[int, Path] = {}
     first_split = None
-    for run in runs:  # every run is checked before anything is evaluated
+    for run in map(Path, runs):
         fold, split = fold_of(run)
         if first_split is None:
             first_split = split
@@ -51,9 +44,23 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
         if fold in folds:
             raise BadInputError(run, f"fold {fold} is given twice (also {folds[fold]})")
         folds[fold] = run
+    return dict(sorted(folds.items())), len(first_split["folds"])
+
+
+def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
+                   options: EvaluateOptions | None = None, layout: str = "auto",
+                   progress: bool = True) -> dict:
+    """Evaluate each fold's run on that fold's validation patients; write out_of_fold.csv,
+    crossval.json, crossval.md and crossval.png to `out` (each fold's evaluation in out/foldK)."""
+    from brainseg import plots
+    from brainseg.data.index import ensure_outside
+
+    out = Path(out)
+    ensure_outside(out, data)
+    folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
     base = options or EvaluateOptions()
     tables = []
-    for fold, run in sorted(folds.items()):
+    for fold, run in folds.items():
         fold_options = EvaluateOptions(**{**base.__dict__, "side": "val", "fold": fold,
                                           "split_file": str(run / "split.json")})
         evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options, progress=progress)
@@ -61,7 +68,7 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
         tables.append(table.assign(fold=fold, run=str(run)))
     pooled = pd.concat(tables, ignore_index=True)
     pooled.to_csv(out / "out_of_fold.csv", index=False)
-    summary = _summary(pooled, folds, len(first_split["folds"]), base)
+    summary = _summary(pooled, folds, fold_count, base)
     (out / "crossval.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "crossval.md").write_text(_markdown(summary))
     per_fold = {f"fold {fold}": pooled.loc[pooled["fold"] == fold, "dice"].to_numpy() for fold in folds}
@@ -86,8 +93,8 @@ def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, opti
         "folds": {str(fold): str(run) for fold, run in sorted(folds.items())},
         "missing_folds": [k for k in range(fold_count) if k not in folds],
         "options": {key: value for key, value in options.__dict__.items()
-                    if key in ("threshold", "largest_component", "min_size", "tta_flip", "flair_replaces",
-                               "precision")},
+                    if key in ("threshold", "largest_component", "min_size", "min_fraction", "tta_flip",
+                               "flair_replaces", "precision")},
         "dice": _stats(pooled["dice"]),
         "per_fold": {str(fold): _stats(pooled.loc[pooled["fold"] == fold, "dice"]) for fold in sorted(folds)},
         # kaggle_3m copies FLAIR over a sequence a patient lacks: such patients are scored apart.

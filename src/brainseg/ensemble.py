@@ -23,11 +23,13 @@ def _split_beside(model: Path, description: dict) -> dict | None:
 
 
 def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: float | None = None,
-                   settings_from: str | Path | None = None) -> dict:
+                   settings_from: str | Path | None = None, postprocessing: dict | None = None) -> dict:
     """Write `out`/model.pt averaging the members' probabilities; returns the ensemble's summary.
 
     `settings_from` copies the threshold and post-processing stored in another model file, e.g. the
-    validated ensemble whose members these are refits of (a refit has no patients left to tune on)."""
+    validated ensemble whose members these are refits of (a refit has no patients left to tune on).
+    `postprocessing` ({largest_component, min_size, min_fraction}, any of them) overrides the copied
+    post-processing, e.g. with what cross-validation chose (brainseg tune on the fold runs)."""
     import torch
 
     from brainseg import __version__
@@ -45,6 +47,15 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         settings = tuned_settings(settings_from)
     threshold = settings["threshold"] if threshold is None else threshold
     copied = {key: value for key, value in settings.items() if key != "threshold"}
+    given = {key: value for key, value in (postprocessing or {}).items() if value is not None}
+    if given:
+        unknown = sorted(set(given) - {"largest_component", "min_size", "min_fraction"})
+        if unknown:
+            raise OptionError(f"unknown post-processing setting(s): {', '.join(unknown)}")
+        if not 0 <= float(given.get("min_fraction", 0.0)) <= 1:
+            raise OptionError(f"--min-fraction must be between 0 and 1, got {given['min_fraction']}")
+        copied["postprocessing"] = {**copied.get("postprocessing", {}), **given,
+                                    "source": "given to brainseg ensemble"}
     if not 0 < threshold < 1:
         raise OptionError(f"--threshold must be between 0 and 1, got {threshold}")
     out = Path(out)

@@ -48,6 +48,7 @@ class EvaluateOptions:
     threshold: float | None = None  # None: the checkpoint's
     largest_component: bool | None = None  # keep the largest 3D component (None: as the model recommends)
     min_size: int | None = None  # drop 3D components smaller than this, in voxels (None: the model's)
+    min_fraction: float | None = None  # drop components under this share of the largest (None: model's)
     tta_flip: bool = False
     flair_replaces: str = ""  # "post" or "pre+post": overwrite those channels with FLAIR (robustness)
     precision: str = "auto"  # auto (bf16 where the hardware runs it natively) or 32
@@ -108,7 +109,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     ensure_outside(out, data)
     predictor = Predictor.load(model, precision=options.precision, tta_flip=options.tta_flip,
                                threshold=options.threshold, largest_component=options.largest_component,
-                               min_size=options.min_size)
+                               min_size=options.min_size, min_fraction=options.min_fraction)
     model = Path(predictor.source)
     result = scan(data, layout, progress=progress)
     rows = select_rows(result.table, split_for(model, options, predictor.description), options)

@@ -1,4 +1,5 @@
-"""Post-processing of binary masks: keep the largest 3D component, drop small components."""
+"""Post-processing of binary masks: keep the largest 3D component, drop small components, or drop
+components that are small next to the largest (which keeps every part of a multifocal tumour)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,26 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     return keep[labels]
 
 
-def postprocess(mask: np.ndarray, *, largest: bool = False, min_size: int = 0) -> np.ndarray:
+def remove_minor_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Drop connected components smaller than `min_fraction` times the largest one (0: keep all)."""
+    if min_fraction <= 0:
+        return mask.astype(bool)
+    labels, count = _label(mask.astype(bool))
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_fraction * sizes.max()
+    keep[0] = False
+    return keep[labels]
+
+
+def postprocess(mask: np.ndarray, *, largest: bool = False, min_size: int = 0,
+                min_fraction: float = 0.0) -> np.ndarray:
     if min_size:
         mask = remove_small_components(mask, min_size)
+    if min_fraction:
+        mask = remove_minor_components(mask, min_fraction)
     if largest:
         mask = largest_component(mask)
     return mask.astype(bool)

@@ -126,6 +126,7 @@ def _overlay_png(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
 def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, *, backend: str = "torch",
                   device: str = "cpu", batch_size: int = 16, save_probabilities: bool = False,
                   overlays: bool = True, largest_component: bool | None = None, min_size: int | None = None,
+                  min_fraction: float | None = None,
                   tta_flip: bool = False, threshold: float | None = None, axis: int = 2,
                   progress: bool = True, echo=print) -> pd.DataFrame:
     """Predict every case found in `inputs`, write masks/overlays under `out`, and predictions.csv."""
@@ -139,7 +140,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
             ensure_outside(out, item)
     predictor = Predictor.load(model, backend=backend, device=device, batch_size=batch_size,
                                tta_flip=tta_flip, threshold=threshold, largest_component=largest_component,
-                               min_size=min_size)
+                               min_size=min_size, min_fraction=min_fraction)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     pending: list[Case] = []  # single images wait here to go through the network as one batch

@@ -72,6 +72,7 @@ class Predictor:
     threshold: float | None = None  # None: the checkpoint's threshold
     largest_component: bool | None = None  # None: the checkpoint's post-processing (off if it has none)
     min_size: int | None = None  # None: the checkpoint's
+    min_fraction: float | None = None  # components under this share of the largest go (None: checkpoint's)
     source: str = ""
     identity: dict = field(default_factory=dict)
 
@@ -154,9 +155,11 @@ class Predictor:
     def postprocessing(self) -> dict:
         """The post-processing in force: the caller's choices over the checkpoint's recommendation."""
         stored = self.description.get("postprocessing", {})
-        largest, min_size = self.largest_component, self.min_size
+        largest, min_size, min_fraction = self.largest_component, self.min_size, self.min_fraction
         return {"largest_component": bool(stored.get("largest_component") if largest is None else largest),
-                "min_size": int((stored.get("min_size") if min_size is None else min_size) or 0)}
+                "min_size": int((stored.get("min_size") if min_size is None else min_size) or 0),
+                "min_fraction": float((stored.get("min_fraction") if min_fraction is None else min_fraction)
+                                      or 0.0)}
 
     def masks(self, probability: np.ndarray) -> np.ndarray:
         """Probabilities of one volume (N, H, W) or image (H, W) -> binary mask: threshold, then the
@@ -165,7 +168,7 @@ class Predictor:
 
         settings = self.postprocessing
         return postprocess(probability >= self.cutoff, largest=settings["largest_component"],
-                           min_size=settings["min_size"])
+                           min_size=settings["min_size"], min_fraction=settings["min_fraction"])
 
     def check_image(self, image: np.ndarray, name: str = "image") -> np.ndarray:
         """(H, W) or (H, W, C) uint8 -> (H, W, C) with the channel count the model expects."""

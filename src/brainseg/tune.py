@@ -21,65 +21,102 @@ from brainseg.progress import progress as progress_bar
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.2, 0.81, 0.05))
 MIN_SIZES = (0, 20, 100)
+# Which components survive: (largest only, minimum share of the largest). A share keeps every part of a
+# multifocal tumour that the largest component alone would drop.
+COMPONENTS = ((False, 0.0), (False, 0.1), (False, 0.25), (False, 0.5), (True, 0.0))
 
 
-def tune(model: str | Path, data: str | Path, out: str | Path, *, side: str = "val", split_file: str = "",
-         layout: str = "auto", store: bool = False, progress: bool = True) -> dict:
-    """Write tuning.csv (every combination) and tuning.json (each option alone, and the best)."""
+def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: str = "val",
+         split_file: str = "", layout: str = "auto", store: bool = False, progress: bool = True) -> dict:
+    """Write tuning.csv (every combination) and tuning.json (each option alone, and the best).
+
+    `model` is one model, scored on the `side` patients of its split, or a list of the runs of a
+    k-fold split, each scored on its own fold's validation patients and pooled (out of fold)."""
     from brainseg.data.index import ensure_outside, scan
     from brainseg.metrics import count, dice
     from brainseg.postprocess import postprocess
-    from brainseg.prediction import Predictor, resolve_model_path
 
-    if store and str(model) == "pretrained":
-        raise BadInputError("--store", "would write into the installed package; tune a copy of the model")
-    model, out = resolve_model_path(model), Path(out)
+    folds = isinstance(model, (list, tuple))
+    if folds and len(model) == 1:
+        model, folds = model[0], False
+    if store and (folds or str(model) == "pretrained"):
+        raise BadInputError("--store", "takes one model file that you own (not the installed package, "
+                                       "not several fold runs)")
+    out = Path(out)
     ensure_outside(out, data)
-    options = EvaluateOptions(side=side, split_file=split_file)
-    plain = Predictor.from_checkpoint(model)
     result = scan(data, layout, progress=progress)
-    # A model file away from its run (the shipped one) carries its split in its description.
-    rows = select_rows(result.table, split_for(model, options, plain.description), options)
-    flipped = dataclasses.replace(plain, tta_flip=True)  # the same network, not a second load
-    combos = list(itertools.product((False, True), (False, True), MIN_SIZES, THRESHOLDS))
+    jobs = _fold_jobs(model, result.table) if folds else [_job(model, result.table, side, split_file)]
+    combos = list(itertools.product((False, True), COMPONENTS, MIN_SIZES, THRESHOLDS))
     scores = {combo: [] for combo in combos}
-    patients = list(rows.groupby("patient", sort=True))
-    for _, volume in progress_bar(patients, desc="tuning", unit="patient", enabled=progress):
+    patients = [(plain, volume) for plain, rows in jobs for _, volume in rows.groupby("patient", sort=True)]
+    for plain, volume in progress_bar(patients, desc="tuning", unit="patient", enabled=progress):
         keys = volume.sort_values("slice")["image_path"].tolist()
         images = np.stack([result.store.image(k) for k in keys])
         truth = np.stack([result.store.mask(k) for k in keys]).astype(bool)
+        flipped = dataclasses.replace(plain, tta_flip=True)  # the same network, not a second load
         probabilities = {False: plain.predict_volume(images), True: flipped.predict_volume(images)}
-        for tta, largest, min_size, threshold in combos:
-            predicted = postprocess(probabilities[tta] >= threshold, largest=largest, min_size=min_size)
-            scores[(tta, largest, min_size, threshold)].append(dice(count(predicted, truth)))
-    table = pd.DataFrame([{"tta_flip": tta, "largest_component": largest, "min_size": min_size,
-                           "threshold": threshold, "dice_mean": float(np.nanmean(values)),
-                           "dice_median": float(np.nanmedian(values)), "dice_min": float(np.nanmin(values))}
-                          for (tta, largest, min_size, threshold), values in scores.items()])
+        for combo in combos:
+            tta, (largest, min_fraction), min_size, threshold = combo
+            predicted = postprocess(probabilities[tta] >= threshold, largest=largest, min_size=min_size,
+                                    min_fraction=min_fraction)
+            scores[combo].append(dice(count(predicted, truth)))
+    table = pd.DataFrame([{"tta_flip": tta, "largest_component": largest, "min_fraction": min_fraction,
+                           "min_size": min_size, "threshold": threshold,
+                           "dice_mean": float(np.nanmean(values)), "dice_median": float(np.nanmedian(values)),
+                           "dice_min": float(np.nanmin(values))}
+                          for (tta, (largest, min_fraction), min_size, threshold), values in scores.items()])
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tuning.csv", index=False)
-    summary = _summary(table, plain.cutoff, side, len(patients))
+    summary = _summary(table, jobs[0][0].cutoff, "val out of fold" if folds else side, len(patients))
+    if folds:
+        summary["runs"] = [str(run) for run in model]
     if store:
-        summary["stored_in"] = str(store_postprocessing(model, summary["recommended"]))
+        summary["stored_in"] = str(store_postprocessing(Path(jobs[0][0].source), summary["recommended"]))
     (out / "tuning.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def _job(model, table: pd.DataFrame, side: str, split_file: str):
+    """(predictor, the rows it is tuned on) for one model and a side of its split."""
+    from brainseg.prediction import Predictor, resolve_model_path
+
+    model = resolve_model_path(model)
+    options = EvaluateOptions(side=side, split_file=split_file)
+    plain = Predictor.from_checkpoint(model)
+    # A model file away from its run (the shipped one) carries its split in its description.
+    return plain, select_rows(table, split_for(model, options, plain.description), options)
+
+
+def _fold_jobs(runs: list, table: pd.DataFrame) -> list:
+    """One job per fold run, on its own fold's validation patients (checked as crossval checks them)."""
+    from brainseg.crossval import check_folds
+    from brainseg.prediction import Predictor
+
+    jobs = []
+    for fold, run in check_folds(runs)[0].items():
+        options = EvaluateOptions(side="val", fold=fold, split_file=str(run / "split.json"))
+        jobs.append((Predictor.from_checkpoint(run), select_rows(table, split_for(run, options), options)))
+    return jobs
+
+
 def _summary(table: pd.DataFrame, default: float, side: str, patients: int) -> dict:
-    def at(tta=False, largest=False, min_size=0, threshold=default) -> dict:
+    def at(tta=False, largest=False, min_fraction=0.0, min_size=0, threshold=default) -> dict:
         row = table[(table.tta_flip == tta) & (table.largest_component == largest)
-                    & (table.min_size == min_size) & np.isclose(table.threshold, threshold)]
+                    & np.isclose(table.min_fraction, min_fraction) & (table.min_size == min_size)
+                    & np.isclose(table.threshold, threshold)]
         return row.iloc[0].to_dict() if len(row) else {}
 
-    base = table[(~table.tta_flip) & (~table.largest_component) & (table.min_size == 0)]
+    base = table[(~table.tta_flip) & (~table.largest_component) & (table.min_fraction == 0)
+                 & (table.min_size == 0)]
     tuned = base.loc[base["dice_mean"].idxmax()].to_dict()
     best = table.loc[table["dice_mean"].idxmax()].to_dict()
     return {
         "side": side, "patients": patients, "metric": "mean Dice per patient volume",
         "baseline": at(),
-        "each_option_alone": {"largest_component": at(largest=True), "min_size_20": at(min_size=20),
-                              "min_size_100": at(min_size=100), "tta_flip": at(tta=True),
-                              "tuned_threshold": tuned},
+        "each_option_alone": {"largest_component": at(largest=True),
+                              **{f"min_fraction_{f:g}": at(min_fraction=f) for _, f in COMPONENTS if f},
+                              "min_size_20": at(min_size=20), "min_size_100": at(min_size=100),
+                              "tta_flip": at(tta=True), "tuned_threshold": tuned},
         "tuned_threshold": tuned,
         "best_combination": best,
         # What --store writes: the best without flip TTA, which doubles the cost of every prediction
@@ -107,7 +144,8 @@ def store_postprocessing(model: Path, chosen: dict) -> Path:
     return store_settings(model, {
         "threshold": float(chosen["threshold"]), "threshold_source": source,
         "postprocessing": {"largest_component": bool(chosen["largest_component"]),
-                           "min_size": int(chosen["min_size"]), "source": source}})
+                           "min_size": int(chosen["min_size"]),
+                           "min_fraction": float(chosen.get("min_fraction", 0.0)), "source": source}})
 
 
 def store_settings(model: Path, settings: dict) -> Path:
