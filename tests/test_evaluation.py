@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from brainseg.errors import BadInputError
 from brainseg.evaluation import EvaluateOptions, evaluate
@@ -304,3 +306,20 @@ def test_tune_pools_fold_runs_out_of_fold(tiny_run, tmp_path):
     assert summary["baseline"]["dice_mean"] == pytest.approx(pooled["dice"]["mean"], abs=1e-6)
     with pytest.raises(BadInputError, match="not several fold runs"):
         tune(runs, data, tmp_path / "stored", store=True, progress=False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_tune_scores_each_setting_as_postprocess_then_dice_would(seed):
+    from brainseg.metrics import count, dice
+    from brainseg.tune import COMPONENTS, MIN_SIZES, THRESHOLDS, dice_by_setting
+
+    rng = np.random.default_rng(seed)
+    probability = rng.random((3, 12, 12)) ** 3  # sparse blobs of high probability
+    truth = rng.random((3, 12, 12)) < 0.2
+    scores = dice_by_setting(probability, truth)
+    assert len(scores) == len(COMPONENTS) * len(MIN_SIZES) * len(THRESHOLDS)
+    for ((largest, min_fraction), min_size, threshold), value in scores.items():
+        mask = postprocess(probability >= threshold, largest=largest, min_size=min_size,
+                           min_fraction=min_fraction)
+        assert value == pytest.approx(dice(count(mask, truth)), nan_ok=True)

@@ -1,62 +1,58 @@
-"""Post-processing of binary masks: keep the largest 3D component, drop small components, or drop
-components that are small next to the largest (which keeps every part of a multifocal tumour)."""
+"""Post-processing of binary masks by connected component: keep the largest 3D component, drop small
+components, or drop components that are small next to the largest (which keeps every part of a
+multifocal tumour that keeping the largest alone would drop)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of the connected components (0 is background) and the size of each label (sizes[0] = 0)."""
     from scipy import ndimage
 
     # Full connectivity (26 in 3D, 8 in 2D): touching corners belong to one lesion.
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
-    return ndimage.label(mask, structure=structure)
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Only the largest connected component of a 2D slice or 3D volume (stacked slices)."""
-    labels, count = _label(mask.astype(bool))
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
+    labels, count = ndimage.label(mask.astype(bool), structure=structure)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0
-    return labels == int(sizes.argmax())
+    return labels, sizes
 
 
-def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop connected components with fewer than `min_size` pixels (voxels for a volume)."""
-    if min_size <= 0:
-        return mask.astype(bool)
-    labels, count = _label(mask.astype(bool))
-    if count == 0:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
-    keep[0] = False
-    return keep[labels]
-
-
-def remove_minor_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
-    """Drop connected components smaller than `min_fraction` times the largest one (0: keep all)."""
-    if min_fraction <= 0:
-        return mask.astype(bool)
-    labels, count = _label(mask.astype(bool))
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    keep = sizes >= min_fraction * sizes.max()
-    keep[0] = False
-    return keep[labels]
+def kept_components(sizes: np.ndarray, *, largest: bool = False, min_size: int = 0,
+                    min_fraction: float = 0.0) -> np.ndarray:
+    """Which labels survive, one boolean per label: first those of at least `min_size` voxels, then
+    those of at least `min_fraction` of the largest survivor, then (with `largest`) the largest only."""
+    keep = sizes > 0
+    if min_size > 0:
+        keep &= sizes >= min_size
+    if keep.any() and min_fraction > 0:
+        keep &= sizes >= min_fraction * sizes[keep].max()
+    if keep.any() and largest:
+        largest_label = int(np.argmax(np.where(keep, sizes, -1)))  # the first of equally large ones
+        keep = np.zeros_like(keep)
+        keep[largest_label] = True
+    return keep
 
 
 def postprocess(mask: np.ndarray, *, largest: bool = False, min_size: int = 0,
                 min_fraction: float = 0.0) -> np.ndarray:
-    if min_size:
-        mask = remove_small_components(mask, min_size)
-    if min_fraction:
-        mask = remove_minor_components(mask, min_fraction)
-    if largest:
-        mask = largest_component(mask)
-    return mask.astype(bool)
+    if not (largest or min_size > 0 or min_fraction > 0):
+        return mask.astype(bool)
+    labels, sizes = components(mask)
+    return kept_components(sizes, largest=largest, min_size=min_size, min_fraction=min_fraction)[labels]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Only the largest connected component of a 2D slice or 3D volume (stacked slices)."""
+    return postprocess(mask, largest=True)
+
+
+def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop connected components with fewer than `min_size` pixels (voxels for a volume)."""
+    return postprocess(mask, min_size=min_size)
+
+
+def remove_minor_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Drop connected components smaller than `min_fraction` times the largest one (0: keep all)."""
+    return postprocess(mask, min_fraction=min_fraction)

@@ -33,8 +33,6 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
     `model` is one model, scored on the `side` patients of its split, or a list of the runs of a
     k-fold split, each scored on its own fold's validation patients and pooled (out of fold)."""
     from brainseg.data.index import ensure_outside, scan
-    from brainseg.metrics import count, dice
-    from brainseg.postprocess import postprocess
 
     folds = isinstance(model, (list, tuple))
     if folds and len(model) == 1:
@@ -46,8 +44,7 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
     ensure_outside(out, data)
     result = scan(data, layout, progress=progress)
     jobs = _fold_jobs(model, result.table) if folds else [_job(model, result.table, side, split_file)]
-    combos = list(itertools.product((False, True), COMPONENTS, MIN_SIZES, THRESHOLDS))
-    scores = {combo: [] for combo in combos}
+    scores = {combo: [] for combo in itertools.product((False, True), COMPONENTS, MIN_SIZES, THRESHOLDS)}
     patients = [(plain, volume) for plain, rows in jobs for _, volume in rows.groupby("patient", sort=True)]
     for plain, volume in progress_bar(patients, desc="tuning", unit="patient", enabled=progress):
         keys = volume.sort_values("slice")["image_path"].tolist()
@@ -55,11 +52,9 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
         truth = np.stack([result.store.mask(k) for k in keys]).astype(bool)
         flipped = dataclasses.replace(plain, tta_flip=True)  # the same network, not a second load
         probabilities = {False: plain.predict_volume(images), True: flipped.predict_volume(images)}
-        for combo in combos:
-            tta, (largest, min_fraction), min_size, threshold = combo
-            predicted = postprocess(probabilities[tta] >= threshold, largest=largest, min_size=min_size,
-                                    min_fraction=min_fraction)
-            scores[combo].append(dice(count(predicted, truth)))
+        for tta, probability in probabilities.items():
+            for setting, value in dice_by_setting(probability, truth).items():
+                scores[(tta, *setting)].append(value)
     table = pd.DataFrame([{"tta_flip": tta, "largest_component": largest, "min_fraction": min_fraction,
                            "min_size": min_size, "threshold": threshold,
                            "dice_mean": float(np.nanmean(values)), "dice_median": float(np.nanmedian(values)),
@@ -74,6 +69,25 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
         summary["stored_in"] = str(store_postprocessing(Path(jobs[0][0].source), summary["recommended"]))
     (out / "tuning.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def dice_by_setting(probability: np.ndarray, truth: np.ndarray) -> dict:
+    """{(COMPONENTS entry, min size, threshold): Dice} for one volume. Each threshold's mask is labelled
+    once; each post-processing is then a choice of labels, scored from per-label overlaps."""
+    from brainseg.metrics import Counts, dice
+    from brainseg.postprocess import components, kept_components
+
+    true_voxels, scores = int(truth.sum()), {}
+    for threshold in THRESHOLDS:
+        labels, sizes = components(probability >= threshold)
+        overlap = np.bincount(labels[truth], minlength=len(sizes))
+        for (largest, min_fraction), min_size in itertools.product(COMPONENTS, MIN_SIZES):
+            keep = kept_components(sizes, largest=largest, min_size=min_size, min_fraction=min_fraction)
+            tp, predicted = int(overlap[keep].sum()), int(sizes[keep].sum())
+            fp, fn = predicted - tp, true_voxels - tp
+            counts = Counts(tp, fp, fn, labels.size - tp - fp - fn)
+            scores[((largest, min_fraction), min_size, threshold)] = dice(counts)
+    return scores
 
 
 def _job(model, table: pd.DataFrame, side: str, split_file: str):
