@@ -53,7 +53,8 @@ def slice_png(patient: Path) -> bytes:
 def test_health_and_page(client):
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["model"]["model"] == "unet"
-    assert health["postprocessing"] == {"largest_component": False, "min_size": 0}  # none stored in this run
+    assert health["postprocessing"] == {"largest_component": False, "min_size": 0,
+                                        "min_fraction": 0.0}  # none stored in this run
     page = client.get("/")
     assert page.status_code == 200 and "brainseg viewer" in page.text
     assert "/api/predict" in client.get("/openapi.json").json()["paths"]
