@@ -263,6 +263,7 @@ def test_crossval_pools_each_fold_on_its_own_validation_patients(tiny_run, tmp_p
 
     page = write_report(tmp_path / "cv").read_text()
     assert "Cross-validation (out of fold)" in page and 'href="out_of_fold.csv"' in page
+    assert "<td>all three sequences recorded</td>" in page and "out of fold on 3 patients" in page
     assert 'src="fold1/patient_dice.png"' in page  # each fold's own evaluation is in the report too
 
     # Runs that are not folds, or that repeat a fold, are refused before anything is scored.

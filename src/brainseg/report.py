@@ -105,7 +105,9 @@ def _evaluation_section(root: Path, folder: Path) -> str:
             for name in ("dice", "iou", "precision", "recall", "hd95")]
     detection = summary["detection"]
     side = summary["data"]["side"]
-    parts = [f"<h2>Evaluation: {html.escape(side)} patients ({summary['data']['patients']})</h2>",
+    where = folder.relative_to(root).as_posix()
+    where = f" <code>{html.escape(where)}</code>" if where != "." else ""
+    parts = [f"<h2>Evaluation: {html.escape(side)} patients ({summary['data']['patients']}){where}</h2>",
              f"<p>Model <code>{html.escape(str(summary['model'].get('model')))}</code>, threshold "
              f"{summary['options']['threshold']:g}. Scores per patient volume:</p>",
              _table(pd.DataFrame(rows)),
@@ -153,7 +155,7 @@ def _crossval_section(root: Path, folder: Path) -> str:
     groups = [("all", summary["dice"]), *((f"fold {k}", v) for k, v in summary["per_fold"].items()),
               ("a sequence copied from another", summary["copied_sequence"]),
               ("all three sequences recorded", summary["all_sequences"])]
-    table = pd.DataFrame([{"patients": name, **stats} for name, stats in groups])
+    table = pd.DataFrame([{"group": name, **stats} for name, stats in groups])
     missing = summary["missing_folds"]
     parts = ["<h2>Cross-validation (out of fold)</h2>", f"<p>{html.escape(summary['metric'])}.</p>",
              f"<p>Folds not given: {', '.join(map(str, missing))}.</p>" if missing else "", _table(table),
@@ -165,6 +167,13 @@ def _crossval_section(root: Path, folder: Path) -> str:
 def _headline(root: Path) -> str:
     """The evaluation results first, one line each, before the details."""
     lines = []
+    for crossval in sorted(root.rglob("crossval.json")):
+        dice = json.loads(crossval.read_text())["dice"]
+        if dice["mean"] is not None:
+            where = crossval.parent.relative_to(root).as_posix() or "."
+            lines.append(f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume out of fold on "
+                         f"{dice['patients']} patients (median {dice['median']:.3f}, min {dice['min']:.3f}; "
+                         f"<code>{html.escape(where)}</code>)</li>")
     for summary_path in sorted(root.rglob("summary.json")):
         summary = json.loads(summary_path.read_text())
         dice = summary.get("per_patient", {}).get("dice")
@@ -193,13 +202,13 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, title: st
     for config in sorted(root.rglob("config.yaml")):
         if (config.parent / "history.csv").exists():
             sections.append(_training_section(root, config.parent))
+    for crossval in sorted(root.rglob("crossval.json")):  # the pooled result before each fold's
+        sections.append(_crossval_section(root, crossval.parent))
     for summary in sorted(root.rglob("summary.json")):
         if "per_patient" in json.loads(summary.read_text()):
             sections.append(_evaluation_section(root, summary.parent))
     for compare in sorted(root.rglob("compare.csv")):
         sections.append(_comparison_section(root, compare.parent))
-    for crossval in sorted(root.rglob("crossval.json")):
-        sections.append(_crossval_section(root, crossval.parent))
     for predictions in sorted(root.rglob("predictions.csv")):
         name = predictions.parent.relative_to(root).as_posix()
         sections.append(_predictions_section(root, predictions.parent, f"Predictions: {name}"))
