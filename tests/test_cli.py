@@ -46,6 +46,8 @@ def test_help_does_not_import_heavy_libraries():
      "error: /no/such/run: not a brainseg run folder (no config.yaml)"),
     (["train", "--refit", "/no/such/run", "--resume", "/no/such/run"],
      "error: --refit takes the run's own config; do not combine it with --resume or --config"),
+    (["evaluate", "pretrained", "--data", "/no/such/data", "--out", "/tmp/never-eval", "--min-fraction", "2"],
+     "error: --min-fraction: must be between 0 and 1, not 2"),
     (["crossval", "/no/such/run", "--data", "/no/such/data", "--out", "/tmp/never-cv"],
      "error: /no/such/run: not a brainseg run folder (no config.yaml)"),
 ])

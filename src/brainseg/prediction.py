@@ -76,6 +76,10 @@ class Predictor:
     source: str = ""
     identity: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.min_fraction is not None and not 0 <= self.min_fraction <= 1:
+            raise BadInputError("--min-fraction", f"must be between 0 and 1, not {self.min_fraction:g}")
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", precision: str = "auto",
                         **options) -> Predictor:
