@@ -316,7 +316,7 @@ def tune_command(
 
     if split == "test":
         raise BadInputError("--split", "tuning on the test patients would leak them into model selection")
-    summary = tune(models if len(models) > 1 else models[0], data, out, side=split, store=store)
+    summary = tune(models, data, out, side=split, store=store)  # one run: tuned alone
     base = summary["baseline"]
     typer.echo(f"{summary['metric']} on {summary['patients']} {summary['side']} patients "
                f"(baseline, threshold {base['threshold']:g}): {base['dice_mean']:.4f}")

@@ -170,7 +170,7 @@ def _headline(root: Path) -> str:
     for crossval in sorted(root.rglob("crossval.json")):
         dice = json.loads(crossval.read_text())["dice"]
         if dice["mean"] is not None:
-            where = crossval.parent.relative_to(root).as_posix() or "."
+            where = crossval.parent.relative_to(root).as_posix()
             lines.append(f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume out of fold on "
                          f"{dice['patients']} patients (median {dice['median']:.3f}, min {dice['min']:.3f}; "
                          f"<code>{html.escape(where)}</code>)</li>")

@@ -90,12 +90,12 @@ def dice_by_setting(probability: np.ndarray, truth: np.ndarray) -> dict:
     return scores
 
 
-def _job(model, table: pd.DataFrame, side: str, split_file: str):
-    """(predictor, the rows it is tuned on) for one model and a side of its split."""
+def _job(model, table: pd.DataFrame, side: str, split_file: str, fold: int = -1):
+    """(predictor, the rows it is tuned on) for one model and a side of its split (or of a fold's)."""
     from brainseg.prediction import Predictor, resolve_model_path
 
     model = resolve_model_path(model)
-    options = EvaluateOptions(side=side, split_file=split_file)
+    options = EvaluateOptions(side=side, split_file=split_file, fold=fold)
     plain = Predictor.from_checkpoint(model)
     # A model file away from its run (the shipped one) carries its split in its description.
     return plain, select_rows(table, split_for(model, options, plain.description), options)
@@ -104,13 +104,9 @@ def _job(model, table: pd.DataFrame, side: str, split_file: str):
 def _fold_jobs(runs: list, table: pd.DataFrame) -> list:
     """One job per fold run, on its own fold's validation patients (checked as crossval checks them)."""
     from brainseg.crossval import check_folds
-    from brainseg.prediction import Predictor
 
-    jobs = []
-    for fold, run in check_folds(runs)[0].items():
-        options = EvaluateOptions(side="val", fold=fold, split_file=str(run / "split.json"))
-        jobs.append((Predictor.from_checkpoint(run), select_rows(table, split_for(run, options), options)))
-    return jobs
+    folds, _ = check_folds(runs)
+    return [_job(run, table, "val", str(run / "split.json"), fold) for fold, run in folds.items()]
 
 
 def _summary(table: pd.DataFrame, default: float, side: str, patients: int) -> dict:
