@@ -85,7 +85,11 @@ def test_the_recorded_precision_is_the_one_lightning_ran(synthetic, tmp_path):
 
 def test_resume_continues_from_the_saved_epoch(synthetic, tmp_path):
     run = tmp_path / "run"
-    train(small_config(synthetic, **{"train.epochs": 1}), run, progress=False)
+    # A threshold this high keeps validation Dice at 0, so the first epoch stays the best one...
+    train(small_config(synthetic, **{"train.epochs": 2, "train.threshold": 0.9999}), run, progress=False)
+    assert [p.name for p in (run / "checkpoints").glob("best-*")] == ["best-epoch000.ckpt"]
+    # ...and last.ckpt must still hold the last epoch (two steps an epoch)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     run_training(run, overrides={"train.epochs": 3}, resume=True, progress=False)
     history = pd.read_csv(run / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]
@@ -236,3 +240,32 @@ def test_two_and_a_half_d_context_stacks_neighbours(synthetic, tmp_path):
     assert predictor.context == 1 and predictor.in_channels == 9
     volume = np.stack([result.store.image(k) for k in result.table["image_path"][:5]])
     assert predictor.predict_volume(volume).shape == (5, 64, 64)
+
+
+@pytest.mark.parametrize("average", ["swa", "ema"])
+def test_weight_averaging_validates_and_saves_the_average(synthetic, tmp_path, average):
+    run = tmp_path / "run"
+    config = small_config(synthetic, **{"train.epochs": 2, "train.weight_average": average})
+    train(config, run, progress=False)
+    run_training(run, overrides={"train.epochs": 3}, resume=True, progress=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2
+    # 16 draws an epoch in batches of 8: two steps an epoch, each one averaged; resume kept counting.
+    assert int(last["averaging_state"]["n_averaged"]) == 6
+    averaged, current = last["state_dict"], last["current_model_state"]
+    key = next(k for k, v in averaged.items() if v.dim() == 4)
+    assert not torch.equal(averaged[key], current[key])
+    best = torch.load(next((run / "checkpoints").glob("best-*.ckpt")), map_location="cpu", weights_only=False)
+    exported = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(exported[key.removeprefix("model.")], best["state_dict"][key])
+
+
+def test_unknown_weight_average_is_a_one_line_error():
+    from brainseg.errors import OptionError
+
+    with pytest.raises(OptionError, match="weight_average must be one of none, swa, ema"):
+        RunConfig().override({"train.weight_average": "mean"})
+    with pytest.raises(OptionError, match="ema_decay"):
+        RunConfig().override({"train.ema_decay": 1.0})
+    with pytest.raises(OptionError, match="train.threshold must be between 0 and 1"):
+        RunConfig().override({"train.threshold": 1.0})

@@ -101,6 +101,9 @@ class AugmentConfig:
         return dataclasses.asdict(self)
 
 
+WEIGHT_AVERAGES = ("none", "swa", "ema")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 50
@@ -122,8 +125,19 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # validate every N epochs
     init_weights: str = ""  # model file or run folder to start from (fine-tuning, e.g. at a larger size)
+    # Validate and save an average of the weights instead of the last ones, updated every step: "swa"
+    # the plain mean of all of them, "ema" a moving average that keeps ema_decay of itself.
+    weight_average: str = "none"  # none, swa or ema
+    ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
+        if self.weight_average not in WEIGHT_AVERAGES:
+            raise OptionError(f"train.weight_average must be one of {', '.join(WEIGHT_AVERAGES)}, "
+                              f"got {self.weight_average!r}")
+        if not 0 < self.threshold < 1:
+            raise OptionError(f"train.threshold must be between 0 and 1, got {self.threshold}")
+        if not 0 < self.ema_decay < 1:
+            raise OptionError(f"train.ema_decay must be between 0 and 1, got {self.ema_decay}")
         milestones = self.lr_milestones
         if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
             raise OptionError(f"train.lr_milestones must be increasing epoch numbers of at least 1, "

@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    WeightAveraging,
+)
 from torch.utils.data import DataLoader
 
 from brainseg import __version__
@@ -386,16 +393,20 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         save_config(config, run_dir / "config.yaml")
         save_split(split, run_dir / "split.json")
 
+    # last.ckpt is written every epoch by a callback of its own: Lightning 2.6 refreshes a monitored
+    # callback's last.ckpt only when the best improves, and would make --resume restart from there.
+    latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+                             enable_version_counter=False)
+    callbacks = [latest, HistoryCallback(run_dir), LearningRateMonitor("epoch")]
     if refit:  # no validation: keep the last epoch, stop at train.epochs
-        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True)
-        callbacks = [checkpoint, HistoryCallback(run_dir), LearningRateMonitor("epoch")]
+        checkpoint = latest
     else:
         checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
-                                     auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1,
-                                     save_last=True)
-        callbacks = [checkpoint, HistoryCallback(run_dir), LearningRateMonitor("epoch"),
-                     EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
+                                     auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1)
+        callbacks += [checkpoint,
+                      EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
     train_cfg = config.train
+    callbacks += weight_averaging(train_cfg)
     trainer = L.Trainer(
         accelerator=accelerator, devices=train_cfg.devices,
         strategy="ddp" if train_cfg.devices > 1 else "auto",
@@ -412,7 +423,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     patient_scores: dict[str, float] = {}
     model_file = None
     if refit:
-        final = Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+        final = Path(latest.best_model_path) if latest.best_model_path else None  # unmonitored: the newest
         if final is not None and final.exists() and trainer.is_global_zero:
             model_file = export_model_file(final, run_dir / "model.pt")
         return TrainResult(run_dir, final, model_file, {}, (time.perf_counter() - started) / 60, refit=True)
@@ -425,6 +436,15 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
             _write_val_metrics(run_dir, best, patient_scores, val_table, precision, trainer)
     minutes = (time.perf_counter() - started) / 60
     return TrainResult(run_dir, best, model_file, patient_scores, minutes)
+
+
+def weight_averaging(train_cfg) -> list[Callback]:
+    """The callback that validates and checkpoints averaged weights (Lightning swaps them in)."""
+    if train_cfg.weight_average == "swa":  # Lightning's default: the plain mean of every step's weights
+        return [WeightAveraging()]
+    if train_cfg.weight_average == "ema":
+        return [EMAWeightAveraging(decay=train_cfg.ema_decay)]
+    return []
 
 
 def load_initial_weights(model: torch.nn.Module, source: str | Path) -> None:
