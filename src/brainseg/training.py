@@ -101,8 +101,8 @@ class SegmentationModule(L.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = create_loss(self.run_config.train.loss)
         self.val_patients = list(val_patients)
-        self.register_buffer("val_counts", torch.zeros(len(val_patients), 3, dtype=torch.float64),
-                             persistent=False)
+        # A plain tensor, not a buffer: weight averaging swaps buffers with the averaged copy's.
+        self.val_counts = torch.zeros(len(val_patients), 3, dtype=torch.float64)
         self.last_patient_dice: dict[str, float] = {}
         threshold = self.run_config.train.threshold
         self.logit_threshold = math.log(threshold / (1 - threshold))
@@ -126,7 +126,7 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self.val_counts.zero_()
+        self.val_counts = torch.zeros(len(self.val_patients), 3, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
         from brainseg.metrics import batch_scores
