@@ -445,8 +445,9 @@ def ensemble_command(
 ) -> None:
     """Combine trained models into one model that averages their probabilities.
 
-    Members may differ in network and 2.5D context but not in input size. The folder works
-    wherever a run folder does (evaluate, tune, compare, predict, export).
+    Members may differ in network, 2.5D context and input size (a smaller member sees its input
+    resized down and its logits resized back). The folder works wherever a run folder does
+    (evaluate, tune, compare, predict, export).
 
     Example: brainseg ensemble runs/unet runs/unet_ctx1 --out runs/ensemble
     """
