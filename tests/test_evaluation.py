@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -153,7 +154,6 @@ def test_postprocessing_components():
 
 
 def test_compare_two_runs_on_the_same_patients(tiny_run, tmp_path):
-    import shutil
 
     from brainseg.compare import compare_runs
 
@@ -174,7 +174,6 @@ def test_compare_two_runs_on_the_same_patients(tiny_run, tmp_path):
 
 
 def test_tune_measures_options_and_stores_its_choice(tiny_run, tmp_path):
-    import shutil
 
     from brainseg.tune import tune
 
@@ -219,7 +218,6 @@ def test_tune_reads_the_split_stored_in_a_model_file_away_from_its_run(tiny_run,
 
 def _as_fold(run, folder, fold: int, split: dict):
     """A copy of `run` that says it trained fold `fold` of `split` (a k-fold split)."""
-    import shutil
 
     import yaml
 
@@ -277,6 +275,32 @@ def test_crossval_pools_each_fold_on_its_own_validation_patients(tiny_run, tmp_p
         cross_validate([runs[1], _as_fold(run, tmp_path / "other", 1, other)], data, tmp_path / "cv4",
                        progress=False)
     assert not any((tmp_path / name).exists() for name in ("cv2", "cv3", "cv4"))
+    with pytest.raises(BadInputError, match="not inside a run folder"):
+        cross_validate([tmp_path / "cv" / "crossval.png"], data, tmp_path / "cv5", progress=False)
+
+
+def test_crossval_takes_a_checkpoint_inside_each_fold_run(tiny_run, tmp_path):
+    from brainseg.crossval import cross_validate
+
+    data, run = tiny_run
+    split = _two_folds(run)
+    runs = [_as_fold(run, tmp_path / f"fold{k}", k, split) for k in (0, 1)]
+    # Another model in one fold's checkpoints folder: the other fold's weights, so its scores differ.
+    (runs[0] / "checkpoints").mkdir(exist_ok=True)
+    other = runs[0] / "checkpoints" / "other.pt"
+    shutil.copy(run / "model.pt", other)
+    saved = torch.load(other, weights_only=True)
+    saved["state_dict"] = {k: torch.zeros_like(v) if v.is_floating_point() else v
+                           for k, v in saved["state_dict"].items()}
+    torch.save(saved, other)
+    options = EvaluateOptions(precision="32")
+    folders = cross_validate(runs, data, tmp_path / "cv_folders", options=options, progress=False)
+    files = cross_validate([other, runs[1] / "model.pt"], data, tmp_path / "cv_files", options=options,
+                           progress=False)
+    assert files["per_fold"]["1"] == folders["per_fold"]["1"]  # model.pt is what the folder scores
+    assert files["per_fold"]["0"] != folders["per_fold"]["0"]  # the given file, not the folder's model
+    pooled = pd.read_csv(tmp_path / "cv_files" / "out_of_fold.csv")
+    assert sorted(pooled.loc[pooled["fold"] == 0, "patient"]) == split["folds"][0]["val"]
 
 
 def test_crossval_scores_copied_sequence_patients_apart():

@@ -299,8 +299,9 @@ def evaluate_command(
 @app.command("tune")
 def tune_command(
     models: Annotated[list[Path], typer.Argument(
-        help="Run folder or model.pt; or the run folders of a k-fold split's folds, each tuned on its own "
-             "validation patients and pooled (out of fold).", show_default=False)],
+        help="Run folder or model.pt; or the run folders (or checkpoints inside them) of a k-fold "
+             "split's folds, each tuned on its own validation patients and pooled (out of fold).",
+        show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for tuning.csv and tuning.json.")]
     = Path("tuning"),
@@ -360,8 +361,9 @@ def compare_command(
 
 @app.command("crossval")
 def crossval_command(
-    runs: Annotated[list[Path], typer.Argument(help="One run folder per fold of a k-fold split.",
-                                               show_default=False)],
+    runs: Annotated[list[Path], typer.Argument(
+        help="One run folder per fold of a k-fold split, or a model file or checkpoint inside one "
+             "(RUN/checkpoints/last.ckpt scores the last epoch).", show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("crossval"),
     threshold: Annotated[float | None, typer.Option(help="Probability cut (default: each model's).")] = None,

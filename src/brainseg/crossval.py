@@ -28,15 +28,28 @@ def fold_of(run: Path) -> tuple[int, dict]:
     return fold, split
 
 
+def run_folder_of(model: Path) -> Path:
+    """The run folder of a run folder, of its model.pt or of one of its checkpoints/*.ckpt."""
+    if model.is_dir():
+        return model
+    if not model.exists():
+        raise BadInputError(model, "does not exist")
+    for folder in (model.parent, model.parent.parent):
+        if (folder / "config.yaml").exists():
+            return folder
+    raise BadInputError(model, "is not inside a run folder, so its fold is unknown")
+
+
 def check_folds(runs: list[str | Path]) -> tuple[dict[int, Path], int]:
-    """({fold: run folder} sorted by fold, the split's fold count) for runs that are distinct folds of
-    one k-fold split."""
+    """({fold: model} sorted by fold, the split's fold count) for runs that are distinct folds of one
+    k-fold split. A model is a run folder, or a model file or checkpoint inside one (e.g.
+    RUN/checkpoints/last.ckpt, to score the last epoch instead of the best)."""
     if not runs:
         raise BadInputError("crossval", "give the run folder of at least one fold")
     folds: dict[int, Path] = {}
     first_split = None
     for run in map(Path, runs):
-        fold, split = fold_of(run)
+        fold, split = fold_of(run_folder_of(run))
         if first_split is None:
             first_split = split
         elif split["folds"] != first_split["folds"]:
@@ -62,7 +75,7 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     tables = []
     for fold, run in folds.items():
         fold_options = EvaluateOptions(**{**base.__dict__, "side": "val", "fold": fold,
-                                          "split_file": str(run / "split.json")})
+                                          "split_file": str(run_folder_of(run) / "split.json")})
         evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options, progress=progress)
         table = pd.read_csv(out / f"fold{fold}" / "per_patient.csv")
         tables.append(table.assign(fold=fold, run=str(run)))

@@ -103,10 +103,11 @@ def _job(model, table: pd.DataFrame, side: str, split_file: str, fold: int = -1)
 
 def _fold_jobs(runs: list, table: pd.DataFrame) -> list:
     """One job per fold run, on its own fold's validation patients (checked as crossval checks them)."""
-    from brainseg.crossval import check_folds
+    from brainseg.crossval import check_folds, run_folder_of
 
     folds, _ = check_folds(runs)
-    return [_job(run, table, "val", str(run / "split.json"), fold) for fold, run in folds.items()]
+    return [_job(run, table, "val", str(run_folder_of(run) / "split.json"), fold)
+            for fold, run in folds.items()]
 
 
 def _summary(table: pd.DataFrame, default: float, side: str, patients: int) -> dict:
