@@ -49,7 +49,7 @@ def test_help_does_not_import_heavy_libraries():
     (["evaluate", "pretrained", "--data", "/no/such/data", "--out", "/tmp/never-eval", "--min-fraction", "2"],
      "error: --min-fraction: must be between 0 and 1, not 2"),
     (["crossval", "/no/such/run", "--data", "/no/such/data", "--out", "/tmp/never-cv"],
-     "error: /no/such/run: not a brainseg run folder (no config.yaml)"),
+     "error: /no/such/run: does not exist"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     result = run_cli(*args)
