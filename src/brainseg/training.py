@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import (
 from torch.utils.data import DataLoader
 
 from brainseg import __version__
-from brainseg.config import RunConfig, load_config, save_config
+from brainseg.config import RunConfig, TrainConfig, load_config, save_config
 from brainseg.data.dataset import NORMALISATION, SliceDataset, collate
 from brainseg.errors import BadInputError, OptionError
 
@@ -438,7 +438,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     return TrainResult(run_dir, best, model_file, patient_scores, minutes)
 
 
-def weight_averaging(train_cfg) -> list[Callback]:
+def weight_averaging(train_cfg: TrainConfig) -> list[Callback]:
     """The callback that validates and checkpoints averaged weights (Lightning swaps them in)."""
     if train_cfg.weight_average == "swa":  # Lightning's default: the plain mean of every step's weights
         return [WeightAveraging()]
