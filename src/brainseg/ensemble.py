@@ -33,6 +33,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
     import torch
 
     from brainseg import __version__
+    from brainseg.postprocess import check_min_fraction
     from brainseg.prediction import MODEL_FILE, file_digest, load_model_file
     from brainseg.training import CHECKPOINT_FORMAT
 
@@ -52,8 +53,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         unknown = sorted(set(given) - {"largest_component", "min_size", "min_fraction"})
         if unknown:
             raise OptionError(f"unknown post-processing setting(s): {', '.join(unknown)}")
-        if not 0 <= float(given.get("min_fraction", 0.0)) <= 1:
-            raise OptionError(f"--min-fraction must be between 0 and 1, got {given['min_fraction']}")
+        check_min_fraction(float(given.get("min_fraction", 0.0)))
         copied["postprocessing"] = {**copied.get("postprocessing", {}), **given,
                                     "source": "given to brainseg ensemble"}
     if not 0 < threshold < 1:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from brainseg.errors import OptionError
+
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels of the connected components (0 is background) and the size of each label (sizes[0] = 0)."""
@@ -17,6 +19,13 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0
     return labels, sizes
+
+
+def check_min_fraction(value: float) -> float:
+    """`value` if it is a share of the largest component (0..1), else a one-line error."""
+    if not 0 <= value <= 1:
+        raise OptionError(f"--min-fraction: must be between 0 and 1, not {value:g}")
+    return value
 
 
 def kept_components(sizes: np.ndarray, *, largest: bool = False, min_size: int = 0,

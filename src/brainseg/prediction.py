@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from brainseg.data.dataset import NORMALISATION
 from brainseg.errors import BadInputError
+from brainseg.postprocess import check_min_fraction, postprocess
 
 MODEL_FILE = "model.pt"
 
@@ -77,8 +78,8 @@ class Predictor:
     identity: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.min_fraction is not None and not 0 <= self.min_fraction <= 1:
-            raise BadInputError("--min-fraction", f"must be between 0 and 1, not {self.min_fraction:g}")
+        if self.min_fraction is not None:
+            check_min_fraction(self.min_fraction)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", precision: str = "auto",
@@ -168,8 +169,6 @@ class Predictor:
     def masks(self, probability: np.ndarray) -> np.ndarray:
         """Probabilities of one volume (N, H, W) or image (H, W) -> binary mask: threshold, then the
         post-processing in force (largest component in 3D over a volume's slices)."""
-        from brainseg.postprocess import postprocess
-
         settings = self.postprocessing
         return postprocess(probability >= self.cutoff, largest=settings["largest_component"],
                            min_size=settings["min_size"], min_fraction=settings["min_fraction"])
