@@ -15,6 +15,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
                                    "train.channels_last": "no", "model.options": {"upsample": "transpose"}})
     assert config.train.lr == 3e-4 and config.data.test_patients == ["A", "B"]
     assert RunConfig().override({"train.lr_milestones": "30, 38"}).train.lr_milestones == [30, 38]
+    assert RunConfig().override({"train.lr_milestones": "[30,38]"}).train.lr_milestones == [30, 38]
+    assert RunConfig().override({"train.lr_milestones": "[]"}).train.lr_milestones == []
     assert config.train.channels_last is False and config.model.options == {"upsample": "transpose"}
     path = save_config(config, tmp_path / "config.yaml")
     assert load_config(path) == config

@@ -239,8 +239,11 @@ def _coerce(hint, value, where: str):
     """Check a value against a field type, converting text from the command line."""
     origin = typing.get_origin(hint)
     if origin in (list, typing.List):  # noqa: UP006
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "30, 38" or, as YAML writes it, "[30, 38]"
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise OptionError(f"{where} must be a list, got {value!r}")
         item = (typing.get_args(hint) or (str,))[0]
