@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,25 @@ def test_one_epoch_writes_a_complete_run_folder(synthetic, tmp_path):
     model.load_state_dict(saved["state_dict"])  # one file is enough to rebuild the network
     with pytest.raises(Exception, match="already holds a run"):
         train(small_config(synthetic, **{"train.epochs": 1}), run, progress=False)
+
+
+def test_lightning_cloud_logger_advert_is_filtered_out():
+    from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
+
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger_connector.rank_zero_info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        logger_connector.rank_zero_info("GPU available: False, used: False")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [record.getMessage() for record in records] == ["GPU available: False, used: False"]
 
 
 def test_bf16_mixed_trains_with_finite_losses(synthetic, tmp_path):

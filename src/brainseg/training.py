@@ -12,6 +12,7 @@ validation of its own; its model.pt holds the last epoch and its split.json list
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -42,6 +43,9 @@ from brainseg.errors import BadInputError, OptionError
 CHECKPOINT_FORMAT = "brainseg-checkpoint/1"
 # Lightning 2.6 on torch 2.13 warns about its own use of a deprecated pytree API on every step.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Lightning 2.6 prints an advert for its cloud logger at the start of every fit; not ours to show.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip"))
 MONITOR = "val_patient_dice"
 
 
