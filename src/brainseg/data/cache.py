@@ -147,16 +147,32 @@ def read_manifest(directory: Path) -> dict | None:
         manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    return manifest if manifest.get("format") == CACHE_FORMAT else None
+    valid = isinstance(manifest, dict) and isinstance(manifest.get("keys"), list)
+    return manifest if valid and manifest.get("format") == CACHE_FORMAT else None
+
+
+class DamagedCacheError(ValueError):
+    """A cache folder whose files do not fit together (cut short, edited, or half deleted)."""
 
 
 def open_store(directory: Path) -> SliceStore:
+    """Map a cache folder, checking that its files agree, so that a damaged cache is rebuilt rather
+    than read as garbage."""
     manifest = read_manifest(directory)
     if manifest is None:
         raise FileNotFoundError(f"{directory}: no valid slice cache")
-    offsets = np.load(directory / "offsets.npy")
-    return SliceStore(_memmap(directory / "images.u8"), _memmap(directory / "masks.u8"),
-                      offsets, manifest["keys"])
+    keys = manifest["keys"]
+    try:
+        offsets = np.load(directory / "offsets.npy", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DamagedCacheError(f"{directory}: unreadable offsets ({error})") from None
+    if offsets.dtype != np.int64 or offsets.shape != (len(keys), _OFFSET_COLUMNS):
+        raise DamagedCacheError(f"{directory}: offsets of shape {offsets.shape} for {len(keys)} slices")
+    images, masks = _memmap(directory / "images.u8"), _memmap(directory / "masks.u8")
+    pixels = offsets[:, 1] * offsets[:, 2]
+    if images.size != int((pixels * offsets[:, 3]).sum()) or masks.size != int(pixels.sum()):
+        raise DamagedCacheError(f"{directory}: image or mask file does not match its offsets")
+    return SliceStore(images, masks, offsets, keys)
 
 
 def _memmap(path: Path) -> np.ndarray:

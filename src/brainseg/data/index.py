@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainseg.data.cache import (
+    DamagedCacheError,
     SliceStore,
     StoreWriter,
     cache_dir_for,
@@ -116,18 +117,33 @@ def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress
 
     digest = fingerprint(found.files)
     directory = cache_dir_for(root, layout) if cache else None
-    manifest = read_manifest(directory) if directory is not None else None
-    if manifest is not None and manifest.get("fingerprint") == digest:
-        table = pd.read_csv(directory / "index.csv", dtype={"patient": str})
-        store = open_store(directory)
-        content_problems = CheckReport.from_dicts(manifest["problems"]).problems
-        from_cache = True
+    cached = _read_cache(directory, digest, notes) if directory is not None else None
+    from_cache = cached is not None
+    if cached is not None:
+        table, store, content_problems = cached
     else:
         table, store, content_problems = _decode(found, directory, digest, progress, workers)
-        from_cache = False
     table.attrs.update(layout=layout, root=str(root))
     report = CheckReport(found.problems + content_problems)
     return Scan(table, store, report, layout, root, from_cache, notes)
+
+
+def _read_cache(directory: Path, digest: str,
+                notes: list[str]) -> tuple[pd.DataFrame, SliceStore, list[Problem]] | None:
+    """The cached table, slices and problems when they are current and whole; None to decode again."""
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.get("fingerprint") != digest:
+        return None
+    try:
+        table = pd.read_csv(directory / "index.csv", dtype={"patient": str})
+        store = open_store(directory)
+        problems = CheckReport.from_dicts(manifest["problems"]).problems
+        if list(table["image_path"].astype(str)) != store.keys:
+            raise DamagedCacheError(f"{directory}: index.csv does not match the slices")
+    except (OSError, ValueError, KeyError, TypeError):  # pandas' parse errors are ValueErrors
+        notes.append(f"slice cache {directory} was damaged; rebuilt it")
+        return None
+    return table, store, problems
 
 
 def index_dataset(root: str | Path, layout: str = "auto", **options) -> pd.DataFrame:
