@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brainseg.errors import OptionError
+
 
 def check_input_size(x: torch.Tensor, depth: int) -> None:
     """Raise ValueError unless H and W of `x` are divisible by 2**depth.
@@ -27,7 +29,9 @@ def check_input_size(x: torch.Tensor, depth: int) -> None:
 def check_common_args(
     in_channels: int, out_channels: int, base_filters: int, depth: int, dropout: float
 ) -> None:
-    """Reject nonsensical constructor arguments early, with a message naming them."""
+    """Reject nonsensical constructor arguments early, with a message naming them.
+
+    An OptionError (a ValueError too): these come from the user's model settings."""
     for name, value in (
         ("in_channels", in_channels),
         ("out_channels", out_channels),
@@ -35,9 +39,9 @@ def check_common_args(
         ("depth", depth),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise OptionError(f"{name} must be a positive integer, got {value!r}")
     if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise OptionError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 def norm2d(channels: int, batch_norm: bool) -> nn.Module:
