@@ -16,6 +16,35 @@ from typing import Any
 
 from brainseg.errors import BadInputError, OptionError
 
+MAX_SEED = 2**32 - 1  # what numpy and scikit-learn accept as a seed
+MIN_IMAGE_SIZE = 16
+
+
+def check_ranges(section: str, config: Any, ranges: dict[str, str],
+                 error: type[OptionError] = OptionError) -> None:
+    """Raise `error` naming the first field of `config` outside its interval, e.g. "[0, 1)" or "(0, inf)"."""
+    for name, interval in ranges.items():
+        value = getattr(config, name)
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        inside = number and (low <= value if interval[0] == "[" else low < value) and (
+            value <= high if interval[-1] == "]" else value < high)
+        if inside:
+            continue
+        if math.isinf(high):
+            wanted = f"at least {low:g}" if interval[0] == "[" else f"greater than {low:g}"
+            wanted += " and finite" if isinstance(value, float) else ""
+        else:
+            wanted = f"in {interval}"
+        raise error(f"{section}.{name} must be {wanted}, got {value!r}")
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """A seed numpy and scikit-learn accept (0 to 2**32 - 1), else an OptionError naming `name`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise OptionError(f"{name} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return seed
+
 
 @dataclass
 class DataConfig:
@@ -39,6 +68,11 @@ class DataConfig:
     cache: bool = True
 
     def __post_init__(self) -> None:
+        # val and test are checked with the split itself (splits.split_patients)
+        check_ranges("data", self, {
+            "image_size": f"[{MIN_IMAGE_SIZE}, inf)", "context": "[0, inf)", "tumour_weight": "(0, inf)",
+            "samples_per_epoch": "[0, inf)", "num_workers": "[-1, inf)", "folds": "[0, inf)",
+            "fold": "[-1, inf)"})
         if not 0 <= self.patch_size <= self.image_size:
             raise OptionError(f"data.patch_size must be between 0 (whole slices) and data.image_size "
                               f"({self.image_size}), got {self.patch_size}")
@@ -52,6 +86,10 @@ class ModelConfig:
     dropout: float = 0.1
     batch_norm: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # extra model arguments
+
+    def __post_init__(self) -> None:
+        # depth 16 already needs inputs of 65536 pixels a side
+        check_ranges("model", self, {"base_filters": "[1, inf)", "depth": "[1, 16]", "dropout": "[0, 1)"})
 
 
 class AugmentConfigError(OptionError):
@@ -82,26 +120,19 @@ class AugmentConfig:
     p_missing_sequence: float = 0.0
 
     def __post_init__(self) -> None:
-        bounded = {  # name: (low, high, high included)
-            "rotation_deg": (0.0, 180.0, True), "shift": (0.0, 1.0, False), "shear_deg": (0.0, 90.0, False),
-            "zoom": (0.0, 1.0, False), "brightness": (0.0, 1.0, True), "contrast": (0.0, 1.0, False),
-            "gamma": (0.0, 1.0, False), "noise_std": (0.0, 1.0, True), "p_geometric": (0.0, 1.0, True),
-            "p_intensity": (0.0, 1.0, True), "p_elastic": (0.0, 1.0, True),
-            "p_missing_sequence": (0.0, 1.0, True),
-        }
-        for name, (low, high, closed) in bounded.items():
-            value = getattr(self, name)
-            number = isinstance(value, (int, float)) and math.isfinite(value)
-            if not (number and (low <= value <= high if closed else low <= value < high)):
-                bracket = "]" if closed else ")"
-                raise AugmentConfigError(
-                    f"augment.{name} must be in [{low:g}, {high:g}{bracket}, got {value!r}")
+        check_ranges("augment", self, {
+            "rotation_deg": "[0, 180]", "shift": "[0, 1)", "shear_deg": "[0, 90)", "zoom": "[0, 1)",
+            "brightness": "[0, 1]", "contrast": "[0, 1)", "gamma": "[0, 1)", "noise_std": "[0, 1]",
+            "p_geometric": "[0, 1]", "p_intensity": "[0, 1]", "p_elastic": "[0, 1]",
+            "p_missing_sequence": "[0, 1]"}, AugmentConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 WEIGHT_AVERAGES = ("none", "swa", "ema")
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")  # what Lightning runs
+ACCELERATORS = ("auto", "cpu", "gpu")
 
 
 @dataclass
@@ -116,7 +147,7 @@ class TrainConfig:
     lr_factor: float = 0.5
     lr_milestones: list[int] = field(default_factory=list)  # epochs where LR *= lr_factor (else on plateau)
     min_lr: float = 1e-6
-    precision: str = "auto"  # auto, 32, bf16-mixed or 16-mixed
+    precision: str = "auto"  # auto, 32 (= 32-true), bf16-mixed or 16-mixed
     channels_last: bool = True
     accelerator: str = "auto"  # auto, cpu or gpu
     devices: int = 1  # > 1 trains with DDP
@@ -131,9 +162,16 @@ class TrainConfig:
     ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
-        if self.weight_average not in WEIGHT_AVERAGES:
-            raise OptionError(f"train.weight_average must be one of {', '.join(WEIGHT_AVERAGES)}, "
-                              f"got {self.weight_average!r}")
+        check_ranges("train", self, {
+            "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
+            "early_stopping_patience": "[1, inf)", "lr_patience": "[0, inf)", "lr_factor": "(0, 1)",
+            "min_lr": "[0, inf)", "devices": "[1, inf)", "max_minutes": "[0, inf)", "val_every": "[1, inf)"})
+        check_seed(self.seed, "train.seed")
+        for name, allowed in (("weight_average", WEIGHT_AVERAGES), ("precision", PRECISIONS),
+                              ("accelerator", ACCELERATORS)):
+            if getattr(self, name) not in allowed:
+                raise OptionError(f"train.{name} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
         if not 0 < self.threshold < 1:
             raise OptionError(f"train.threshold must be between 0 and 1, got {self.threshold}")
         if not 0 < self.ema_decay < 1:
@@ -150,6 +188,15 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # The network halves its input `depth` times, so a side must divide by 2**depth.
+        factor = 2**self.model.depth
+        for name in ("image_size", "patch_size"):
+            side = getattr(self.data, name)
+            if side % factor:
+                raise OptionError(f"data.{name} must be a multiple of 2**model.depth = {factor} (a network "
+                                  f"of depth {self.model.depth}), got {side}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,7 +216,11 @@ class RunConfig:
                 if isinstance(value, str):
                     import yaml
 
-                    value = yaml.safe_load(value)  # "2" -> 2, "true" -> True, as in a YAML config
+                    try:
+                        value = yaml.safe_load(value)  # "2" -> 2, "true" -> True, as in a YAML config
+                    except yaml.YAMLError as error:
+                        raise OptionError(f"{key}: {value!r} is not a valid YAML value "
+                                          f"({str(error).splitlines()[0]})") from None
                 option = name.removeprefix("options.")
                 merged["model"]["options"] = {**merged["model"]["options"], option: value}
                 continue
@@ -196,6 +247,8 @@ def load_config(path: str | Path) -> RunConfig:
         values = yaml.safe_load(path.read_text())
     except OSError as error:
         raise BadInputError(path, f"cannot read config ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise BadInputError(path, "not UTF-8 text; a config is a UTF-8 YAML file") from None
     except yaml.YAMLError as error:
         raise BadInputError(path, f"not valid YAML ({str(error).splitlines()[0]})") from None
     if values is not None and not isinstance(values, dict):
