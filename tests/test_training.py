@@ -292,3 +292,12 @@ def test_unknown_weight_average_is_a_one_line_error():
         RunConfig().override({"train.ema_decay": 1.0})
     with pytest.raises(OptionError, match="threshold must be between 0 and 1"):
         RunConfig().override({"train.threshold": 1.0})
+
+
+def test_a_run_folder_inside_the_data_set_is_refused_before_anything_is_written(synthetic):
+    from brainseg.errors import BadInputError
+
+    before = sorted(synthetic.rglob("*"))
+    with pytest.raises(BadInputError, match="is inside the data folder"):
+        run_training(synthetic / "run", overrides={**SMALL, "data.root": str(synthetic)}, progress=False)
+    assert sorted(synthetic.rglob("*")) == before

@@ -354,7 +354,7 @@ def refit_settings(run_dir: str | Path) -> dict:
 
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train one model as `config` says and write the run folder `out`."""
-    from brainseg.data.index import scan
+    from brainseg.data.index import ensure_outside, scan
 
     run_dir = Path(out)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -365,6 +365,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         raise BadInputError(run_dir, "already holds a run; use --resume to continue it or choose a new --out")
     if not config.data.root:
         raise OptionError("no data folder: pass --data DIR (or set data.root in the config)")
+    ensure_outside(run_dir, config.data.root)
     from brainseg.models import available_models
     from brainseg.models.registry import canonical_name
 
@@ -377,6 +378,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     precision = resolve_precision(config.train.precision, accelerator)
 
     result = scan(config.data.root, config.data.layout, cache=config.data.cache, progress=progress)
+    ensure_outside(run_dir, result.root)
     split = prepare_split(config, result.table)
     refit = config.data.refit
     if refit:  # a plain split from here on, so split_tables ignores the fold
