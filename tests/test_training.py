@@ -301,3 +301,14 @@ def test_a_run_folder_inside_the_data_set_is_refused_before_anything_is_written(
     with pytest.raises(BadInputError, match="is inside the data folder"):
         run_training(synthetic / "run", overrides={**SMALL, "data.root": str(synthetic)}, progress=False)
     assert sorted(synthetic.rglob("*")) == before
+
+
+def test_a_fold_of_a_split_without_folds_is_refused(synthetic, tmp_path):
+    from brainseg.errors import OptionError
+    from brainseg.training import refit_split
+
+    with pytest.raises(OptionError, match=r"data\.fold is 1 but the split has no folds"):
+        train(small_config(synthetic, **{"data.fold": 1}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    plain = {"train": ["A", "B"], "val": ["C"], "test": []}
+    assert refit_split(plain, -1)["train"] == ["A", "B", "C"]  # a refit of a plain run has no fold

@@ -63,10 +63,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def resolve_accelerator(accelerator: str) -> str:
-    if accelerator == "auto":
+    if accelerator == "auto":  # the others (cpu, gpu) are checked by TrainConfig
         return "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator not in ("cpu", "gpu"):
-        raise OptionError(f"train.accelerator must be auto, cpu or gpu, got {accelerator!r}")
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise OptionError("train.accelerator is gpu but no CUDA GPU is available")
     return accelerator
@@ -309,6 +307,9 @@ def prepare_split(config: RunConfig, table: pd.DataFrame) -> dict:
 def _train_and_val(split: dict, fold: int) -> dict:
     """The split's train/val patient lists, or those of `fold` in a k-fold split."""
     if "folds" not in split:
+        if fold >= 0:
+            raise OptionError(f"data.fold is {fold} but the split has no folds; make a k-fold split "
+                              "(data.folds, or brainseg split --folds K) or leave out the fold")
         return split
     if not 0 <= fold < len(split["folds"]):
         raise OptionError(f"data.fold must be in 0..{len(split['folds']) - 1} for this k-fold split")
@@ -381,9 +382,10 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     ensure_outside(run_dir, result.root)
     split = prepare_split(config, result.table)
     refit = config.data.refit
-    if refit:  # a plain split from here on, so split_tables ignores the fold
-        split = refit_split(split, max(config.data.fold, 0))
-    train_table, val_table = split_tables(result.table, split, config.data.fold)
+    fold = config.data.fold
+    if refit:  # a plain split from here on, with the fold's patients
+        split, fold = refit_split(split, fold), -1
+    train_table, val_table = split_tables(result.table, split, fold)
     if train_table.empty or (val_table.empty and not refit):
         raise OptionError("the split leaves no training or no validation slices; check data.val / data.split")
     workers = config.data.num_workers if config.data.num_workers >= 0 else default_workers(accelerator)
