@@ -50,6 +50,12 @@ def test_help_does_not_import_heavy_libraries():
      "error: --min-fraction: must be between 0 and 1, not 2"),
     (["crossval", "/no/such/run", "--data", "/no/such/data", "--out", "/tmp/never-cv"],
      "error: /no/such/run: does not exist"),
+    (["explore", "/no/such/folder", "--samples", "0"],
+     "error: samples (slices in the sample grid) must be at least 1, got 0"),
+    (["explore", "/no/such/folder", "--seed", "-1"],
+     "error: seed must be a whole number from 0 to 4294967295, got -1"),
+    (["synth", "/tmp/never-synth", "--size", "100000"],
+     "error: size must be from 64 to 1024 pixels, got 100000"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     result = run_cli(*args)

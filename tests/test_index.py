@@ -12,7 +12,7 @@ import tifffile
 from brainseg.data.checks import Kind
 from brainseg.data.index import ensure_outside, index_dataset, scan, write_index
 from brainseg.data.io import read_image
-from brainseg.errors import BadInputError
+from brainseg.errors import BadInputError, OptionError
 from conftest import make_kaggle_tree, tree_state, write_png, write_slice
 
 PATIENT_A = "TCGA_AA_0001_20000101"
@@ -182,6 +182,21 @@ def test_nothing_is_written_into_the_data_folder(tmp_path):
             write()
     assert tree_state(root) == before
     assert ensure_outside(tmp_path / "elsewhere.csv", root) == tmp_path / "elsewhere.csv"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"samples": 0}, "samples .* must be at least 1, got 0"),
+    ({"samples": -5}, "samples .* must be at least 1, got -5"),
+    ({"seed": -1}, "seed must be a whole number from 0 to 4294967295, got -1"),
+    ({"seed": 2**32}, "seed must be a whole number"),
+])
+def test_explore_refuses_bad_options_before_writing(tmp_path, options, message):
+    from brainseg.data.explore import explore
+
+    root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 2})
+    with pytest.raises(OptionError, match=message):
+        explore(root, tmp_path / "explore", **options)
+    assert not (tmp_path / "explore").exists()
 
 
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, isolated_cache):

@@ -17,7 +17,7 @@ from brainseg.data.splits import (
     split_patients,
     validate_split,
 )
-from brainseg.errors import BadInputError, SplitLeakError
+from brainseg.errors import BadInputError, OptionError, SplitLeakError
 
 
 def fake_index(voxels: list[int], slices: int = 4, layout: str = "kaggle_3m") -> pd.DataFrame:
@@ -81,6 +81,12 @@ def test_fixed_test_patients():
 def test_images_masks_layout_splits_per_image():
     split = split_patients(fake_index([50] * 20, slices=1, layout="images_masks"), seed=1)
     assert split["unit"] == "image"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 99999999999999999999])
+def test_seeds_numpy_and_sklearn_cannot_take_are_refused(seed):
+    with pytest.raises(OptionError, match=f"seed must be a whole number from 0 to 4294967295, got {seed}"):
+        split_patients(fake_index([100] * 10), seed=seed)
 
 
 @pytest.mark.parametrize("val, test", [(0.6, 0.5), (-0.1, 0.1), (0.0, 1.0)])

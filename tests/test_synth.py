@@ -12,7 +12,7 @@ import tifffile
 from PIL import Image
 
 from brainseg.data.synth import LABEL_NAMES, synthesize
-from brainseg.errors import BadInputError
+from brainseg.errors import BadInputError, OptionError
 
 FOLDER_RE = re.compile(r"TCGA_SY_\d{4}_\d{8}")
 
@@ -164,11 +164,13 @@ def test_accepts_empty_existing_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"size": 32}, {"layout": "nifti"}, {"patients": 0}, {"slices": (6, 4)}],
+    "kwargs, message",
+    [({"size": 32}, "size must be from 64 to 1024"), ({"size": 100_000}, "size must be from 64 to 1024"),
+     ({"layout": "nifti"}, "layout"), ({"patients": 0}, "patients"), ({"slices": (6, 4)}, "slices"),
+     ({"seed": -1}, "seed must be a whole number from 0 to 4294967295"), ({"seed": 2**32}, "seed")],
 )
-def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
         synthesize(tmp_path / "d", **kwargs)
     assert not (tmp_path / "d").exists()
 

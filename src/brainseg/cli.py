@@ -151,7 +151,7 @@ def explore_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for summary.json and PNGs.")]
     = Path("explore"),
     seed: Annotated[int, typer.Option(help="Seed for the sample grid.")] = 0,
-    samples: Annotated[int, typer.Option(help="Slices in the sample grid.")] = 6,
+    samples: Annotated[int, typer.Option(help="Slices in the sample grid (at least 1).")] = 6,
     layout: Layout = "auto",
 ) -> None:
     """Summarise a data set (counts, shapes, intensities) and draw figures into OUT.
@@ -172,7 +172,7 @@ def synth_command(
                                         show_default=False)],
     patients: Annotated[int, typer.Option(help="Number of patients.")] = 6,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    size: Annotated[int, typer.Option(help="Image side in pixels, 64 to 1024.")] = 256,
     layout: Annotated[str, typer.Option(help="kaggle_3m or images_masks.")] = "kaggle_3m",
 ) -> None:
     """Write a synthetic data set with kaggle_3m names: FLAIR-bright lesions and their masks.
@@ -271,7 +271,9 @@ def evaluate_command(
     flair_replaces: Annotated[str, typer.Option(
         help="Robustness check: overwrite post-contrast ('post') or pre- and post-contrast ('pre+post') "
              "with FLAIR before predicting, as kaggle_3m does for a missing sequence.")] = "",
-    seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.")] = 0,
+    # evaluate() does not check the seed itself (numpy: "expected non-negative integer")
+    seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.",
+                                      min=0, max=2**32 - 1)] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
     layout: Layout = "auto",
 ) -> None:

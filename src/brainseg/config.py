@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,9 +42,9 @@ def check_ranges(section: str, config: Any, ranges: dict[str, str],
 
 def check_seed(seed: Any, name: str = "seed") -> int:
     """A seed numpy and scikit-learn accept (0 to 2**32 - 1), else an OptionError naming `name`."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
         raise OptionError(f"{name} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
-    return seed
+    return int(seed)
 
 
 @dataclass

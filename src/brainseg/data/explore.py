@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 
 from brainseg import plots
+from brainseg.config import check_seed
 from brainseg.data.cache import SliceStore
 from brainseg.data.index import Scan, ensure_outside, scan
 from brainseg.data.io import equal_channel_pairs
 from brainseg.data.splits import patient_table, split_unit
+from brainseg.errors import OptionError
 
 
 def summarise(result: Scan) -> dict:
@@ -121,6 +123,9 @@ def summary_lines(summary: dict) -> list[str]:
 def explore(root: str | Path, out: str | Path, *, layout: str = "auto", seed: int = 0,
             samples: int = 6, progress: bool = False) -> dict:
     """Write summary.json and the exploration figures to `out`; return the summary."""
+    seed = check_seed(seed)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise OptionError(f"samples (slices in the sample grid) must be at least 1, got {samples!r}")
     ensure_outside(out, root)
     result = scan(root, layout, progress=progress)
     out = ensure_outside(out, result.root)

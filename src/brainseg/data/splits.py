@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainseg.config import check_seed
 from brainseg.errors import BadInputError, SplitLeakError
 
 SPLIT_FORMAT = "brainseg-split/1"
@@ -50,6 +51,7 @@ def split_patients(table: pd.DataFrame, *, val: float = 0.15, test: float = 0.15
     """
     from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
+    seed = check_seed(seed)
     patients = patient_table(table)
     names = patients.index.to_numpy(dtype=str)
     unknown = sorted(set(test_patients) - set(names))

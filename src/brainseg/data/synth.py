@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainseg.config import check_seed
 from brainseg.errors import BadInputError, OptionError
 
 __all__ = ["LABEL_NAMES", "LAYOUTS", "synthesize"]
@@ -22,6 +23,7 @@ __all__ = ["LABEL_NAMES", "LAYOUTS", "synthesize"]
 LAYOUTS = ("kaggle_3m", "images_masks")
 LABEL_NAMES = ("meningioma", "glioma", "pituitary")
 MIN_SIZE = 64
+MAX_SIZE = 1024  # real sets are 256 or 512; memory grows with size**2 (~0.4 GB a patient at 1024)
 
 # Tissue intensities per channel (pre-contrast T1, FLAIR, post-contrast T1) on the 0..255
 # scale, set by eye against the LGG set: bright scalp fat, dark bone, CSF dark on FLAIR.
@@ -120,8 +122,9 @@ def synthesize(
     """
     if layout not in LAYOUTS:
         raise OptionError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if int(size) < MIN_SIZE:
-        raise OptionError(f"size must be at least {MIN_SIZE}, got {size}")
+    if not MIN_SIZE <= int(size) <= MAX_SIZE:
+        raise OptionError(f"size must be from {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
+    seed = check_seed(seed)
     if int(patients) < 1:
         raise OptionError(f"patients must be at least 1, got {patients}")
     lo, hi = (int(s) for s in slices)
