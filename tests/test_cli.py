@@ -54,6 +54,8 @@ def test_help_does_not_import_heavy_libraries():
      "error: samples (slices in the sample grid) must be at least 1, got 0"),
     (["explore", "/no/such/folder", "--seed", "-1"],
      "error: seed must be a whole number from 0 to 4294967295, got -1"),
+    (["compare", "/no/such/run", "--data", "/no/such/data", "--out", "/tmp/never-cmp"],
+     "error: /no/such/run: does not exist"),
     (["synth", "/tmp/never-synth", "--size", "100000"],
      "error: size must be from 64 to 1024 pixels, got 100000"),
 ])
@@ -62,6 +64,19 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert result.returncode == 2
     assert result.stderr.strip() == message
     assert "Traceback" not in result.stderr
+
+
+def test_an_output_where_a_file_stands_names_the_file(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {"TCGA_AA_0001_20000101": 2})
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    for args in (["synth", str(afile / "new")], ["explore", str(root), "--out", str(afile)],
+                 ["index", str(root), "--out", str(afile / "index.csv")]):
+        result = run_cli(*args)
+        assert result.returncode == 2
+        last = result.stderr.strip().splitlines()[-1]  # after any progress lines
+        assert last == f"error: {afile}: is a file, not a folder"  # was "File exists" / "Not a directory"
+        assert "Traceback" not in result.stderr
 
 
 def test_output_inside_data_folder_is_refused(tmp_path):

@@ -538,6 +538,18 @@ def report_command(
     typer.echo(f"wrote {write_report(folder, title=f'brainseg report: {folder.name}')}")
 
 
+def _os_error_line(error: OSError) -> str:
+    """One line for an OSError, naming the file that stands where a folder is wanted."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename:
+        # mkdir of OUT or OUT/x where OUT is a file says only "File exists" or "Not a directory"
+        path = Path(error.filename)
+        blocking = next((p for p in (path, *path.parents) if p.is_file()), None)
+        if blocking is not None:
+            return f"{blocking}: is a file, not a folder"
+    name = f"{error.filename}: " if error.filename else ""
+    return f"{name}{error.strerror or error}"
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr, never a traceback."""
     try:
@@ -546,8 +558,7 @@ def main() -> None:
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)
     except OSError as error:  # e.g. an output folder that cannot be written
-        name = f"{error.filename}: " if error.filename else ""
-        typer.echo(f"error: {name}{error.strerror or error}", err=True)
+        typer.echo(f"error: {_os_error_line(error)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -42,6 +42,9 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     if not runs:
         raise BadInputError("compare", "give at least one run folder")
     runs = [Path(r) for r in runs]
+    for run in runs:
+        if not run.exists():
+            raise BadInputError(run, "does not exist")
     out = Path(out)
     split_path = Path(split_file) if split_file else (runs[0] / "split.json")
     split = load_split(split_path)
