@@ -56,6 +56,7 @@ def test_help_does_not_import_heavy_libraries():
      "error: seed must be a whole number from 0 to 4294967295, got -1"),
     (["compare", "/no/such/run", "--data", "/no/such/data", "--out", "/tmp/never-cmp"],
      "error: /no/such/run: does not exist"),
+    (["report", "/no/such/run"], "error: /no/such/run: does not exist"),
     (["synth", "/tmp/never-synth", "--size", "100000"],
      "error: size must be from 64 to 1024 pixels, got 100000"),
 ])

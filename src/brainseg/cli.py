@@ -534,7 +534,7 @@ def report_command(
     from brainseg.report import write_report
 
     if not folder.is_dir():
-        raise BadInputError(folder, "not a folder")
+        raise BadInputError(folder, "not a folder" if folder.exists() else "does not exist")
     typer.echo(f"wrote {write_report(folder, title=f'brainseg report: {folder.name}')}")
 
 
