@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -160,11 +162,27 @@ def store_postprocessing(model: Path, chosen: dict) -> Path:
 
 
 def store_settings(model: Path, settings: dict) -> Path:
-    """Update the description in a model file (or a run's model.pt) with these entries."""
+    """Update the description in a model file (or a run's model.pt) with these entries.
+
+    The new file is written beside the old one and moved over it whole, so a failed write (a full
+    disk, a read-only folder) leaves the model as it was."""
     from brainseg.prediction import MODEL_FILE
 
     path = model / MODEL_FILE if model.is_dir() else model
     state = torch.load(path, map_location="cpu", weights_only=True)
     state["brainseg"].update(settings)
-    torch.save(state, path)
+    partial = None
+    try:
+        handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(handle)
+        torch.save(state, partial)
+        os.chmod(partial, path.stat().st_mode & 0o7777)  # mkstemp makes it private; keep the model's mode
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as a RuntimeError
+        reason = f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}".splitlines()[0]
+        raise BadInputError(path, f"cannot store the settings; the model file is unchanged ({reason})"
+                            ) from None
+    finally:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
     return path

@@ -1,0 +1,56 @@
+"""Refusals that protect files: a failed tune --store."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from brainseg.errors import BadInputError, BrainsegError
+from brainseg.prediction import load_model_file
+from brainseg.tune import store_settings
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    """A copy of the tiny run that a test may change."""
+    return shutil.copytree(tiny_run[1], tmp_path / "run")
+
+
+def test_a_failed_store_leaves_the_model_as_it_was(run, monkeypatch):
+    before = (run / "model.pt").read_bytes()
+    real_save = torch.save
+
+    def disk_full(state, path):
+        real_save(state, path)
+        with open(path, "r+b") as handle:  # half of it reached the disk
+            handle.truncate(len(before) // 2)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 39680 vs 39576")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(BrainsegError, match=r"model\.pt: cannot store the settings; the model file is "
+                                            r"unchanged \(RuntimeError: .*unexpected pos") as error:
+        store_settings(run, {"threshold": 0.3})
+    assert "\n" not in str(error.value)
+    assert (run / "model.pt").read_bytes() == before
+    assert load_model_file(run)[0]["threshold"] == 0.5  # it still loads
+    assert sorted(p.name for p in run.iterdir() if "partial" in p.name) == []
+    monkeypatch.setattr(torch, "save", real_save)
+    (run / "model.pt").chmod(0o640)
+    store_settings(run, {"threshold": 0.3})
+    assert load_model_file(run)[0]["threshold"] == 0.3
+    assert (run / "model.pt").stat().st_mode & 0o777 == 0o640  # the file keeps its permissions
+
+
+def test_a_store_into_a_folder_that_cannot_be_written_is_one_line(run, monkeypatch):
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    before = (run / "model.pt").read_bytes()
+    with pytest.raises(BadInputError, match=r"unchanged \(PermissionError: Permission denied\)"):
+        store_settings(run / "model.pt", {"threshold": 0.3})
+    assert (run / "model.pt").read_bytes() == before
