@@ -1,7 +1,8 @@
-"""Refusals that protect files: a failed tune --store."""
+"""Refusals that protect files: a failed tune --store, a report into data."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 
 from brainseg.errors import BadInputError, BrainsegError
 from brainseg.prediction import load_model_file
+from brainseg.report import write_report
 from brainseg.tune import store_settings
+from conftest import tree_state
 
 
 @pytest.fixture
@@ -54,3 +57,35 @@ def test_a_store_into_a_folder_that_cannot_be_written_is_one_line(run, monkeypat
     with pytest.raises(BadInputError, match=r"unchanged \(PermissionError: Permission denied\)"):
         store_settings(run / "model.pt", {"threshold": 0.3})
     assert (run / "model.pt").read_bytes() == before
+
+
+def test_report_refuses_a_data_set(tiny_run, tmp_path):
+    data, _ = tiny_run
+    before = tree_state(data)
+    with pytest.raises(BadInputError, match=r"is a data set \(kaggle_3m layout\)"):
+        write_report(data)
+    images_masks = tmp_path / "pairs"
+    (images_masks / "images").mkdir(parents=True)
+    (images_masks / "masks").mkdir()
+    with pytest.raises(BadInputError, match=r"is a data set \(images_masks layout\)"):
+        write_report(images_masks)
+    assert tree_state(data) == before and not (images_masks / "index.html").exists()
+
+
+def test_report_leaves_out_a_malformed_file_with_a_warning_and_reports_the_rest(run, tmp_path):
+    broken = tmp_path / "results"
+    shutil.copytree(run, broken / "run")
+    (broken / "run" / "config.yaml").write_text("model: [unclosed\n")
+    (broken / "run" / "val_metrics.json").write_text("")
+    (broken / "eval").mkdir()
+    (broken / "eval" / "summary.json").write_text("{'not': json}")
+    (broken / "other").mkdir()
+    (broken / "other" / "summary.json").write_text(json.dumps({"per_patient": {}}))  # entries missing
+    warnings: list[str] = []
+    report = write_report(broken, warn=warnings.append)
+    assert len(warnings) == 4 and all(w.startswith("warning: ") and "\n" not in w for w in warnings)
+    for name in ("config.yaml", "val_metrics.json", "eval/summary.json"):
+        assert any(f"{name}: " in w for w in warnings), name
+    assert any("other/summary.json: KeyError" in w for w in warnings)
+    text = report.read_text()
+    assert "learning_curves.png" in text  # the rest of the run is still reported

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
+
+from brainseg.errors import BadInputError, BrainsegError
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -49,6 +52,34 @@ def _link(root: Path, path: Path, text: str | None = None) -> str:
     return f'<a href="{href}">{html.escape(text or path.name)}</a>'
 
 
+class _Parts:
+    """Builds each part of the report from its file; a file that cannot be read or lacks what the part
+    needs (hand-edited, half-written) is left out with one warning line, and the rest is reported."""
+
+    def __init__(self, warn) -> None:
+        self.warn = warn
+        self.skipped: set[Path] = set()
+
+    def build(self, path: Path, make, *args) -> str:
+        if path in self.skipped:
+            return ""
+        import yaml
+
+        try:
+            return make(*args)
+        # Bad JSON, YAML or CSV are ValueErrors or YAMLErrors; missing or mistyped entries the others.
+        except (OSError, ValueError, LookupError, TypeError, AttributeError, yaml.YAMLError) as error:
+            self.skipped.add(path)
+            detail = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0]
+            self.warn(f"warning: {path}: {detail}; left out of the report")
+            return ""
+
+    def kind(self, path: Path) -> dict:
+        """The keys of a summary.json (which command wrote it), or nothing when it is unreadable."""
+        value = self.build(path, lambda: json.loads(path.read_text()))
+        return value if isinstance(value, dict) else {}
+
+
 def _data_section(root: Path, folder: Path) -> str:
     summary = json.loads((folder / "summary.json").read_text())
     facts = pd.DataFrame([
@@ -69,27 +100,36 @@ def _data_section(root: Path, folder: Path) -> str:
     return "\n".join(parts)
 
 
-def _training_section(root: Path, folder: Path) -> str:
+def _settings_paragraph(root: Path, config: Path) -> str:
+    import yaml
+
+    values = yaml.safe_load(config.read_text())
+    model, train, data = values["model"], values["train"], values["data"]
+    return (f"<p>Model <code>{html.escape(model['name'])}</code>, base filters "
+            f"{model['base_filters']}, depth {model['depth']}; input {data['image_size']}², "
+            f"context {data['context']}; loss {html.escape(train['loss'])}, "
+            f"batch {train['batch_size']}, learning rate {train['lr']}. "
+            f"Full settings: {_link(root, config)}.</p>")
+
+
+def _validation_paragraph(root: Path, metrics: Path) -> str:
+    values = json.loads(metrics.read_text())
+    if values.get("mean") is None:
+        return ""
+    return (f"<p>Best checkpoint <code>{html.escape(values['best_checkpoint'])}</code>: "
+            f"validation Dice per patient volume mean {values['mean']:.4f}, median "
+            f"{values['median']:.4f}, min {values['min']:.4f} over {values['patients']} "
+            f"patients ({_link(root, metrics.parent / 'val_patients.csv', 'per patient')}).</p>")
+
+
+def _training_section(root: Path, folder: Path, reader: _Parts) -> str:
     parts = [f"<h2>Training: {html.escape(folder.name)}</h2>"]
     config = folder / "config.yaml"
-    if config.exists():
-        import yaml
-
-        values = yaml.safe_load(config.read_text())
-        model, train, data = values["model"], values["train"], values["data"]
-        parts.append(f"<p>Model <code>{html.escape(model['name'])}</code>, base filters "
-                     f"{model['base_filters']}, depth {model['depth']}; input {data['image_size']}², "
-                     f"context {data['context']}; loss {html.escape(train['loss'])}, "
-                     f"batch {train['batch_size']}, learning rate {train['lr']}. "
-                     f"Full settings: {_link(root, config)}.</p>")
+    if config.exists():  # a bad config.yaml leaves out its paragraph, not the learning curves
+        parts.append(reader.build(config, _settings_paragraph, root, config))
     metrics = folder / "val_metrics.json"
     if metrics.exists():
-        values = json.loads(metrics.read_text())
-        if values.get("mean") is not None:
-            parts.append(f"<p>Best checkpoint <code>{html.escape(values['best_checkpoint'])}</code>: "
-                         f"validation Dice per patient volume mean {values['mean']:.4f}, median "
-                         f"{values['median']:.4f}, min {values['min']:.4f} over {values['patients']} "
-                         f"patients ({_link(root, folder / 'val_patients.csv', 'per patient')}).</p>")
+        parts.append(reader.build(metrics, _validation_paragraph, root, metrics))
     parts.append(_figure(root, folder / "learning_curves.png",
                          "Learning curves: loss (log scale) and validation Dice; dashed line: best epoch"))
     history = folder / "history.csv"
@@ -164,55 +204,79 @@ def _crossval_section(root: Path, folder: Path) -> str:
     return "\n".join(parts)
 
 
-def _headline(root: Path) -> str:
-    """The evaluation results first, one line each, before the details."""
-    lines = []
-    for crossval in sorted(root.rglob("crossval.json")):
-        dice = json.loads(crossval.read_text())["dice"]
-        if dice["mean"] is not None:
-            where = crossval.parent.relative_to(root).as_posix()
-            lines.append(f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume out of fold on "
-                         f"{dice['patients']} patients (median {dice['median']:.3f}, min {dice['min']:.3f}; "
-                         f"<code>{html.escape(where)}</code>)</li>")
-    for summary_path in sorted(root.rglob("summary.json")):
-        summary = json.loads(summary_path.read_text())
-        dice = summary.get("per_patient", {}).get("dice")
-        if not dice or dice.get("mean") is None:
-            continue
-        where = summary_path.parent.relative_to(root).as_posix()
-        lines.append(f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume on "
-                     f"{summary['data']['patients']} {html.escape(summary['data']['side'])} patients "
-                     f"(median {dice['median']:.3f}, min {dice['min']:.3f}; "
-                     f"<code>{html.escape(where)}</code>)</li>")
-    return f"<h2>At a glance</h2><ul>{''.join(lines)}</ul>" if lines else ""
+def _crossval_line(root: Path, crossval: Path) -> str:
+    dice = json.loads(crossval.read_text())["dice"]
+    if dice["mean"] is None:
+        return ""
+    where = crossval.parent.relative_to(root).as_posix()
+    return (f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume out of fold on "
+            f"{dice['patients']} patients (median {dice['median']:.3f}, min {dice['min']:.3f}; "
+            f"<code>{html.escape(where)}</code>)</li>")
+
+
+def _evaluation_line(root: Path, summary_path: Path) -> str:
+    summary = json.loads(summary_path.read_text())
+    dice = summary.get("per_patient", {}).get("dice")
+    if not dice or dice.get("mean") is None:
+        return ""
+    where = summary_path.parent.relative_to(root).as_posix()
+    return (f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume on "
+            f"{summary['data']['patients']} {html.escape(summary['data']['side'])} patients "
+            f"(median {dice['median']:.3f}, min {dice['min']:.3f}; "
+            f"<code>{html.escape(where)}</code>)</li>")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _refuse_data_set(root: Path) -> None:
+    from brainseg.data.index import detect_layout
+
+    try:
+        layout, _ = detect_layout(root)
+    except BrainsegError:
+        return
+    raise BadInputError(root, f"is a data set ({layout} layout), not a folder of results; the report would "
+                              "be written into it (give a run or results folder)")
 
 
 def write_report(folder: str | Path, out: str | Path | None = None, *, title: str = "brainseg report",
-                 notes: list[str] | None = None) -> Path:
-    """Write index.html (default: inside `folder`) for every result found below `folder`."""
+                 notes: list[str] | None = None, warn=_stderr) -> Path:
+    """Write index.html (default: inside `folder`) for every result found below `folder`.
+
+    A data set is refused (nothing is written into data); `warn` gets one line per file left out."""
     root = Path(folder)
     target = Path(out) if out else root / "index.html"
     if target.parent.resolve() != root.resolve():
         raise ValueError("the report must sit in the folder it describes so that its links work")
+    _refuse_data_set(root)
+    parts = _Parts(warn)
+    summaries = {path: parts.kind(path) for path in sorted(root.rglob("summary.json"))}
     sections = []
-    for summary in sorted(root.rglob("summary.json")):
-        kind = json.loads(summary.read_text())
+    for summary, kind in summaries.items():
         if "intensity_per_channel" in kind:
-            sections.append(_data_section(root, summary.parent))
+            sections.append(parts.build(summary, _data_section, root, summary.parent))
     for config in sorted(root.rglob("config.yaml")):
         if (config.parent / "history.csv").exists():
-            sections.append(_training_section(root, config.parent))
-    for crossval in sorted(root.rglob("crossval.json")):  # the pooled result before each fold's
-        sections.append(_crossval_section(root, crossval.parent))
-    for summary in sorted(root.rglob("summary.json")):
-        if "per_patient" in json.loads(summary.read_text()):
-            sections.append(_evaluation_section(root, summary.parent))
+            sections.append(_training_section(root, config.parent, parts))
+    crossvals = sorted(root.rglob("crossval.json"))
+    for crossval in crossvals:  # the pooled result before each fold's
+        sections.append(parts.build(crossval, _crossval_section, root, crossval.parent))
+    for summary, kind in summaries.items():
+        if "per_patient" in kind:
+            sections.append(parts.build(summary, _evaluation_section, root, summary.parent))
     for compare in sorted(root.rglob("compare.csv")):
-        sections.append(_comparison_section(root, compare.parent))
+        sections.append(parts.build(compare, _comparison_section, root, compare.parent))
     for predictions in sorted(root.rglob("predictions.csv")):
         name = predictions.parent.relative_to(root).as_posix()
-        sections.append(_predictions_section(root, predictions.parent, f"Predictions: {name}"))
-    intro = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes or []) + _headline(root)
+        sections.append(parts.build(predictions, _predictions_section, root, predictions.parent,
+                                    f"Predictions: {name}"))
+    sections = [section for section in sections if section]
+    lines = [parts.build(path, _crossval_line, root, path) for path in crossvals]
+    lines += [parts.build(path, _evaluation_line, root, path) for path in summaries]
+    headline = f"<h2>At a glance</h2><ul>{''.join(lines)}</ul>" if any(lines) else ""
+    intro = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes or []) + headline
     body = "\n".join(sections) or "<p>No results found in this folder.</p>"
     target.write_text(f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
                       f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
