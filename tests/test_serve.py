@@ -204,3 +204,20 @@ def test_page_in_headless_chromium(service, patient, tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"port": 99999}, "--port: must be 0 to 65535, not 99999"),
+    ({"port": -1}, "--port: must be 0 to 65535, not -1"),
+    ({"max_upload_mb": -1.0}, "--max-upload-mb: must be more than 0, not -1.0"),
+    ({"max_upload_mb": 0.0}, "--max-upload-mb: must be more than 0, not 0.0"),
+    ({"max_slices": 0}, "--max-slices: must be more than 0, not 0"),
+])
+def test_bad_serve_options_are_refused_before_the_model_loads(options, message, monkeypatch):
+    from brainseg.errors import OptionError
+    from brainseg.serve import serve
+
+    monkeypatch.setattr(Service, "__init__", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(OptionError) as error:
+        serve("/no/such/model", **options)
+    assert str(error.value) == message

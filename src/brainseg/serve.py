@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from brainseg.data.io import IMAGE_SUFFIXES
-from brainseg.errors import BadInputError, BrainsegError
+from brainseg.errors import BadInputError, BrainsegError, OptionError
 from brainseg.predict import is_nifti
 
 
@@ -31,6 +31,14 @@ class ServeSettings:
     max_zip_files: int = 500
     max_zip_uncompressed_mb: float = 400.0
     kept_results: int = 32  # results held for download
+
+    def __post_init__(self) -> None:
+        """A limit of 0 or less refuses every upload (NaN none): refused before the model loads."""
+        for name in ("max_upload_mb", "max_slices", "max_zip_files", "max_zip_uncompressed_mb",
+                     "kept_results"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise OptionError(f"--{name.replace('_', '-')}: must be more than 0, not {value}")
 
 
 class UploadError(Exception):
@@ -265,6 +273,9 @@ def create_app(settings: ServeSettings | None = None, service: Service | None = 
 
 
 def serve(model: str = "pretrained", host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+    if not 0 <= port <= 65535:  # before the model loads, not as a traceback from the socket
+        raise OptionError(f"--port: must be 0 to 65535, not {port}")
+    settings = ServeSettings(model=model, **limits)
     import uvicorn
 
-    uvicorn.run(create_app(ServeSettings(model=model, **limits)), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
