@@ -116,6 +116,17 @@ def test_refusals(tiny_run, tmp_path):
     build_ensemble([run, run], tmp_path / "ens")
     with pytest.raises(BadInputError, match="already holds"):
         build_ensemble([run, run], tmp_path / "ens")
+    for threshold in (float("nan"), 0.0, 5.0):
+        with pytest.raises(OptionError, match="--threshold: must be between 0 and 1"):
+            build_ensemble([run, run], tmp_path / "bad", threshold=threshold)
+    with pytest.raises(OptionError, match="--min-size: must be 0 or more voxels, not -5"):
+        build_ensemble([run, run], tmp_path / "bad", postprocessing={"min_size": -5})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_shipped_model_can_be_a_member(tiny_run, tmp_path):
+    summary = build_ensemble(["pretrained", "pretrained"], tmp_path / "ens")
+    assert summary["members"][0]["file"].endswith(".pt") and len(summary["members"]) == 2
 
 
 def test_an_ensemble_cannot_be_trained(tiny_run, tmp_path):

@@ -348,3 +348,17 @@ def test_tune_scores_each_setting_as_postprocess_then_dice_would(seed):
         mask = postprocess(probability >= threshold, largest=largest, min_size=min_size,
                            min_fraction=min_fraction)
         assert value == pytest.approx(dice(count(mask, truth)), nan_ok=True)
+
+
+def test_a_slice_with_the_wrong_channel_count_is_named_by_its_file(tiny_run, tmp_path):
+    from conftest import write_png
+
+    _, run = tiny_run
+    rng = np.random.default_rng(0)
+    for name in ("case1", "case2"):  # grey scans: the model reads three sequences
+        scan = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+        write_png(tmp_path / "grey" / "images" / f"{name}.png", scan)
+        write_png(tmp_path / "grey" / "masks" / f"{name}.png", np.zeros((64, 64), np.uint8))
+    options = EvaluateOptions(side="all")
+    with pytest.raises(BadInputError, match=r"case1\.png: has 1 channel\(s\); the model expects 3"):
+        evaluate(run, tmp_path / "grey", tmp_path / "eval", options=options, progress=False)

@@ -151,3 +151,71 @@ def test_stored_post_processing_applies_unless_overridden():
     shares = {"threshold": 0.5, "postprocessing": {"largest_component": False, "min_fraction": 0.25}}
     assert Predictor(torch.nn.Identity(), shares).masks(probability).sum() == 2 * 36
     assert Predictor(torch.nn.Identity(), shares, min_fraction=0.05).masks(probability).sum() == 2 * 36 + 4
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "--batch-size: must be 1 or more, not 0"),
+    ({"batch_size": -1}, "--batch-size: must be 1 or more, not -1"),
+    ({"device": "foo"}, "--device: must be cpu, cuda or cuda:N, not 'foo'"),
+    ({"threshold": float("nan")}, "--threshold: must be between 0 and 1 (exclusive), not nan"),
+    ({"threshold": -1.0}, "--threshold: must be between 0 and 1 (exclusive), not -1"),
+    ({"threshold": 2.0}, "--threshold: must be between 0 and 1 (exclusive), not 2"),
+    ({"min_size": -5}, "--min-size: must be 0 or more voxels, not -5"),
+    ({"precision": "foo"}, "--precision: must be auto, 32 or bf16, not 'foo'"),
+    ({"backend": "onnx", "device": "cuda"}, "--device cuda: the onnx backend runs on the CPU"),
+])
+def test_bad_options_are_one_line_option_errors(tiny_run, options, message):
+    from brainseg.errors import OptionError
+
+    _, run = tiny_run
+    with pytest.raises(OptionError) as error:
+        Predictor.load(run, **options)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_cuda_on_a_torch_without_cuda_is_an_option_error(tiny_run, monkeypatch):
+    import torch
+
+    from brainseg.errors import OptionError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(OptionError, match="this torch has no CUDA"):
+        Predictor.load(tiny_run[1], device="cuda")
+
+
+def _edited(run, path, edit):
+    """A copy of the run's model file with its description or weights changed by `edit`."""
+    import torch
+
+    state = torch.load(run / "model.pt", weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["brainseg"]["model"]["kwargs"].update(base_filters=8),
+     r"weights do not match the model description \(\S+ is \(.*\) in the file, \(.*\) in the description"),
+    (lambda s: s.update(state_dict={}), r"weights do not match the model description \(\S+ missing"),
+    (lambda s: s["brainseg"].pop("preprocessing"), "model description: no 'preprocessing' entry"),
+    (lambda s: s["brainseg"].update(threshold="abc"), "threshold must be a number between 0 and 1"),
+    (lambda s: s["brainseg"]["preprocessing"].update(image_size=0), "image_size must be a whole number"),
+    (lambda s: s["brainseg"]["model"]["kwargs"].update(colour=1), "model description: unknown argument"),
+    (lambda s: s["brainseg"].update(postprocessing={"min_size": -3}), "postprocessing.min_size cannot be -3"),
+])
+def test_hand_edited_model_files_are_one_line_errors_naming_the_file(tiny_run, tmp_path, edit, message):
+    from brainseg.errors import BadInputError
+
+    path = _edited(tiny_run[1], tmp_path / "edited.pt", edit)
+    with pytest.raises(BadInputError, match=message) as error:
+        Predictor.load(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def test_a_bad_slice_in_a_volume_is_named_by_its_file(tiny_run):
+    from brainseg.errors import BadInputError
+
+    predictor = Predictor.load(tiny_run[1])
+    grey = np.zeros((2, 64, 64), np.uint8)
+    with pytest.raises(BadInputError, match=r"^P1_2\.tif: has 1 channel\(s\); the model expects 3$"):
+        predictor.predict_volume(grey, ["P1_2.tif", "P1_3.tif"])

@@ -33,8 +33,8 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
     import torch
 
     from brainseg import __version__
-    from brainseg.postprocess import check_min_fraction
-    from brainseg.prediction import MODEL_FILE, file_digest, load_model_file
+    from brainseg.postprocess import check_min_fraction, check_min_size, check_threshold
+    from brainseg.prediction import MODEL_FILE, file_digest, load_model_file, model_file
     from brainseg.training import CHECKPOINT_FORMAT
 
     if len(models) < 2:
@@ -54,24 +54,23 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         if unknown:
             raise OptionError(f"unknown post-processing setting(s): {', '.join(unknown)}")
         check_min_fraction(float(given.get("min_fraction", 0.0)))
+        check_min_size(given.get("min_size", 0))
         copied["postprocessing"] = {**copied.get("postprocessing", {}), **given,
                                     "source": "given to brainseg ensemble"}
-    if not 0 < threshold < 1:
-        raise OptionError(f"--threshold must be between 0 and 1, got {threshold}")
+    check_threshold(threshold)
     out = Path(out)
     if (out / MODEL_FILE).exists():
         raise BadInputError(out, f"already holds a {MODEL_FILE}; choose a new --out")
     members, weights, sources, splits = [], {}, [], []
     for i, model in enumerate(models):
-        path = Path(model)
+        path = model_file(model)  # 'pretrained' is the shipped file
         description, state = load_model_file(path)
         preprocessing = description["preprocessing"]
         members.append({"name": description["model"]["name"], "kwargs": description["model"]["kwargs"],
                         "context": int(preprocessing.get("context", 0)),
                         "image_size": int(preprocessing["image_size"]), "preprocessing": preprocessing})
         weights.update({f"members.{i}.{key}": value for key, value in state.items()})
-        resolved = path / MODEL_FILE if path.is_dir() else path
-        sources.append({"file": str(resolved), "sha256_16": file_digest(resolved),
+        sources.append({"file": str(path), "sha256_16": file_digest(path),
                         "model": description["model"]["name"], "context": members[-1]["context"]})
         splits.append(_split_beside(path, description))
 

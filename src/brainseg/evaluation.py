@@ -131,7 +131,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
         images, truth = _volume(result.store, keys)
         equal_channels = equal_channel_text(images)
         images = _replace_with_flair(images, options.flair_replaces, keys[0])
-        probability = predictor.predict_volume(images)
+        probability = predictor.predict_volume(images, keys)  # keys name a bad slice's file
         predicted = predictor.masks(probability)
         c = count(predicted, truth)
         packed_masks[patient] = (np.packbits(predicted), predicted.shape)

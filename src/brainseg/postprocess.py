@@ -28,6 +28,20 @@ def check_min_fraction(value: float) -> float:
     return value
 
 
+def check_threshold(value: float) -> float:
+    """`value` if it is a probability cut strictly between 0 and 1 (NaN is not), else a one-line error."""
+    if not 0 < value < 1:
+        raise OptionError(f"--threshold: must be between 0 and 1 (exclusive), not {value:g}")
+    return value
+
+
+def check_min_size(value: int) -> int:
+    """`value` if it is a component size in voxels (0: keep all), else a one-line error."""
+    if not value >= 0:
+        raise OptionError(f"--min-size: must be 0 or more voxels, not {value}")
+    return value
+
+
 def kept_components(sizes: np.ndarray, *, largest: bool = False, min_size: int = 0,
                     min_fraction: float = 0.0) -> np.ndarray:
     """Which labels survive, one boolean per label: first those of at least `min_size` voxels, then

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from brainseg.data.dataset import NORMALISATION
-from brainseg.errors import BadInputError
-from brainseg.postprocess import check_min_fraction, postprocess
+from brainseg.errors import BadInputError, BrainsegError, OptionError
+from brainseg.postprocess import check_min_fraction, check_min_size, check_threshold, postprocess
 
 MODEL_FILE = "model.pt"
+PRECISIONS = ("auto", "32", "bf16")
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -28,6 +29,12 @@ def resolve_model_path(path: str | Path) -> Path:
 
         return pretrained_path()
     return Path(path)
+
+
+def model_file(path: str | Path) -> Path:
+    """The file a model argument names: a run folder's model.pt, or the file itself."""
+    path = resolve_model_path(path)
+    return path / MODEL_FILE if path.is_dir() else path
 
 
 def load_model_file(path: str | Path) -> tuple[dict, dict]:
@@ -46,10 +53,112 @@ def load_model_file(path: str | Path) -> tuple[dict, dict]:
         raise BadInputError(path, "not a brainseg checkpoint (cannot be read as a PyTorch file)") from None
     if not isinstance(state, dict) or "brainseg" not in state or "state_dict" not in state:
         raise BadInputError(path, "not a brainseg checkpoint (no 'brainseg' description)")
+    if not isinstance(state["state_dict"], dict) or not all(
+            isinstance(v, torch.Tensor) for v in state["state_dict"].values()):
+        raise BadInputError(path, "not a brainseg checkpoint (its weights are not a dict of tensors)")
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
     if any(k.startswith("model.") for k in weights):  # a Lightning checkpoint of SegmentationModule
         weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    return state["brainseg"], weights
+    return check_description(path, state["brainseg"]), weights
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value, low: int) -> bool:
+    return _number(value) and isinstance(value, int) and value >= low
+
+
+def check_description(path: str | Path, description) -> dict:
+    """The description of a model file if a hand edit left it usable, else a one-line error naming it.
+
+    Checked once on loading, so that a bad entry is not met later as a KeyError or a torch error."""
+    def bad(problem: str) -> BadInputError:
+        return BadInputError(path, f"model description: {problem}")
+
+    if not isinstance(description, dict):
+        raise bad("not a mapping")
+    spec = description.get("model")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) \
+            or not isinstance(spec.get("kwargs"), dict):
+        raise bad("'model' needs a name and kwargs")
+    preprocessing = description.get("preprocessing")
+    if not isinstance(preprocessing, dict):
+        raise bad("no 'preprocessing' entry")
+    context = preprocessing.get("context", 0)
+    if not _whole(context, 0):
+        raise bad(f"preprocessing.context must be a whole number of 0 or more, not {context!r}")
+    channels = preprocessing.get("in_channels")
+    if not _whole(channels, 1) or channels % (2 * context + 1):
+        raise bad(f"preprocessing.in_channels must be a positive multiple of {2 * context + 1}, "
+                  f"not {channels!r}")
+    depth = spec["kwargs"].get("depth", 0)
+    minimum = 2 ** depth if _whole(depth, 0) and depth < 16 else 1  # each level halves the input
+    size = preprocessing.get("image_size")
+    if not _whole(size, minimum):
+        raise bad(f"preprocessing.image_size must be a whole number of at least {minimum}, not {size!r}")
+    threshold = description.get("threshold", 0.5)
+    if not _number(threshold) or not 0 < threshold < 1:
+        raise bad(f"threshold must be a number between 0 and 1, not {threshold!r}")
+    stored = description.get("postprocessing", {})
+    if not isinstance(stored, dict):
+        raise bad("'postprocessing' must be a mapping")
+    checks = {"largest_component": lambda v: isinstance(v, bool),
+              "min_size": lambda v: _whole(v, 0),
+              "min_fraction": lambda v: _number(v) and 0 <= v <= 1}
+    for key, valid in checks.items():
+        if stored.get(key) is not None and not valid(stored[key]):
+            raise bad(f"postprocessing.{key} cannot be {stored[key]!r}")
+    return description
+
+
+def build_network(path: str | Path, description: dict, weights: dict) -> torch.nn.Module:
+    """The network a (checked) description names, with its weights; a mismatch is a one-line error."""
+    from brainseg.models import create_model
+
+    spec = description["model"]
+    try:
+        network = create_model(spec["name"], **spec["kwargs"])
+    except BrainsegError as error:
+        raise BadInputError(path, f"model description: {error}") from None
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:  # kwargs the model cannot take
+        detail = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0]
+        raise BadInputError(path, f"model description: cannot build {spec['name']!r} from its kwargs "
+                                  f"({detail})") from None
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        if reshaped:
+            key = reshaped[0]
+            first = (f"{key} is {tuple(weights[key].shape)} in the file, "
+                     f"{tuple(expected[key].shape)} in the description")
+        else:
+            first = f"{missing[0]} missing" if missing else f"{unexpected[0]} unexpected"
+        raise BadInputError(path, f"weights do not match the model description ({first}; "
+                                  f"{len(missing)} missing, {len(unexpected)} unexpected, "
+                                  f"{len(reshaped)} of another shape)")
+    network.load_state_dict(weights)
+    return network
+
+
+def check_device(device: str) -> str:
+    """`device` if this torch can run on it (cpu, cuda or cuda:N), else a one-line error."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise OptionError(f"--device: must be cpu, cuda or cuda:N, not {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {device}: this torch has no CUDA (or sees no GPU); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0")
+    return device
 
 
 def file_digest(path: Path) -> str:
@@ -80,16 +189,25 @@ class Predictor:
     def __post_init__(self) -> None:
         if self.min_fraction is not None:
             check_min_fraction(self.min_fraction)
+        if self.threshold is not None:
+            check_threshold(self.threshold)
+        if self.min_size is not None:
+            check_min_size(self.min_size)
+        if not _whole(self.batch_size, 1):
+            raise OptionError(f"--batch-size: must be 1 or more, not {self.batch_size}")
+        if self.precision not in PRECISIONS[1:]:
+            raise OptionError(f"--precision: must be auto, 32 or bf16, not {self.precision!r}")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", precision: str = "auto",
                         **options) -> Predictor:
-        from brainseg.models import create_model
-
+        if precision not in PRECISIONS:  # before the model loads
+            raise OptionError(f"--precision: must be auto, 32 or bf16, not {precision!r}")
+        check_device(device)
         description, weights = load_model_file(path)
         spec = description["model"]
-        model = create_model(spec["name"], **spec["kwargs"])
-        model.load_state_dict(weights)
+        resolved = model_file(path)
+        model = build_network(resolved, description, weights)
         model.eval().to(device)
         if description.get("preprocessing", {}).get("channels_last", False):
             model = model.to(memory_format=torch.channels_last)
@@ -98,7 +216,6 @@ class Predictor:
 
             accelerator = "gpu" if device.startswith("cuda") else "cpu"
             precision = "bf16" if resolve_precision("auto", accelerator).startswith("bf16") else "32"
-        resolved = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)
         identity = {"file": str(resolved), "sha256_16": file_digest(resolved), "model": spec["name"],
                     "kwargs": spec["kwargs"], "brainseg_version": description.get("brainseg_version")}
         return cls(model, description, device, precision, source=str(resolved), identity=identity,
@@ -115,6 +232,9 @@ class Predictor:
             return cls.from_checkpoint(path, device=device, precision=precision, **options)
         if backend != "onnx":
             raise BadInputError("--backend", f"must be torch or onnx, not {backend!r}")
+        if device != "cpu":
+            raise OptionError(f"--device {device}: the onnx backend runs on the CPU; use --device cpu "
+                              "or --backend torch")
         return cls.from_onnx(_onnx_file_for(Path(path)), **options)
 
     @classmethod
@@ -125,7 +245,7 @@ class Predictor:
         if not path.exists():
             raise BadInputError(path, "model file does not exist")
         network = OnnxNetwork(path)
-        description = network.description()
+        description = check_description(path, network.description())
         identity = {"file": str(path), "sha256_16": file_digest(path), "model": description["model"]["name"],
                     "kwargs": description["model"]["kwargs"], "backend": "onnxruntime",
                     "brainseg_version": description.get("brainseg_version")}
@@ -223,15 +343,16 @@ class Predictor:
                 out.append(torch.sigmoid(logit[0]).numpy())
         return out
 
-    def predict_volume(self, slices: np.ndarray) -> np.ndarray:
+    def predict_volume(self, slices: np.ndarray, names: list[str] | None = None) -> np.ndarray:
         """(N, H, W[, C]) uint8 slices of one volume, in order -> (N, H, W) float32 probabilities.
 
         Intensities are normalised over the whole volume, and with a 2.5D model the neighbours of
-        each slice are stacked, as in training.
+        each slice are stacked, as in training. `names` (the slices' files) name a bad slice.
         """
         from brainseg.data.dataset import channel_scales
 
-        slices = np.stack([self.check_image(s, f"slice {i}") for i, s in enumerate(slices)])
+        names = names or [f"slice {i}" for i in range(len(slices))]
+        slices = np.stack([self.check_image(s, name) for s, name in zip(slices, names, strict=True)])
         scales = np.tile(channel_scales(slices), 2 * self.context + 1)
         if self.context:
             n = len(slices)

@@ -53,7 +53,8 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
         images = np.stack([result.store.image(k) for k in keys])
         truth = np.stack([result.store.mask(k) for k in keys]).astype(bool)
         flipped = dataclasses.replace(plain, tta_flip=True)  # the same network, not a second load
-        probabilities = {False: plain.predict_volume(images), True: flipped.predict_volume(images)}
+        probabilities = {False: plain.predict_volume(images, keys),
+                         True: flipped.predict_volume(images, keys)}
         for tta, probability in probabilities.items():
             for setting, value in dice_by_setting(probability, truth).items():
                 scores[(tta, *setting)].append(value)
