@@ -1,4 +1,4 @@
-"""Refusals that protect files: a failed tune --store, a report into data."""
+"""Refusals that protect files: export over its own model, a failed tune --store, a report into data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from brainseg.errors import BadInputError, BrainsegError
+from brainseg.errors import BadInputError, BrainsegError, OptionError
+from brainseg.export import export_model
 from brainseg.prediction import load_model_file
 from brainseg.report import write_report
 from brainseg.tune import store_settings
@@ -19,6 +20,29 @@ from conftest import tree_state
 def run(tiny_run, tmp_path):
     """A copy of the tiny run that a test may change."""
     return shutil.copytree(tiny_run[1], tmp_path / "run")
+
+
+def test_export_refuses_to_write_over_its_model_or_another_file(run):
+    model = (run / "model.pt").read_bytes()
+    (run / "notes.txt").write_text("mine")
+    for out, message in ((run / "model.pt", "is the model being exported"),
+                         (run / ".." / "run" / "model.pt", "is the model being exported"),
+                         (run / "notes.txt", "exists and is not an .onnx file")):
+        with pytest.raises(BadInputError, match=message):
+            export_model(run, out)
+    with pytest.raises(BadInputError, match="is the model being exported"):
+        export_model(run / "model.pt", run / "model.pt")
+    assert (run / "model.pt").read_bytes() == model and (run / "notes.txt").read_text() == "mine"
+    export_model(run)  # the default, run/model.onnx, and again over it
+    assert export_model(run)["path"] == str(run / "model.onnx")
+    assert sorted(p.name for p in run.iterdir() if "partial" in p.name) == []
+
+
+@pytest.mark.parametrize("opset", [0, 6, 21, 999])
+def test_export_refuses_an_opset_torch_cannot_write(run, opset):
+    with pytest.raises(OptionError, match=rf"--opset: this torch exports opsets 7 to \d+, not {opset}$"):
+        export_model(run, run / "m.onnx", opset=opset)
+    assert not (run / "m.onnx").exists()
 
 
 def test_a_failed_store_leaves_the_model_as_it_was(run, monkeypatch):

@@ -210,6 +210,9 @@ def test_hand_edited_model_files_are_one_line_errors_naming_the_file(tiny_run, t
     with pytest.raises(BadInputError, match=message) as error:
         Predictor.load(path)
     assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    with pytest.raises(BadInputError, match=message):
+        export_model(path, tmp_path / "edited.onnx")
+    assert not (tmp_path / "edited.onnx").exists()
 
 
 def test_a_bad_slice_in_a_volume_is_named_by_its_file(tiny_run):
@@ -219,3 +222,24 @@ def test_a_bad_slice_in_a_volume_is_named_by_its_file(tiny_run):
     grey = np.zeros((2, 64, 64), np.uint8)
     with pytest.raises(BadInputError, match=r"^P1_2\.tif: has 1 channel\(s\); the model expects 3$"):
         predictor.predict_volume(grey, ["P1_2.tif", "P1_3.tif"])
+
+
+def test_onnx_backend_on_a_torch_model_exports_it_afresh_unless_its_export_is_beside_it(tiny_run, tmp_path,
+                                                                                           monkeypatch):
+    import shutil
+    import tempfile
+
+    from brainseg.tune import store_settings
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[1], run)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    fresh = Predictor.load(run, backend="onnx")
+    assert fresh.identity["backend"] == "onnxruntime" and fresh.identity["file"] == str(run / "model.pt")
+    assert not any((tmp_path / "temp").iterdir())  # the temporary export is gone once loaded
+    export_model(run)  # run/model.onnx, from this model.pt
+    assert Predictor.load(run, backend="onnx").identity["file"] == str(run / "model.onnx")
+    store_settings(run, {"threshold": 0.3})  # the model changed after its export
+    again = Predictor.load(run, backend="onnx")
+    assert again.identity["file"] == str(run / "model.pt") and again.cutoff == 0.3  # not the stale export

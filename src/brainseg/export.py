@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,47 +13,84 @@ import torch
 from brainseg.errors import BadInputError, OptionError
 
 METADATA_KEY = "brainseg"
+SOURCE_KEY = "brainseg_source_sha256_16"  # the model file an export came from, to tell a stale one
 FORMATS = ("onnx",)
+
+
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets this torch's TorchScript exporter writes."""
+    try:
+        from torch.onnx import _constants
+
+        return _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except (ImportError, AttributeError):  # a private module: fall back to what torch 2.x supports
+        return 7, 20
 
 
 def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str = "onnx",
                  opset: int = 17) -> dict:
     """Write `out` (default: beside the model, model.onnx) and check it against torch."""
-    from brainseg.prediction import MODEL_FILE, load_model_file, resolve_model_path
+    from brainseg.prediction import MODEL_FILE, build_network, file_digest, load_model_file, model_file
 
     if fmt not in FORMATS:
         raise OptionError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    source = resolve_model_path(model)
+    low, high = opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise OptionError(f"--opset: this torch exports opsets {low} to {high}, not {opset}")
+    source = model_file(model)
     description, weights = load_model_file(source)
     if out is None:  # beside the model, but never inside the installed package
         out = Path("pretrained.onnx") if str(model) == "pretrained" else (
-            (source if source.is_dir() else source.parent) / (Path(MODEL_FILE).stem + ".onnx"))
+            source.parent / (Path(MODEL_FILE).stem + ".onnx"))
     out = Path(out)
-    from brainseg.models import create_model
-
-    network = create_model(description["model"]["name"], **description["model"]["kwargs"])
-    network.load_state_dict(weights)
+    if out.resolve() == source.resolve():
+        raise BadInputError(out, "is the model being exported; give an --out ending in .onnx")
+    if out.is_file() and out.suffix.lower() != ".onnx":
+        raise BadInputError(out, "exists and is not an .onnx file; refusing to overwrite it")
+    network = build_network(source, description, weights)
     network.eval()
     size = int(description["preprocessing"]["image_size"])
     channels = int(description["preprocessing"]["in_channels"])
     example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(network, (example,), str(out), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                      dynamo=False)
-    _embed_description(out, description)
-    difference = _check_against_torch(out, network, example)
+    # Written beside `out` and moved over it once complete: a failed export leaves an older one intact.
+    handle, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    os.close(handle)
+    partial = Path(partial)
+    try:
+        try:
+            torch.onnx.export(network, (example,), str(partial), input_names=["image"],
+                              output_names=["logits"], opset_version=opset, dynamo=False,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        except torch.onnx.errors.OnnxExporterError as error:  # an operator the opset has no form for
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise OptionError(f"--opset {opset}: cannot export this model ({detail}); try a newer opset "
+                              "(the default is 17)") from None
+        _embed_description(partial, description, file_digest(source))
+        difference = _check_against_torch(partial, network, example)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     return {"path": str(out), "opset": opset, "input": [None, channels, size, size],
             "max_abs_logit_difference": difference}
 
 
-def _embed_description(path: Path, description: dict) -> None:
+def _embed_description(path: Path, description: dict, source_digest: str) -> None:
     import onnx
 
     proto = onnx.load(str(path))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(description)
+    for key, value in ((METADATA_KEY, json.dumps(description)), (SOURCE_KEY, source_digest)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.save(proto, str(path))
+
+
+def exported_from(path: Path) -> str | None:
+    """The digest of the model file that an ONNX model was exported from (None: unknown)."""
+    try:
+        return OnnxNetwork(path).session.get_modelmeta().custom_metadata_map.get(SOURCE_KEY)
+    except BadInputError:
+        return None
 
 
 def _check_against_torch(path: Path, network: torch.nn.Module, example: torch.Tensor) -> float:

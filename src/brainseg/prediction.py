@@ -235,7 +235,29 @@ class Predictor:
         if device != "cpu":
             raise OptionError(f"--device {device}: the onnx backend runs on the CPU; use --device cpu "
                               "or --backend torch")
-        return cls.from_onnx(_onnx_file_for(Path(path)), **options)
+        if Path(path).suffix == ".onnx":
+            return cls.from_onnx(path, **options)
+        return cls._from_export(Path(path), **options)
+
+    @classmethod
+    def _from_export(cls, path: Path, **options) -> Predictor:
+        """ONNX Runtime on a torch model file: the model.onnx beside it if that was exported from this
+        very file, else a fresh export in a temporary folder, removed once the session has read it."""
+        import tempfile
+
+        from brainseg.export import export_model, exported_from
+
+        source = model_file(path)
+        load_model_file(source)  # a bad model file is reported as such, not as a failed export
+        digest = file_digest(source)
+        beside = source.parent / "model.onnx"
+        if beside.exists() and exported_from(beside) == digest:
+            return cls.from_onnx(beside, **options)
+        with tempfile.TemporaryDirectory(prefix="brainseg-onnx-") as folder:
+            predictor = cls.from_onnx(export_model(source, Path(folder) / "model.onnx")["path"], **options)
+        predictor.source = str(source)
+        predictor.identity.update(file=str(source), sha256_16=digest, exported="on the fly")
+        return predictor
 
     @classmethod
     def from_onnx(cls, path: str | Path, **options) -> Predictor:
@@ -367,17 +389,3 @@ class Predictor:
         """One slice (H, W[, C]) uint8 -> binary mask (H, W) uint8 at the input's size."""
         return self.masks(self.predict_volume(np.asarray(image)[None])[0]).astype(np.uint8)
 
-
-def _onnx_file_for(path: Path) -> Path:
-    """The .onnx itself, the model.onnx beside a model.pt, or a fresh export in a temporary folder."""
-    if path.suffix == ".onnx":
-        return path
-    folder = path if path.is_dir() else path.parent
-    if (folder / "model.onnx").exists():
-        return folder / "model.onnx"
-    import tempfile
-
-    from brainseg.export import export_model
-
-    target = Path(tempfile.mkdtemp(prefix="brainseg-onnx-")) / "model.onnx"
-    return Path(export_model(path, target)["path"])
