@@ -153,6 +153,43 @@ def test_stored_post_processing_applies_unless_overridden():
     assert Predictor(torch.nn.Identity(), shares, min_fraction=0.05).masks(probability).sum() == 2 * 36 + 4
 
 
+def test_inputs_of_the_same_name_get_outputs_of_their_own(tiny_run, tmp_path):
+    _, run = tiny_run
+    rng = np.random.default_rng(2)
+    sizes = {"a/x.png": (64, 64), "b/x.png": (72, 80), "a/x.jpg": (96, 64), "a/y.png": (80, 88)}
+    for name, size in sizes.items():
+        write_png(tmp_path / "in" / name, rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    table = predict_paths(run, [tmp_path / "in" / name for name in sizes], out, save_probabilities=True,
+                          progress=False)
+    assert table["case"].tolist() == ["a_x", "b_x", "a_x_2", "y"]  # a unique name is kept
+    assert table["mask"].nunique() == len(sizes)
+    saved = pd.read_csv(out / "predictions.csv")
+    for (name, (height, width)), row in zip(sizes.items(), saved.itertuples(), strict=True):
+        assert row.input == str(tmp_path / "in" / name)
+        assert Image.open(row.mask).size == (width, height)  # each mask is its own input's
+        assert Image.open(out / "overlays" / f"{row.case}.png").size == (width, height)
+        assert Image.open(out / "probabilities" / f"{row.case}.png").size == (width, height)
+
+
+def test_an_output_inside_the_folder_of_a_data_set_file_is_refused(tiny_run, tmp_path):
+    from brainseg.errors import BadInputError
+    from conftest import tree_state
+
+    data, run = tiny_run
+    patient = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    before = tree_state(data)
+    slice_file = sorted(patient.glob("*_[0-9].tif"))[0]
+    for out in (patient / "sub", patient):
+        with pytest.raises(BadInputError, match="inside the data folder"):
+            predict_paths(run, [slice_file], out, progress=False)
+    assert tree_state(data) == before
+    # A loose image is not a data set: writing beside it stays allowed (predict scan.png -o predictions).
+    write_png(tmp_path / "scan.png", np.zeros((64, 64, 3), np.uint8))
+    table = predict_paths(run, [tmp_path / "scan.png"], tmp_path / "predictions", progress=False)
+    assert table["status"].tolist() == ["ok"]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"batch_size": 0}, "--batch-size: must be 1 or more, not 0"),
     ({"batch_size": -1}, "--batch-size: must be 1 or more, not -1"),

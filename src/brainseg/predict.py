@@ -6,6 +6,7 @@ however many files there are. A bad file is reported and skipped; the rest are w
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainseg.data.index import SLICE_NAME
+from brainseg.data.index import SLICE_NAME, ensure_outside
 from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, equal_channel_text, read_image
 from brainseg.errors import BadInputError, BrainsegError
 from brainseg.progress import progress as progress_bar
@@ -87,6 +88,38 @@ def _discover_folder(folder: Path) -> Iterator[Case | BadInputError]:
         yield Case("nifti", _nifti_stem(path), [path]) if is_nifti(path) else Case("image", path.stem, [path])
 
 
+def name_uniquely(cases: list[Case]) -> list[Case]:
+    """Give cases that share a name (x.tif in two folders, x.tif and x.png) names of their own, as every
+    output is named after its case: the folder it came from first, then a number where still needed.
+    A name that no other case has is kept."""
+    counts = Counter(case.name for case in cases)
+    taken = {name for name, count in counts.items() if count == 1}
+    for case in cases:
+        if counts[case.name] == 1:
+            continue
+        base = f"{_case_input(case).parent.name}_{case.name}"
+        name, number = base, 2
+        while name in taken:
+            name, number = f"{base}_{number}", number + 1
+        taken.add(name)
+        case.name = name
+    return cases
+
+
+def data_folders(item: Path) -> list[Path]:
+    """Folders that outputs must stay out of: a folder given as input, and the folder of a file that
+    belongs to a data set (a kaggle_3m patient's slice, or an image of an images/ + masks/ pair)."""
+    if item.is_dir():
+        return [item]
+    folder = item.parent
+    if item.suffix.lower() in TIFF_SUFFIXES and patient_slices(folder):
+        return [folder]
+    if folder.name in ("images", "masks") and (folder.parent / "images").is_dir() \
+            and (folder.parent / "masks").is_dir():
+        return [folder.parent]
+    return []
+
+
 def nifti_to_slices(path: Path, axis: int) -> tuple[np.ndarray, object]:
     """A NIfTI volume as (N, H, W, C) uint8 slices along `axis`, scaled by its 0.5-99.5 percentiles."""
     import nibabel as nib
@@ -134,10 +167,8 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
 
     out = Path(out)
     for item in inputs:
-        if Path(item).is_dir():
-            from brainseg.data.index import ensure_outside
-
-            ensure_outside(out, item)
+        for folder in data_folders(Path(item)):
+            ensure_outside(out, folder)
     predictor = Predictor.load(model, backend=backend, device=device, batch_size=batch_size,
                                tta_flip=tta_flip, threshold=threshold, largest_component=largest_component,
                                min_size=min_size, min_fraction=min_fraction)
@@ -149,8 +180,9 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
         rows.extend(_predict_images(predictor, pending, out, save_probabilities, overlays, echo))
         pending.clear()
 
-    for case in progress_bar(list(discover([Path(p) for p in inputs])), desc="predicting", unit="case",
-                             enabled=progress):
+    found = list(discover([Path(p) for p in inputs]))
+    name_uniquely([case for case in found if isinstance(case, Case)])
+    for case in progress_bar(found, desc="predicting", unit="case", enabled=progress):
         if isinstance(case, BadInputError):
             echo(f"error: {case}")
             rows.append({"case": case.path.name, "input": str(case.path), "status": case.problem})
