@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from brainseg.errors import BadInputError
-from brainseg.evaluation import EvaluateOptions, evaluate
+from brainseg.errors import BadInputError, OptionError
+from brainseg.evaluation import EvaluateOptions, evaluate, select_rows
 from brainseg.postprocess import (
     largest_component,
     postprocess,
@@ -362,3 +362,22 @@ def test_a_slice_with_the_wrong_channel_count_is_named_by_its_file(tiny_run, tmp
     options = EvaluateOptions(side="all")
     with pytest.raises(BadInputError, match=r"case1\.png: has 1 channel\(s\); the model expects 3"):
         evaluate(run, tmp_path / "grey", tmp_path / "eval", options=options, progress=False)
+
+
+@pytest.mark.parametrize(("split", "fold", "message"), [
+    ({"train": ["A"], "val": ["B"], "test": []}, 0, "has no folds"),
+    ({"train": ["A"], "val": ["B"], "test": []}, -2, r"must be in 0\.\.0, not -2"),
+    ({"test": [], "folds": [{"train": ["A"], "val": ["B"]}] * 2}, 2, r"must be in 0\.\.1, not 2"),
+    ({"test": [], "folds": [{"train": ["A"], "val": ["B"]}] * 2}, -1, "pass --fold"),
+])
+def test_a_fold_that_the_split_lacks_is_refused(split, fold, message):
+    table = pd.DataFrame({"patient": ["A", "B"], "image_path": ["a.tif", "b.tif"]})
+    with pytest.raises(BadInputError, match=message):
+        select_rows(table, split, EvaluateOptions(side="val", fold=fold))
+    if fold == -1:
+        assert select_rows(table, split, EvaluateOptions(side="val", fold=1))["patient"].tolist() == ["B"]
+
+
+def test_evaluate_refuses_a_seed_numpy_cannot_take(tmp_path):
+    with pytest.raises(OptionError, match="--seed"):
+        evaluate("no-model", tmp_path, tmp_path / "out", options=EvaluateOptions(seed=-1))

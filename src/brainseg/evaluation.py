@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainseg.config import check_seed
 from brainseg.data.io import FLAIR_CHANNEL, MISSING_SEQUENCES, equal_channel_text
 from brainseg.errors import BadInputError
 from brainseg.progress import progress as progress_bar
@@ -83,8 +84,13 @@ def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOption
         return table
     if options.side not in ("train", "val", "test"):
         raise BadInputError("--split", f"must be test, val, train or all, not {options.side!r}")
-    fold = options.fold if options.fold >= 0 and "folds" in split else None
-    if "folds" in split and fold is None and options.side != "test":
+    folds = len(split.get("folds", []))
+    if options.fold >= 0 and not folds:
+        raise BadInputError("--fold", f"is {options.fold} but this split has no folds; leave it out")
+    if options.fold < -1 or options.fold >= folds > 0:
+        raise BadInputError("--fold", f"must be in 0..{max(folds, 1) - 1}, not {options.fold}")
+    fold = options.fold if options.fold >= 0 else None
+    if folds and fold is None and options.side != "test":
         raise BadInputError("--fold", "this is a k-fold split: pass --fold for its train/val sides")
     if options.side == "val" and split.get("refit_val"):
         raise BadInputError("--split", "this model was refit on its validation patients (train and val "
@@ -103,6 +109,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     from brainseg.prediction import Predictor
 
     options = options or EvaluateOptions()
+    check_seed(options.seed, "--seed")
     if options.flair_replaces and options.flair_replaces not in MISSING_SEQUENCES:
         raise BadInputError("--flair-replaces", f"must be post or pre+post, not {options.flair_replaces!r}")
     out = Path(out)
