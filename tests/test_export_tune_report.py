@@ -38,6 +38,28 @@ def test_export_refuses_to_write_over_its_model_or_another_file(run):
     assert sorted(p.name for p in run.iterdir() if "partial" in p.name) == []
 
 
+def test_an_exported_file_gets_the_mode_a_new_file_gets_or_keeps_the_one_it_replaces(run):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        export_model(run, run / "m.onnx")
+    finally:
+        os.umask(previous)
+    assert (run / "m.onnx").stat().st_mode & 0o777 == 0o640  # 0o666 less the umask, not mkstemp's 0600
+    (run / "m.onnx").chmod(0o644)
+    export_model(run, run / "m.onnx")
+    assert (run / "m.onnx").stat().st_mode & 0o777 == 0o644
+
+
+def test_export_refuses_a_folder_as_out_and_names_it(run, tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(BadInputError, match=rf"^{folder}: is a folder; give --out a file name"):
+        export_model(run, folder)
+    assert list(folder.iterdir()) == [] and not list(tmp_path.glob("*.partial"))
+
+
 @pytest.mark.parametrize("opset", [0, 6, 21, 999])
 def test_export_refuses_an_opset_torch_cannot_write(run, opset):
     with pytest.raises(OptionError, match=rf"--opset: this torch exports opsets 7 to \d+, not {opset}$"):

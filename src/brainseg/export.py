@@ -45,6 +45,8 @@ def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str =
     out = Path(out)
     if out.resolve() == source.resolve():
         raise BadInputError(out, "is the model being exported; give an --out ending in .onnx")
+    if out.is_dir():  # --out names the file to write, never a folder to write into
+        raise BadInputError(out, "is a folder; give --out a file name ending in .onnx")
     if out.is_file() and out.suffix.lower() != ".onnx":
         raise BadInputError(out, "exists and is not an .onnx file; refusing to overwrite it")
     network = build_network(source, description, weights)
@@ -68,11 +70,22 @@ def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str =
                               "(the default is 17)") from None
         _embed_description(partial, description, file_digest(source))
         difference = _check_against_torch(partial, network, example)
+        os.chmod(partial, _new_file_mode(out))  # mkstemp makes it private (0600)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     return {"path": str(out), "opset": opset, "input": [None, channels, size, size],
             "max_abs_logit_difference": difference}
+
+
+def _new_file_mode(out: Path) -> int:
+    """The mode of the file being replaced, else what open() would give a new file under the umask."""
+    try:
+        return out.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _embed_description(path: Path, description: dict, source_digest: str) -> None:
