@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from brainseg.data.checks import Kind
-from brainseg.data.index import ensure_outside, index_dataset, scan, write_index
+from brainseg.data.index import check_dataset, ensure_outside, index_dataset, scan, write_index
 from brainseg.data.io import read_image
 from brainseg.errors import BadInputError, OptionError
 from conftest import make_kaggle_tree, tree_state, write_png, write_slice
@@ -283,3 +283,26 @@ def test_explore_names_patients_with_a_copied_channel():
 
     table = pd.DataFrame({"patient": [k.split("/")[0] for k in images], "image_path": list(images)})
     assert identical_channels(table, Store()) == {"B": ["1=2"]}
+
+
+def test_a_data_set_with_no_readable_pair_is_refused_but_still_checked(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 3})
+    for image in root.rglob("*.tif"):
+        image.write_bytes(b"")
+    with pytest.raises(BadInputError, match=r"no readable image/mask pair: all 3 have problems"):
+        scan(root)
+    with pytest.raises(BadInputError, match="no readable"):
+        index_dataset(root)
+    assert len(check_dataset(root).problems) >= 3  # checking still lists what is wrong
+
+
+def test_symbolic_link_loops_are_one_line_errors(tmp_path):
+    root = make_kaggle_tree(tmp_path / "data", {PATIENT_A: 2})
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(BadInputError, match="link loop"):
+        scan(loop)
+    with pytest.raises(BadInputError, match="link loop"):
+        ensure_outside(loop / "out.csv", root)
+    with pytest.raises(BadInputError, match="link loop"):
+        ensure_outside(tmp_path / "out.csv", loop)

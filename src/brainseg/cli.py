@@ -103,7 +103,7 @@ def check_command(
     """
     from brainseg.data.index import scan
 
-    result = scan(data_dir, layout, cache=not no_cache, progress=True)
+    result = scan(data_dir, layout, cache=not no_cache, progress=True, require_slices=False)
     _echo_scan(result, per_kind=10**9 if all_files else 5)
     if result.report.ok:
         typer.echo("no problems found", err=True)

@@ -93,11 +93,15 @@ def detect_layout(root: Path) -> tuple[str, Path]:
 
 
 def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress: bool = False,
-         workers: int | None = None) -> Scan:
-    """Index, check and decode a data set, reusing the on-disk cache when nothing changed."""
+         workers: int | None = None, require_slices: bool = True) -> Scan:
+    """Index, check and decode a data set, reusing the on-disk cache when nothing changed.
+
+    Unless `require_slices` is off (checking only), a data set none of whose pairs can be read is
+    refused here with its first problem, rather than met later as an empty table."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise BadInputError(root, "folder does not exist")
+        raise BadInputError(root, "is a broken symbolic link or a link loop" if root.is_symlink()
+                            else "folder does not exist")
     if not root.is_dir():
         raise BadInputError(root, "not a folder")
     notes = []
@@ -125,6 +129,9 @@ def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress
         table, store, content_problems = _decode(found, directory, digest, progress, workers)
     table.attrs.update(layout=layout, root=str(root))
     report = CheckReport(found.problems + content_problems)
+    if require_slices and table.empty:
+        raise BadInputError(root, f"no readable image/mask pair: all {len(found.pairs)} have problems "
+                                  f"({report.problems[0].line()}; `brainseg check` lists them)")
     return Scan(table, store, report, layout, root, from_cache, notes)
 
 
@@ -158,7 +165,7 @@ def index_dataset(root: str | Path, layout: str = "auto", **options) -> pd.DataF
 
 def check_dataset(root: str | Path, layout: str = "auto", **options) -> CheckReport:
     """Every problem found in the data set's files."""
-    return scan(root, layout, **options).report
+    return scan(root, layout, require_slices=False, **options).report
 
 
 # --- discovery -------------------------------------------------------------------------------
@@ -358,10 +365,22 @@ def _join_metadata(table: pd.DataFrame, found: Discovery) -> pd.DataFrame:
 def ensure_outside(path: str | Path, data_root: str | Path) -> Path:
     """Refuse an output path inside the data folder: nothing is ever written there."""
     path, data_root = Path(path), Path(data_root)
-    resolved, root = path.resolve(), data_root.resolve()
+    try:
+        resolved, root = path.resolve(), data_root.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError on a symlink loop
+        looped = next(p for p in (path, data_root) if _unresolvable(p))
+        raise BadInputError(looped, "is a symbolic link loop") from None
     if resolved == root or root in resolved.parents:
         raise BadInputError(path, f"is inside the data folder {data_root}; write outputs elsewhere")
     return path
+
+
+def _unresolvable(path: Path) -> bool:
+    try:
+        path.resolve()
+    except (RuntimeError, OSError):
+        return True
+    return False
 
 
 def write_index(root: str | Path, out: str | Path, layout: str = "auto", **options) -> Scan:
