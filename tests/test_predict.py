@@ -239,6 +239,9 @@ def _edited(run, path, edit):
     (lambda s: s["brainseg"]["preprocessing"].update(image_size=0), "image_size must be a whole number"),
     (lambda s: s["brainseg"]["model"]["kwargs"].update(colour=1), "model description: unknown argument"),
     (lambda s: s["brainseg"].update(postprocessing={"min_size": -3}), "postprocessing.min_size cannot be -3"),
+    (lambda s: s["brainseg"].update(format="other/9"),
+     r"model description: format 'other/9'; this version of brainseg reads brainseg-checkpoint/1$"),
+    (lambda s: s["brainseg"].pop("format"), r"model description: no format; this version of brainseg reads"),
 ])
 def test_hand_edited_model_files_are_one_line_errors_naming_the_file(tiny_run, tmp_path, edit, message):
     from brainseg.errors import BadInputError
@@ -250,6 +253,14 @@ def test_hand_edited_model_files_are_one_line_errors_naming_the_file(tiny_run, t
     with pytest.raises(BadInputError, match=message):
         export_model(path, tmp_path / "edited.onnx")
     assert not (tmp_path / "edited.onnx").exists()
+
+
+def test_the_formats_training_and_the_shipped_model_write_are_readable():
+    from brainseg.prediction import READABLE_FORMATS, load_model_file
+    from brainseg.training import CHECKPOINT_FORMAT
+
+    assert CHECKPOINT_FORMAT in READABLE_FORMATS
+    assert load_model_file("pretrained")[0]["format"] == CHECKPOINT_FORMAT
 
 
 def test_a_bad_slice_in_a_volume_is_named_by_its_file(tiny_run):

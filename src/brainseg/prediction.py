@@ -20,6 +20,10 @@ from brainseg.postprocess import check_min_fraction, check_min_size, check_thres
 
 MODEL_FILE = "model.pt"
 PRECISIONS = ("auto", "32", "bf16")
+# Description formats this version reads: training.CHECKPOINT_FORMAT (kept here so that prediction
+# does not import lightning). Training and ensemble have written it into every model file, the shipped
+# one and ONNX metadata included, so a file without it was not written by brainseg.
+READABLE_FORMATS = ("brainseg-checkpoint/1",)
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -79,6 +83,9 @@ def check_description(path: str | Path, description) -> dict:
 
     if not isinstance(description, dict):
         raise bad("not a mapping")
+    if description.get("format") not in READABLE_FORMATS:
+        found = f"format {description['format']!r}" if "format" in description else "no format"
+        raise bad(f"{found}; this version of brainseg reads {', '.join(READABLE_FORMATS)}")
     spec = description.get("model")
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) \
             or not isinstance(spec.get("kwargs"), dict):
