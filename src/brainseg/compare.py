@@ -11,18 +11,33 @@ from brainseg.errors import BadInputError
 from brainseg.evaluation import EvaluateOptions, evaluate
 
 
-def _run_split(run: Path) -> dict:
-    from brainseg.data.splits import load_split
+def _model(run: str | Path) -> tuple[Path, dict | None, Path | None]:
+    """(model path, its split or None, the split's file) for one input; a bad one is refused."""
+    from brainseg.data.splits import load_split, validate_split
+    from brainseg.prediction import load_model_file, resolve_model_path
 
-    path = (run if run.is_dir() else run.parent) / "split.json"
+    path = resolve_model_path(run)  # 'pretrained' is the shipped model, as in evaluate and predict
     if not path.exists():
-        raise BadInputError(run, "no split.json in the run folder; compare needs run folders")
-    return load_split(path)
+        raise BadInputError(run, "does not exist")
+    if path.suffix.lower() == ".onnx":  # compare has no --backend: the torch model scores the same
+        raise BadInputError(run, "is an ONNX model; compare scores run folders, model files or "
+                                 "pretrained: give the run it was exported from")
+    description, _ = load_model_file(path)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / "split.json", folder.parent / "split.json"):  # as evaluate finds it
+        if candidate.exists():
+            return path, load_split(candidate), candidate
+    if description.get("split"):  # the shipped model carries its split
+        validate_split(description["split"], str(run))
+        return path, description["split"], None
+    return path, None, None
 
 
-def _check_unseen(run: Path, patients: set[str]) -> None:
+def _check_unseen(run: str | Path, split: dict | None, patients: set[str]) -> None:
     """A model must not be scored on patients it trained or was selected on."""
-    split = _run_split(run)
+    if split is None:
+        raise BadInputError(run, "has no split.json beside it and no split stored in it; compare needs "
+                                 "each model's split to check it never saw the compared patients")
     seen: set[str] = set()
     for group in [split, *split.get("folds", [])]:
         seen |= set(group.get("train", [])) | set(group.get("val", []))
@@ -37,28 +52,37 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
                  progress: bool = True) -> pd.DataFrame:
     """Evaluate each run on one split side (the first run's unless `split_file`), then tabulate."""
     from brainseg import plots
-    from brainseg.data.splits import load_split
+    from brainseg.data.index import ensure_outside
+    from brainseg.data.splits import load_split, save_split
 
     if not runs:
         raise BadInputError("compare", "give at least one run folder")
-    runs = [Path(r) for r in runs]
-    for run in runs:
-        if not run.exists():
-            raise BadInputError(run, "does not exist")
     out = Path(out)
-    split_path = Path(split_file) if split_file else (runs[0] / "split.json")
-    split = load_split(split_path)
+    ensure_outside(out, data)
+    # Every input is checked before any is evaluated, so that a bad last one leaves no half comparison.
+    models = [_model(run) for run in runs]
+    if split_file:
+        split_path, split = Path(split_file), load_split(split_file)
+    else:
+        split, split_path = models[0][1:]
+        if split is None:
+            raise BadInputError(runs[0], "has no split.json beside it and no split stored in it; "
+                                         "pass --split-file")
     if side not in split:
-        raise BadInputError(split_path, f"has no {side!r} side")
+        raise BadInputError(split_path or runs[0], f"has no {side!r} side")
     patients = set(split[side])
     if side == "test":
-        for run in runs:
-            _check_unseen(run, patients)
+        for run, (_, run_split, _) in zip(runs, models, strict=True):
+            _check_unseen(run, run_split, patients)
     rows, per_patient = [], {}
-    names = _unique_names(runs)
-    for run, name in zip(runs, names, strict=True):
+    paths = [path for path, _, _ in models]
+    names = _unique_names(["pretrained" if str(run) == "pretrained" else path
+                           for run, path in zip(runs, paths, strict=True)])
+    for index, (run, name) in enumerate(zip(paths, names, strict=True)):
+        if index and split_path is None:  # the first model's split lives only in its model file (which
+            split_path = save_split(split, out / "split.json")  # its own evaluation read) and not in a file
         base = options or EvaluateOptions()
-        run_options = EvaluateOptions(**{**base.__dict__, "side": side, "split_file": str(split_path)})
+        run_options = EvaluateOptions(**{**base.__dict__, "side": side, "split_file": str(split_path or "")})
         summary = evaluate(run, data, out / name, options=run_options, progress=progress)
         scores = pd.read_csv(out / name / "per_patient.csv")
         per_patient[name] = scores["dice"].to_numpy()
@@ -71,10 +95,10 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     return table
 
 
-def _unique_names(runs: list[Path]) -> list[str]:
+def _unique_names(runs: list[str | Path]) -> list[str]:
     names: list[str] = []
     for run in runs:
-        name = run.name if run.is_dir() else run.parent.name
+        name = run if isinstance(run, str) else run.name if run.is_dir() else run.parent.name
         names.append(name if name not in names else f"{name}-{len(names)}")
     return names
 

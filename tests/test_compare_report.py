@@ -1,0 +1,55 @@
+"""compare: 'pretrained' as an input, and every input checked before any is evaluated."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from brainseg.compare import compare_runs
+from brainseg.errors import BadInputError
+
+
+@pytest.fixture
+def shipped(tiny_run, tmp_path, monkeypatch):
+    """'pretrained' stands for a copy of the tiny run written as the package ships it (split inside)."""
+    import brainseg.pretrained
+    from brainseg.pretrained import write_pretrained
+
+    path = write_pretrained(tiny_run[1], tmp_path / "package" / "lgg.pt")
+    monkeypatch.setattr(brainseg.pretrained, "pretrained_path", lambda: path)
+    return path
+
+
+def test_compare_takes_pretrained_and_the_split_stored_in_it(tiny_run, tmp_path, shipped):
+    data, run = tiny_run
+    out = tmp_path / "cmp"
+    table = compare_runs(["pretrained", run], data, out, side="val", progress=False)
+    assert table["run"].tolist() == ["pretrained", "run"]
+    assert table["dice_mean"].iloc[0] == pytest.approx(table["dice_mean"].iloc[1], abs=1e-2, nan_ok=True)
+    # The first model's split came from inside its file; the others were scored on the same patients.
+    assert json.loads((out / "split.json").read_text()) == json.loads((run / "split.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    leaky = tmp_path / "leaky.json"
+    leaky.write_text(json.dumps({**split, "test": split["train"][:1], "train": split["train"][1:]}))
+    with pytest.raises(BadInputError, match=r"^pretrained: trained or validated on 1 of the compared"):
+        compare_runs(["pretrained"], data, tmp_path / "cmp2", split_file=leaky, progress=False)
+
+
+def test_compare_checks_every_input_before_evaluating_any(tiny_run, tmp_path):
+    data, run = tiny_run
+    (tmp_path / "m.onnx").write_bytes(b"onnx")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "alone").mkdir()
+    shutil.copy(run / "model.pt", tmp_path / "alone" / "model.pt")
+    out = tmp_path / "cmp"
+    for second, side, message in (
+            (tmp_path / "m.onnx", "val", r"m\.onnx: is an ONNX model; compare scores run folders, model "
+                                         r"files or pretrained: give the run it was exported from$"),
+            (tmp_path / "unfinished", "val", r"unfinished: run folder has no model\.pt"),
+            (tmp_path / "missing", "val", r"missing: does not exist$"),
+            (tmp_path / "alone", "test", r"alone: has no split\.json beside it and no split stored in it")):
+        with pytest.raises(BadInputError, match=message):
+            compare_runs([run, second], data, out, side=side, progress=False)
+        assert not out.exists()  # the first run was not evaluated
