@@ -184,6 +184,18 @@ def test_an_output_inside_the_folder_of_a_data_set_file_is_refused(tiny_run, tmp
         with pytest.raises(BadInputError, match="inside the data folder"):
             predict_paths(run, [slice_file], out, progress=False)
     assert tree_state(data) == before
+    # A patient folder given as input protects its whole data set, not only itself.
+    for out in (data, data / "predictions"):
+        with pytest.raises(BadInputError, match=rf"^{out}: is inside the data folder {data}"):
+            predict_paths(run, [patient], out, progress=False)
+    assert tree_state(data) == before
+    # Unlabelled slices (no _mask files) are no data set: writing beside their folder stays allowed.
+    scans = tmp_path / "scans" / "case"
+    scans.mkdir(parents=True)
+    for path in sorted(patient.glob("*_[0-9].tif"))[:2]:
+        (scans / path.name).write_bytes(path.read_bytes())
+    table = predict_paths(run, [scans], tmp_path / "scans" / "predictions", progress=False)
+    assert table["status"].tolist() == ["ok"]
     # A loose image is not a data set: writing beside it stays allowed (predict scan.png -o predictions).
     write_png(tmp_path / "scan.png", np.zeros((64, 64, 3), np.uint8))
     table = predict_paths(run, [tmp_path / "scan.png"], tmp_path / "predictions", progress=False)

@@ -106,18 +106,44 @@ def name_uniquely(cases: list[Case]) -> list[Case]:
     return cases
 
 
+def _labelled_slices(folder: Path) -> bool:
+    """Whether `folder` holds numbered _mask slices, as a kaggle_3m patient folder does."""
+    try:
+        return any(p.suffix.lower() in TIFF_SUFFIXES and (m := SLICE_NAME.match(p.stem)) and m["mask"]
+                   for p in folder.iterdir())
+    except OSError:  # an unreadable folder is no data set we can tell
+        return False
+
+
+def data_set_root(folder: Path) -> Path | None:
+    """The data set that `folder` is part of, found from `folder` upwards (None: none): the folder
+    holding an images_masks set's images/ and masks/, or the parent of a kaggle_3m patient folder.
+
+    A patient folder is told by its _mask slices, so that a folder of unlabelled slices given to predict
+    is none; its parent is the data set when it holds another one, else (a patient copied out on its
+    own) only the patient folder is, so that writing beside that copy stays allowed."""
+    for part in (folder, *folder.parents):
+        if part.name in ("images", "masks") and (part.parent / "images").is_dir() \
+                and (part.parent / "masks").is_dir():
+            return part.parent
+        if _labelled_slices(part):
+            others = (p for p in part.parent.iterdir() if p != part and p.is_dir() and _labelled_slices(p))
+            return part.parent if next(others, None) else part
+    return None
+
+
 def data_folders(item: Path) -> list[Path]:
-    """Folders that outputs must stay out of: a folder given as input, and the folder of a file that
-    belongs to a data set (a kaggle_3m patient's slice, or an image of an images/ + masks/ pair)."""
+    """Folders that outputs must stay out of: a folder given as input, the folder of a file that
+    belongs to a data set (a kaggle_3m patient's slice, or an image of an images/ + masks/ pair), and
+    the whole data set that either lies in."""
     if item.is_dir():
-        return [item]
-    folder = item.parent
-    if item.suffix.lower() in TIFF_SUFFIXES and patient_slices(folder):
-        return [folder]
-    if folder.name in ("images", "masks") and (folder.parent / "images").is_dir() \
-            and (folder.parent / "masks").is_dir():
-        return [folder.parent]
-    return []
+        folders = [item]
+    elif item.suffix.lower() in TIFF_SUFFIXES and patient_slices(item.parent):
+        folders = [item.parent]
+    else:
+        folders = []
+    root = data_set_root(item if item.is_dir() else item.parent)
+    return [*folders, root] if root else folders
 
 
 def nifti_to_slices(path: Path, axis: int) -> tuple[np.ndarray, object]:
