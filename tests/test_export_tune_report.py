@@ -115,7 +115,13 @@ def test_report_refuses_a_data_set(tiny_run, tmp_path):
     (images_masks / "masks").mkdir()
     with pytest.raises(BadInputError, match=r"is a data set \(images_masks layout\)"):
         write_report(images_masks)
-    assert tree_state(data) == before and not (images_masks / "index.html").exists()
+    # A folder inside a data set is refused as well: a patient folder, images/ or masks/.
+    patient = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    for folder, root in ((patient, data), (images_masks / "images", images_masks),
+                         (images_masks / "masks", images_masks)):
+        with pytest.raises(BadInputError, match=rf"^{folder}: is part of the data set {root}, not a folder"):
+            write_report(folder)
+    assert tree_state(data) == before and not list(images_masks.rglob("index.html"))
 
 
 def test_report_leaves_out_a_malformed_file_with_a_warning_and_reports_the_rest(run, tmp_path):

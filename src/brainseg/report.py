@@ -232,7 +232,12 @@ def _stderr(message: str) -> None:
 
 def _refuse_data_set(root: Path) -> None:
     from brainseg.data.index import detect_layout
+    from brainseg.predict import data_set_root
 
+    data_set = data_set_root(root)  # a patient folder, or images/ or masks/, is part of one too
+    if data_set is not None:
+        raise BadInputError(root, f"is part of the data set {data_set}, not a folder of results; the report "
+                                  "would be written into it (give a run or results folder)")
     try:
         layout, _ = detect_layout(root)
     except BrainsegError:
