@@ -98,6 +98,9 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(OptionError, match=r"unknown setting train\.speed"):
         load_config(tmp_path / "unknown.yaml")
     assert issubclass(AugmentConfigError, OptionError)
+    (tmp_path / "zero.yaml").write_text("train:\n  epochs: 0\n")  # an old run's config.yaml
+    with pytest.raises(BadInputError, match=r"zero\.yaml: train\.epochs must be at least 1, got 0"):
+        load_config(tmp_path / "zero.yaml")
 
 
 def test_shipped_recipes_load_by_name():

@@ -13,6 +13,7 @@ from brainseg.data.splits import (
     load_split,
     patient_table,
     save_split,
+    seen_patients,
     select,
     split_patients,
     validate_split,
@@ -112,6 +113,54 @@ def test_save_load_round_trip_and_leak_detection(tmp_path):
     (tmp_path / "other.json").write_text('{"a": 1}')
     with pytest.raises(BadInputError, match="not a brainseg split"):
         load_split(tmp_path / "other.json")
+
+
+PLAIN = {"train": ["A", "B"], "val": ["C"], "test": ["D"]}
+KFOLD = {"test": ["D"], "folds": [{"train": ["A", "B"], "val": ["C"]}, {"train": ["A", "C"], "val": ["B"]}]}
+
+
+@pytest.mark.parametrize(("split", "message"), [
+    ({**PLAIN, "val": None}, "'val' must be a list of patient names, not null"),
+    ({**PLAIN, "train": "TCGA_A"}, "'train' must be a list of patient names, not \"TCGA_A\""),
+    ({**PLAIN, "train": [1, 2]}, "'train' must be a list of patient names"),
+    ({**PLAIN, "test": {}}, "'test' must be a list of patient names, not {}"),
+    ({**PLAIN, "refit_val": "C"}, "'refit_val' must be a list"),
+    ({"train": ["A"], "val": []}, "no 'test'"),
+    ({"train": ["A"], "test": []}, "no 'val'"),
+    ({**KFOLD, "folds": "x"}, "'folds' must be a non-empty list of folds, not \"x\""),
+    ({**KFOLD, "folds": []}, "'folds' must be a non-empty list"),
+    ({**KFOLD, "folds": ["x"]}, "fold 0 must be an object"),
+    ({**KFOLD, "folds": [{"train": ["A"]}]}, "fold 0 has no 'val'"),
+    ({**KFOLD, "folds": [{"train": ["A"], "val": [3]}]}, "'fold 0 val' must be a list of patient names"),
+    ({"folds": KFOLD["folds"]}, "no 'test'"),
+    ([PLAIN], "not a brainseg split"),
+])
+def test_a_hand_edited_split_of_the_wrong_shape_is_one_error_naming_the_file_and_key(tmp_path, split,
+                                                                                      message):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(split))
+    with pytest.raises(BadInputError, match=f"^{path}: .*" + message.replace("(", r"\(")):
+        load_split(path)
+
+
+def test_what_split_patients_and_a_refit_write_is_well_formed(tmp_path):
+    table = fake_index([100 * i for i in range(12)])
+    for split in (split_patients(table), split_patients(table, folds=3),
+                  {**PLAIN, "train": ["A", "B", "C"], "val": [], "refit_val": ["C"]}, PLAIN, KFOLD):
+        assert load_split(save_split(split, tmp_path / "split.json")) == split
+    # A split made on another copy of the data may name patients missing here: evaluating the
+    # patients present is legitimate, so unknown names are not an error.
+    rows = select(table, {**PLAIN, "test": ["P000", "ELSEWHERE"]}, "test")
+    assert rows["patient"].unique().tolist() == ["P000"]
+
+
+def test_seen_patients_are_trained_or_validated_on():
+    assert seen_patients(PLAIN) == {"A", "B", "C"}
+    assert seen_patients({**PLAIN, "val": [], "refit_val": ["C"]}) == {"A", "B", "C"}
+    assert seen_patients(KFOLD) == {"A", "B", "C"}  # fold unknown: every fold's
+    assert seen_patients(KFOLD, 1) == {"A", "B", "C"}
+    assert seen_patients({**KFOLD, "folds": [{"train": ["A"], "val": ["B"]}, {"train": ["C"], "val": []}]},
+                         1) == {"C"}
 
 
 @settings(max_examples=60, deadline=None)

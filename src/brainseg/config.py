@@ -254,7 +254,12 @@ def load_config(path: str | Path) -> RunConfig:
         raise BadInputError(path, f"not valid YAML ({str(error).splitlines()[0]})") from None
     if values is not None and not isinstance(values, dict):
         raise BadInputError(path, "a config must be a mapping with sections data, model, augment, train")
-    return RunConfig.from_dict(values or {}, str(path))
+    try:
+        return RunConfig.from_dict(values or {}, str(path))
+    except OptionError as error:  # a range check inside a section does not know the file it came from
+        if str(error).startswith(f"{path}:"):
+            raise
+        raise BadInputError(path, str(error)) from None
 
 
 def save_config(config: RunConfig, path: str | Path) -> Path:

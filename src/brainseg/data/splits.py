@@ -123,8 +123,62 @@ def _counts(split: dict) -> dict:
     return {side: len(split[side]) for side in SIDES}
 
 
+LISTS = (*SIDES, "refit_val")
+
+
+def check_structure(split, source: str = "split") -> None:
+    """Raise BadInputError naming `source` and the key when a split is not shaped as split_patients
+    and refit_split write it: a plain split has train, val and test; a k-fold split has test and a
+    non-empty list of folds, each with train and val; every side is a list of patient names."""
+    def names(value, key: str) -> None:
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            raise BadInputError(source, f"{key!r} must be a list of patient names, "
+                                        f"not {_shown(value)}")
+
+    if not isinstance(split, dict):
+        raise BadInputError(source, "not a brainseg split (a JSON object with 'train'/'val'/'test' "
+                                    "or 'test'/'folds')")
+    required = ("test", "folds") if "folds" in split else SIDES
+    missing = [key for key in required if key not in split]
+    if missing:
+        raise BadInputError(source, f"not a brainseg split: no {missing[0]!r} (a split has "
+                                    f"{', '.join(map(repr, required))})")
+    for key in LISTS:
+        if key in split:
+            names(split[key], key)
+    if "folds" in split:
+        folds = split["folds"]
+        if not isinstance(folds, list) or not folds:
+            raise BadInputError(source, f"'folds' must be a non-empty list of folds, not {_shown(folds)}")
+        for number, fold in enumerate(folds):
+            if not isinstance(fold, dict):
+                raise BadInputError(source, f"fold {number} must be an object with 'train' and 'val', "
+                                            f"not {_shown(fold)}")
+            for side in ("train", "val"):
+                if side not in fold:
+                    raise BadInputError(source, f"fold {number} has no {side!r}")
+                names(fold[side], f"fold {number} {side}")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def seen_patients(split: dict, fold: int | None = None) -> set[str]:
+    """Patients a model trained on this split learnt from or was selected on (train, val, refit_val):
+    those of `fold` for a k-fold run, else of the split and all its folds (the safe side when the
+    fold is unknown). compare and evaluate refuse to call these patients unseen."""
+    groups = [split, split["folds"][fold]] if fold is not None and split.get("folds") else \
+        [split, *split.get("folds", [])]
+    return {name for group in groups for key in ("train", "val", "refit_val")
+            for name in group.get(key, [])}
+
+
 def validate_split(split: dict, source: str = "split") -> None:
-    """Raise SplitLeakError when any patient stands on two sides of a split or fold."""
+    """Raise BadInputError for a malformed split and SplitLeakError when any patient stands on two
+    sides of a split or fold."""
+    check_structure(split, source)
     groups = [("", {side: split.get(side, []) for side in SIDES if side in split})]
     for number, fold in enumerate(split.get("folds", [])):
         groups.append((f"fold {number}: ", {"train": fold.get("train", []),
@@ -160,8 +214,6 @@ def load_split(path: str | Path) -> dict:
         raise BadInputError(path, f"cannot read split ({error.strerror})") from None
     except ValueError as error:
         raise BadInputError(path, f"not valid JSON ({error})") from None
-    if not isinstance(split, dict) or not ({"train", "folds"} & set(split)):
-        raise BadInputError(path, "not a brainseg split (needs 'train'/'val'/'test' or 'folds')")
     validate_split(split, str(path))
     return split
 
