@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import torch
 
 from brainseg.ensemble import build_ensemble
 from brainseg.errors import BadInputError, OptionError
+from brainseg.evaluation import EvaluateOptions, evaluate
 from brainseg.export import export_model
 from brainseg.models import create_model
 from brainseg.prediction import Predictor, load_model_file
@@ -151,3 +154,37 @@ def test_cli_ensemble_then_evaluate(tiny_run, tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["model"]["model"] == "ensemble"
+
+
+def fold_member(run, folder, split: dict, fold: int):
+    """A copy of the tiny run posing as the run of `fold` of a k-fold split."""
+    from brainseg.config import save_config
+    from brainseg.training import load_run_config
+
+    folder.mkdir(parents=True)
+    shutil.copy(run / "model.pt", folder / "model.pt")
+    save_config(load_run_config(run).override({"data.fold": fold}), folder / "config.yaml")
+    (folder / "split.json").write_text(json.dumps(split))
+    return folder
+
+
+def test_an_ensemble_is_never_scored_on_patients_a_member_trained_on(tiny_run, tmp_path):
+    data, run = tiny_run
+    a, b, c = sorted({p.name for p in data.iterdir() if p.is_dir()})
+    kfold = {"test": [c], "folds": [{"train": [a], "val": [b]}, {"train": [b], "val": [a]}]}
+    members = [fold_member(run, tmp_path / f"f{k}", kfold, k) for k in (0, 1)]
+    summary = build_ensemble(members, tmp_path / "ens")
+    # one split.json, but different folds of it: not a shared split
+    assert summary["split"].startswith("members differ") and not (tmp_path / "ens" / "split.json").exists()
+    assert load_model_file(tmp_path / "ens")[0]["patients_seen"] == {"trained": [a, b], "validated": [a, b]}
+    (tmp_path / "kfold.json").write_text(json.dumps(kfold))
+    with pytest.raises(BadInputError, match=re.escape(f"trained on 1 of the val patients (e.g. {b})")):
+        evaluate(tmp_path / "ens", data, tmp_path / "val0", progress=False,
+                 options=EvaluateOptions(side="val", fold=0, split_file=str(tmp_path / "kfold.json")))
+    (tmp_path / "other.json").write_text(json.dumps({"train": [c], "val": [], "test": [a, b]}))
+    with pytest.raises(BadInputError, match="trained or validated on 2 of the test patients"):
+        evaluate(tmp_path / "ens", data, tmp_path / "other", progress=False,
+                 options=EvaluateOptions(side="test", split_file=str(tmp_path / "other.json")))
+    summary = evaluate(tmp_path / "ens", data, tmp_path / "test", progress=False,
+                       options=EvaluateOptions(side="test", split_file=str(tmp_path / "kfold.json")))
+    assert summary["data"]["patients"] == 1

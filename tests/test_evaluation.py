@@ -381,3 +381,25 @@ def test_a_fold_that_the_split_lacks_is_refused(split, fold, message):
 def test_evaluate_refuses_a_seed_numpy_cannot_take(tmp_path):
     with pytest.raises(OptionError, match="--seed"):
         evaluate("no-model", tmp_path, tmp_path / "out", options=EvaluateOptions(seed=-1))
+
+
+def test_an_ensemble_without_recorded_members_is_checked_against_its_own_split(tmp_path):
+    from brainseg.evaluation import check_unseen
+
+    ensemble = {"model": {"name": "ensemble"}}
+    refit = {**ensemble, "split": {"train": ["A", "B"], "val": [], "refit_val": ["B"], "test": ["C"]}}
+    check_unseen(tmp_path / "m.pt", refit, pd.DataFrame({"patient": ["C"]}), "test")  # the shipped model
+    with pytest.raises(BadInputError, match="trained or validated on 1 of the test patients"):
+        check_unseen(tmp_path / "m.pt", refit, pd.DataFrame({"patient": ["B", "C"]}), "test")
+    kfold = {**ensemble, "split": {"test": ["C"], "folds": [{"train": ["A"], "val": ["B"]},
+                                                           {"train": ["B"], "val": ["A"]}]}}
+    with pytest.raises(BadInputError, match="trained on 1 of the val patients"):
+        check_unseen(tmp_path / "m.pt", kfold, pd.DataFrame({"patient": ["B"]}), "val")
+    check_unseen(tmp_path / "m.pt", kfold, pd.DataFrame({"patient": ["B"]}), "train")  # says what it is
+    check_unseen(tmp_path / "m.pt", {"model": {"name": "unet"}}, pd.DataFrame({"patient": ["B"]}), "test")
+
+
+def test_data_without_slices_on_the_side_names_data_not_an_option_tune_lacks():
+    table = pd.DataFrame({"patient": ["A"], "image_path": ["a.tif"]})
+    with pytest.raises(BadInputError, match=r"^--data: no slices of this data set are on the val side"):
+        select_rows(table, {"train": ["A"], "val": ["B"], "test": []}, EvaluateOptions(side="val"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from brainseg.errors import BadInputError, OptionError
+from brainseg.errors import BadInputError, BrainsegError, OptionError
 
 
 def _split_beside(model: Path, description: dict) -> dict | None:
@@ -20,6 +20,30 @@ def _split_beside(model: Path, description: dict) -> dict | None:
         return split_for(model, EvaluateOptions(side="val"), description)
     except BadInputError:
         return None
+
+
+def _patients_seen(model: Path, description: dict) -> dict | None:
+    """The patients a member trained on and was validated on (of its own fold in a k-fold split),
+    or None when its split cannot be found."""
+    from brainseg.data.splits import seen_patients
+    from brainseg.evaluation import TRAINED_KEYS, patients_seen
+
+    if (seen := patients_seen(model, description)) is not None:  # an ensemble as a member
+        return seen
+    split = _split_beside(model, description)
+    if split is None:
+        return None
+    fold = None
+    try:
+        from brainseg.crossval import run_folder_of
+        from brainseg.training import load_run_config
+
+        fold = load_run_config(run_folder_of(model)).data.fold
+    except BrainsegError:  # a model file away from its run: its fold is unknown, count every fold
+        pass
+    fold = fold if fold is not None and fold >= 0 and split.get("folds") else None
+    return {"trained": sorted(seen_patients(split, fold, TRAINED_KEYS)),
+            "validated": sorted(seen_patients(split, fold, ("val",)))}
 
 
 def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: float | None = None,
@@ -61,7 +85,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
     out = Path(out)
     if (out / MODEL_FILE).exists():
         raise BadInputError(out, f"already holds a {MODEL_FILE}; choose a new --out")
-    members, weights, sources, splits = [], {}, [], []
+    members, weights, sources, splits, seen = [], {}, [], [], []
     for i, model in enumerate(models):
         path = model_file(model)  # 'pretrained' is the shipped file
         description, state = load_model_file(path)
@@ -73,6 +97,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         sources.append({"file": str(path), "sha256_16": file_digest(path),
                         "model": description["model"]["name"], "context": members[-1]["context"]})
         splits.append(_split_beside(path, description))
+        seen.append(_patients_seen(path, description))
 
     first = members[0]["preprocessing"]
     for member, source in zip(members, sources, strict=True):
@@ -97,19 +122,30 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         **copied,
         "threshold": threshold,
         "members": sources,
+        # evaluate and tune refuse to score the ensemble on these patients (see check_unseen)
+        "patients_seen": {kind: sorted({name for member in seen if member for name in member[kind]})
+                          for kind in ("trained", "validated")},
     }
+    unknown = [source["file"] for source, member in zip(sources, seen, strict=True) if member is None]
+    if unknown:
+        description["patients_seen"]["unknown_for"] = unknown
     from brainseg.models import create_model
 
     create_model("ensemble", **kwargs).load_state_dict(weights)  # fails here, not at predict time
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"brainseg": description, "state_dict": weights}, out / MODEL_FILE)
-    shared_split = splits[0] if splits[0] and all(s == splits[0] for s in splits) else None
+    # Members of different folds of one k-fold split hold the same split.json but learnt from
+    # different patients: they do not share a split.
+    shared_split = (splits[0] if splits[0] and all(s == splits[0] for s in splits)
+                    and all(m == seen[0] for m in seen) else None)
     if shared_split:
         from brainseg.data.splits import save_split
 
         save_split(shared_split, out / "split.json")
     summary = {"model": str(out / MODEL_FILE), "members": sources, "context": context,
                "threshold": threshold, **copied, "split": "shared by all members" if shared_split else
-               "members differ: pass --split-file to evaluate"}
+               "members differ: pass --split-file to evaluate (patients a member trained on are refused)",
+               "patients_seen": {kind: len(value) if isinstance(value, list) else value
+                                 for kind, value in description["patients_seen"].items()}}
     (out / "ensemble.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -96,9 +96,46 @@ def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOption
         raise BadInputError("--split", "this model was refit on its validation patients (train and val "
                                        "together); score it on test")
     rows = select(table, split, options.side, fold)
-    if rows.empty:
-        raise BadInputError("--split", f"no slices of this data set are on the {options.side} side")
+    if rows.empty:  # evaluate, tune and crossval all take --data; only evaluate has --split
+        raise BadInputError("--data", f"no slices of this data set are on the {options.side} side of "
+                                      "the split; is it the data set the split was made on?")
     return rows
+
+
+TRAINED_KEYS = ("train", "refit_val")
+
+
+def patients_seen(model_path: Path, description: dict) -> dict | None:
+    """{"trained": [...], "validated": [...]}: the patients an ensemble's members learnt from or were
+    selected on, or None for a single model (its own split keeps its sides apart)."""
+    from brainseg.data.splits import seen_patients
+
+    if "patients_seen" in description:
+        return description["patients_seen"]
+    if description.get("model", {}).get("name") != "ensemble":
+        return None
+    # An ensemble built before its members' patients were recorded: its own split (shared by the
+    # members, or the one stored in it), every fold of it, since the members' folds are unknown.
+    try:
+        split = split_for(model_path, EvaluateOptions(side="test"), description)
+    except BadInputError:
+        return None
+    return {"trained": sorted(seen_patients(split, keys=TRAINED_KEYS)),
+            "validated": sorted(seen_patients(split, keys=("val",)))}
+
+
+def check_unseen(model_path: Path, description: dict, rows: pd.DataFrame, side: str) -> None:
+    """Refuse to score an ensemble on patients a member trained on (or, for the test side, was
+    validated on): the output would call them unseen. The train side and --split all say what they are."""
+    seen = patients_seen(model_path, description)
+    if seen is None or side in ("train", "all"):
+        return
+    learnt = set(seen.get("trained", [])) | (set(seen.get("validated", [])) if side == "test" else set())
+    leaked = sorted(learnt & set(rows["patient"]))
+    if leaked:
+        how = "trained or validated" if side == "test" else "trained"
+        raise BadInputError(model_path, f"a member of this ensemble {how} on {len(leaked)} of the {side} "
+                                        f"patients (e.g. {leaked[0]}); score it on patients no member saw")
 
 
 def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: str = "auto",
@@ -120,6 +157,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     model = Path(predictor.source)
     result = scan(data, layout, progress=progress)
     rows = select_rows(result.table, split_for(model, options, predictor.description), options)
+    check_unseen(model, predictor.description, rows, options.side)
     first = rows["image_path"].iloc[0]  # refused before anything is written
     _replace_with_flair(result.store.image(first)[None], options.flair_replaces, first)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from brainseg.errors import BadInputError
-from brainseg.evaluation import EvaluateOptions, select_rows, split_for
+from brainseg.evaluation import EvaluateOptions, check_unseen, select_rows, split_for
 from brainseg.progress import progress as progress_bar
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.2, 0.81, 0.05))
@@ -101,7 +101,9 @@ def _job(model, table: pd.DataFrame, side: str, split_file: str, fold: int = -1)
     options = EvaluateOptions(side=side, split_file=split_file, fold=fold)
     plain = Predictor.from_checkpoint(model)
     # A model file away from its run (the shipped one) carries its split in its description.
-    return plain, select_rows(table, split_for(model, options, plain.description), options)
+    rows = select_rows(table, split_for(model, options, plain.description), options)
+    check_unseen(model, plain.description, rows, side)
+    return plain, rows
 
 
 def _fold_jobs(runs: list, table: pd.DataFrame) -> list:

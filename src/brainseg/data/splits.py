@@ -165,14 +165,14 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def seen_patients(split: dict, fold: int | None = None) -> set[str]:
-    """Patients a model trained on this split learnt from or was selected on (train, val, refit_val):
-    those of `fold` for a k-fold run, else of the split and all its folds (the safe side when the
-    fold is unknown). compare and evaluate refuse to call these patients unseen."""
+def seen_patients(split: dict, fold: int | None = None,
+                  keys: Sequence[str] = ("train", "val", "refit_val")) -> set[str]:
+    """Patients a model trained on this split learnt from or was selected on (train, val, refit_val;
+    `keys` picks some): those of `fold` for a k-fold run, else of the split and all its folds (the
+    safe side when the fold is unknown). compare and evaluate refuse to call these patients unseen."""
     groups = [split, split["folds"][fold]] if fold is not None and split.get("folds") else \
         [split, *split.get("folds", [])]
-    return {name for group in groups for key in ("train", "val", "refit_val")
-            for name in group.get(key, [])}
+    return {name for group in groups for key in keys for name in group.get(key, [])}
 
 
 def validate_split(split: dict, source: str = "split") -> None:
