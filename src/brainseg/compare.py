@@ -38,10 +38,9 @@ def _check_unseen(run: str | Path, split: dict | None, patients: set[str]) -> No
     if split is None:
         raise BadInputError(run, "has no split.json beside it and no split stored in it; compare needs "
                                  "each model's split to check it never saw the compared patients")
-    seen: set[str] = set()
-    for group in [split, *split.get("folds", [])]:
-        seen |= set(group.get("train", [])) | set(group.get("val", []))
-    leaked = sorted(seen & patients)
+    from brainseg.data.splits import seen_patients
+
+    leaked = sorted(seen_patients(split) & patients)
     if leaked:
         raise BadInputError(run, f"trained or validated on {len(leaked)} of the compared patients "
                                  f"(e.g. {leaked[0]}); compare runs on patients none of them saw")
