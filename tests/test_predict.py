@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -189,6 +190,13 @@ def test_an_output_inside_the_folder_of_a_data_set_file_is_refused(tiny_run, tmp
         with pytest.raises(BadInputError, match=rf"^{out}: is inside the data folder {data}"):
             predict_paths(run, [patient], out, progress=False)
     assert tree_state(data) == before
+    # The LGG download nests the patients in kaggle_3m/: the folder holding it is the data folder.
+    download = tmp_path / "lgg"
+    shutil.copytree(data, download / "kaggle_3m")
+    nested = download / "kaggle_3m" / patient.name
+    with pytest.raises(BadInputError, match=rf"is inside the data folder {download};"):
+        predict_paths(run, [nested], download / "predictions", progress=False)
+    assert sorted(p.name for p in download.iterdir()) == ["kaggle_3m"]
     # Unlabelled slices (no _mask files) are no data set: writing beside their folder stays allowed.
     scans = tmp_path / "scans" / "case"
     scans.mkdir(parents=True)

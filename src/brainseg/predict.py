@@ -128,7 +128,9 @@ def data_set_root(folder: Path) -> Path | None:
             return part.parent
         if _labelled_slices(part):
             others = (p for p in part.parent.iterdir() if p != part and p.is_dir() and _labelled_slices(p))
-            return part.parent if next(others, None) else part
+            root = part.parent if next(others, None) else part
+            # As in index.detect_layout, the folder that holds kaggle_3m/ is the data set too.
+            return root.parent if root.name == "kaggle_3m" else root
     return None
 
 
