@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from brainseg.errors import BadInputError, OptionError
+from brainseg.files import replacing
 
 METADATA_KEY = "brainseg"
 SOURCE_KEY = "brainseg_source_sha256_16"  # the model file an export came from, to tell a stale one
@@ -56,10 +55,7 @@ def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str =
     example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside `out` and moved over it once complete: a failed export leaves an older one intact.
-    handle, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(handle)
-    partial = Path(partial)
-    try:
+    with replacing(out) as partial:
         try:
             torch.onnx.export(network, (example,), str(partial), input_names=["image"],
                               output_names=["logits"], opset_version=opset, dynamo=False,
@@ -70,22 +66,8 @@ def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str =
                               "(the default is 17)") from None
         _embed_description(partial, description, file_digest(source))
         difference = _check_against_torch(partial, network, example)
-        os.chmod(partial, _new_file_mode(out))  # mkstemp makes it private (0600)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
     return {"path": str(out), "opset": opset, "input": [None, channels, size, size],
             "max_abs_logit_difference": difference}
-
-
-def _new_file_mode(out: Path) -> int:
-    """The mode of the file being replaced, else what open() would give a new file under the umask."""
-    try:
-        return out.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def _embed_description(path: Path, description: dict, source_digest: str) -> None:

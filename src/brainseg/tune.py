@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import torch
 
 from brainseg.errors import BadInputError
 from brainseg.evaluation import EvaluateOptions, check_unseen, select_rows, split_for
+from brainseg.files import replacing
 from brainseg.progress import progress as progress_bar
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.2, 0.81, 0.05))
@@ -174,18 +173,11 @@ def store_settings(model: Path, settings: dict) -> Path:
     path = model / MODEL_FILE if model.is_dir() else model
     state = torch.load(path, map_location="cpu", weights_only=True)
     state["brainseg"].update(settings)
-    partial = None
     try:
-        handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(handle)
-        torch.save(state, partial)
-        os.chmod(partial, path.stat().st_mode & 0o7777)  # mkstemp makes it private; keep the model's mode
-        os.replace(partial, path)
+        with replacing(path) as partial:
+            torch.save(state, partial)
     except (OSError, RuntimeError) as error:  # torch reports a failed write as a RuntimeError
         reason = f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}".splitlines()[0]
         raise BadInputError(path, f"cannot store the settings; the model file is unchanged ({reason})"
                             ) from None
-    finally:
-        if partial is not None:
-            Path(partial).unlink(missing_ok=True)
     return path
