@@ -54,6 +54,8 @@ def test_help_does_not_import_heavy_libraries():
      "error: samples (slices in the sample grid) must be at least 1, got 0"),
     (["explore", "/no/such/folder", "--seed", "-1"],
      "error: seed must be a whole number from 0 to 4294967295, got -1"),
+    (["evaluate", "pretrained", "--data", "/no/such/data", "--out", "/tmp/never-eval", "--seed", "-1"],
+     "error: --seed must be a whole number from 0 to 4294967295, got -1"),
     (["compare", "/no/such/run", "--data", "/no/such/data", "--out", "/tmp/never-cmp"],
      "error: /no/such/run: does not exist"),
     (["report", "/no/such/run"], "error: /no/such/run: does not exist"),

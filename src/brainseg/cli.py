@@ -271,9 +271,7 @@ def evaluate_command(
     flair_replaces: Annotated[str, typer.Option(
         help="Robustness check: overwrite post-contrast ('post') or pre- and post-contrast ('pre+post') "
              "with FLAIR before predicting, as kaggle_3m does for a missing sequence.")] = "",
-    # evaluate() does not check the seed itself (numpy: "expected non-negative integer")
-    seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.",
-                                      min=0, max=2**32 - 1)] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.")] = 0,
     precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
     layout: Layout = "auto",
 ) -> None:
