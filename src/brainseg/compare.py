@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.errors import BadInputError
-from brainseg.evaluation import EvaluateOptions, evaluate
+from brainseg.evaluation import EvaluateOptions, evaluate, split_file_beside
 
 
 def _model(run: str | Path) -> tuple[Path, dict | None, Path | None]:
@@ -23,10 +23,8 @@ def _model(run: str | Path) -> tuple[Path, dict | None, Path | None]:
         raise BadInputError(run, "is an ONNX model; compare scores run folders, model files or "
                                  "pretrained: give the run it was exported from")
     description, _ = load_model_file(path)
-    folder = path if path.is_dir() else path.parent
-    for candidate in (folder / "split.json", folder.parent / "split.json"):  # as evaluate finds it
-        if candidate.exists():
-            return path, load_split(candidate), candidate
+    if (beside := split_file_beside(path)) is not None:  # as evaluate finds it
+        return path, load_split(beside), beside
     if description.get("split"):  # the shipped model carries its split
         validate_split(description["split"], str(run))
         return path, description["split"], None

@@ -58,6 +58,12 @@ class EvaluateOptions:
     worst: int = 4
 
 
+def split_file_beside(model_path: Path) -> Path | None:
+    """The run's split.json: in the run folder, beside its model file, or one level up (checkpoints/)."""
+    run_dir = model_path if model_path.is_dir() else model_path.parent
+    return next((c for c in (run_dir / "split.json", run_dir.parent / "split.json") if c.exists()), None)
+
+
 def split_for(model_path: Path, options: EvaluateOptions, description: dict | None = None) -> dict | None:
     """The split to score: --split-file, the run's split.json, or the one stored in the model file."""
     from brainseg.data.splits import load_split, validate_split
@@ -66,10 +72,8 @@ def split_for(model_path: Path, options: EvaluateOptions, description: dict | No
         return None
     if options.split_file:
         return load_split(options.split_file)
-    run_dir = model_path if model_path.is_dir() else model_path.parent
-    for candidate in (run_dir / "split.json", run_dir.parent / "split.json"):
-        if candidate.exists():
-            return load_split(candidate)
+    if (beside := split_file_beside(model_path)) is not None:
+        return load_split(beside)
     if description and description.get("split"):
         validate_split(description["split"], str(model_path))
         return description["split"]
