@@ -75,7 +75,7 @@ def time_calls(call, batch: torch.Tensor, repeats: int) -> float:
 
 def throughput_rows(model_file: Path, filters: int, size: int, rounds: int) -> tuple[list, dict]:
     from brainseg.export import export_model
-    from brainseg.prediction import Predictor
+    from brainseg.inference import Predictor
 
     baseline = create_model("unet", in_channels=3, base_filters=filters, depth=4)
     baseline.load_state_dict(torch.load(model_file, weights_only=True)["state_dict"])

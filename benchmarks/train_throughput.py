@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from _common import machine_header, print_table
 from brainseg.config import RunConfig
+from brainseg.devices import resolve_precision
 from brainseg.losses import create_loss
 from brainseg.models import create_model
-from brainseg.training import SegmentationModule, resolve_precision
+from brainseg.training import SegmentationModule
 
 
 class RandomSlices(Dataset):

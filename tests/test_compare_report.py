@@ -7,18 +7,19 @@ import shutil
 
 import pytest
 
-from brainseg.compare import compare_runs
 from brainseg.errors import BadInputError
+from brainseg.evaluation.compare import compare_runs
 
 
 @pytest.fixture
 def shipped(tiny_run, tmp_path, monkeypatch):
     """'pretrained' stands for a copy of the tiny run written as the package ships it (split inside)."""
-    import brainseg.pretrained
-    from brainseg.pretrained import write_pretrained
+    import brainseg.runs.pretrained
+    from brainseg.runs.model_file import write_pretrained
 
-    path = write_pretrained(tiny_run[1], tmp_path / "package" / "lgg.pt")
-    monkeypatch.setattr(brainseg.pretrained, "pretrained_path", lambda: path)
+    name = brainseg.runs.pretrained.PRETRAINED_FILES["lgg"]
+    path = write_pretrained(tiny_run[1], tmp_path / "package" / name)
+    monkeypatch.setattr(brainseg.runs.pretrained, "pretrained_folder", lambda: path.parent)
     return path
 
 

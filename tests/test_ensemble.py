@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from brainseg.ensemble import build_ensemble
 from brainseg.errors import BadInputError, OptionError
-from brainseg.evaluation import EvaluateOptions, evaluate
+from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
 from brainseg.export import export_model
+from brainseg.inference import Predictor
 from brainseg.models import create_model
-from brainseg.prediction import Predictor, load_model_file
+from brainseg.runs.combine import build_ensemble
+from brainseg.runs.model_file import load_model_file
 
 
 def write_variant(run, out, *, context: int = 0, image_size: int | None = None, seed: int = 0):
@@ -87,7 +88,7 @@ def test_ensemble_exports_to_onnx_and_matches_torch(tiny_run, tmp_path):
 
 
 def test_settings_from_copies_a_tuned_models_threshold_and_postprocessing(tiny_run, tmp_path):
-    from brainseg.tune import store_postprocessing
+    from brainseg.evaluation.tune import store_postprocessing
 
     _, run = tiny_run
     build_ensemble([run, run], tmp_path / "tuned")
@@ -159,7 +160,7 @@ def test_cli_ensemble_then_evaluate(tiny_run, tmp_path):
 def fold_member(run, folder, split: dict, fold: int):
     """A copy of the tiny run posing as the run of `fold` of a k-fold split."""
     from brainseg.config import save_config
-    from brainseg.training import load_run_config
+    from brainseg.runs.folder import load_run_config
 
     folder.mkdir(parents=True)
     shutil.copy(run / "model.pt", folder / "model.pt")

@@ -13,14 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from brainseg.errors import BadInputError, OptionError
-from brainseg.evaluation import EvaluateOptions, evaluate, select_rows
-from brainseg.postprocess import (
+from brainseg.evaluation.evaluate import EvaluateOptions, evaluate, select_rows
+from brainseg.evaluation.postprocess import (
     largest_component,
     postprocess,
     remove_minor_components,
     remove_small_components,
 )
-from brainseg.prediction import Predictor, load_model_file
+from brainseg.inference import Predictor
+from brainseg.runs.model_file import load_model_file
 
 
 def test_evaluate_writes_tables_figures_and_matches_training_validation(tiny_run, tmp_path):
@@ -89,7 +90,7 @@ def test_flair_replaces_refuses_an_unknown_pattern(tiny_run, tmp_path):
 
 
 def test_flair_replaces_needs_three_channels():
-    from brainseg.evaluation import _replace_with_flair
+    from brainseg.evaluation.evaluate import _replace_with_flair
 
     grey = np.zeros((2, 8, 8, 1), np.uint8)
     assert _replace_with_flair(grey, "", "scan.png") is grey  # nothing asked, nothing checked
@@ -155,7 +156,7 @@ def test_postprocessing_components():
 
 def test_compare_two_runs_on_the_same_patients(tiny_run, tmp_path):
 
-    from brainseg.compare import compare_runs
+    from brainseg.evaluation.compare import compare_runs
 
     data, run = tiny_run
     twin = tmp_path / "twin"
@@ -175,7 +176,7 @@ def test_compare_two_runs_on_the_same_patients(tiny_run, tmp_path):
 
 def test_tune_measures_options_and_stores_its_choice(tiny_run, tmp_path):
 
-    from brainseg.tune import tune
+    from brainseg.evaluation.tune import tune
 
     data, run = tiny_run
     copy = tmp_path / "run"
@@ -204,7 +205,7 @@ def test_tune_measures_options_and_stores_its_choice(tiny_run, tmp_path):
 
 
 def test_tune_reads_the_split_stored_in_a_model_file_away_from_its_run(tiny_run, tmp_path):
-    from brainseg.tune import tune
+    from brainseg.evaluation.tune import tune
 
     data, run = tiny_run
     state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
@@ -238,7 +239,7 @@ def _two_folds(run) -> dict:
 
 
 def test_crossval_pools_each_fold_on_its_own_validation_patients(tiny_run, tmp_path):
-    from brainseg.crossval import cross_validate
+    from brainseg.evaluation.crossval import cross_validate
 
     data, run = tiny_run
     split = _two_folds(run)
@@ -280,7 +281,7 @@ def test_crossval_pools_each_fold_on_its_own_validation_patients(tiny_run, tmp_p
 
 
 def test_crossval_takes_a_checkpoint_inside_each_fold_run(tiny_run, tmp_path):
-    from brainseg.crossval import cross_validate
+    from brainseg.evaluation.crossval import cross_validate
 
     data, run = tiny_run
     split = _two_folds(run)
@@ -304,7 +305,7 @@ def test_crossval_takes_a_checkpoint_inside_each_fold_run(tiny_run, tmp_path):
 
 
 def test_crossval_scores_copied_sequence_patients_apart():
-    from brainseg.crossval import _summary
+    from brainseg.evaluation.crossval import _summary
 
     pooled = pd.DataFrame({"patient": ["a", "b", "c", "d"], "fold": [0, 0, 1, 1],
                            "dice": [0.9, 0.5, 0.7, np.nan],
@@ -317,8 +318,8 @@ def test_crossval_scores_copied_sequence_patients_apart():
 
 
 def test_tune_pools_fold_runs_out_of_fold(tiny_run, tmp_path):
-    from brainseg.crossval import cross_validate
-    from brainseg.tune import tune
+    from brainseg.evaluation.crossval import cross_validate
+    from brainseg.evaluation.tune import tune
 
     data, run = tiny_run
     split = _two_folds(run)
@@ -336,8 +337,8 @@ def test_tune_pools_fold_runs_out_of_fold(tiny_run, tmp_path):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_tune_scores_each_setting_as_postprocess_then_dice_would(seed):
+    from brainseg.evaluation.tune import COMPONENTS, MIN_SIZES, THRESHOLDS, dice_by_setting
     from brainseg.metrics import count, dice
-    from brainseg.tune import COMPONENTS, MIN_SIZES, THRESHOLDS, dice_by_setting
 
     rng = np.random.default_rng(seed)
     probability = rng.random((3, 12, 12)) ** 3  # sparse blobs of high probability
@@ -384,19 +385,19 @@ def test_evaluate_refuses_a_seed_numpy_cannot_take(tmp_path):
 
 
 def test_an_ensemble_without_recorded_members_is_checked_against_its_own_split(tmp_path):
-    from brainseg.evaluation import check_unseen
+    from brainseg.runs.folder import check_unseen
 
     ensemble = {"model": {"name": "ensemble"}}
     refit = {**ensemble, "split": {"train": ["A", "B"], "val": [], "refit_val": ["B"], "test": ["C"]}}
-    check_unseen(tmp_path / "m.pt", refit, pd.DataFrame({"patient": ["C"]}), "test")  # the shipped model
+    check_unseen(tmp_path / "m.pt", refit, ["C"], "test")  # the shipped model
     with pytest.raises(BadInputError, match="trained or validated on 1 of the test patients"):
-        check_unseen(tmp_path / "m.pt", refit, pd.DataFrame({"patient": ["B", "C"]}), "test")
+        check_unseen(tmp_path / "m.pt", refit, ["B", "C"], "test")
     kfold = {**ensemble, "split": {"test": ["C"], "folds": [{"train": ["A"], "val": ["B"]},
                                                            {"train": ["B"], "val": ["A"]}]}}
     with pytest.raises(BadInputError, match="trained on 1 of the val patients"):
-        check_unseen(tmp_path / "m.pt", kfold, pd.DataFrame({"patient": ["B"]}), "val")
-    check_unseen(tmp_path / "m.pt", kfold, pd.DataFrame({"patient": ["B"]}), "train")  # says what it is
-    check_unseen(tmp_path / "m.pt", {"model": {"name": "unet"}}, pd.DataFrame({"patient": ["B"]}), "test")
+        check_unseen(tmp_path / "m.pt", kfold, ["B"], "val")
+    check_unseen(tmp_path / "m.pt", kfold, ["B"], "train")  # says what it is
+    check_unseen(tmp_path / "m.pt", {"model": {"name": "unet"}}, ["B"], "test")
 
 
 def test_data_without_slices_on_the_side_names_data_not_an_option_tune_lacks():

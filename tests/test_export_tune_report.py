@@ -10,9 +10,8 @@ import torch
 
 from brainseg.errors import BadInputError, BrainsegError, OptionError
 from brainseg.export import export_model
-from brainseg.prediction import load_model_file
 from brainseg.report import write_report
-from brainseg.tune import store_settings
+from brainseg.runs.model_file import load_model_file, store_settings
 from conftest import tree_state
 
 

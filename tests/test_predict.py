@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from brainseg.export import export_model
+from brainseg.inference import Predictor
 from brainseg.predict import predict_paths
-from brainseg.prediction import Predictor
 from conftest import write_png
 
 
@@ -134,7 +134,7 @@ def test_cli_bad_model_and_partial_failure_exit_codes(tiny_run, inputs, tmp_path
 def test_stored_post_processing_applies_unless_overridden():
     import torch
 
-    from brainseg.prediction import Predictor
+    from brainseg.inference import Predictor
 
     probability = np.zeros((3, 16, 16), np.float32)
     probability[0:2, 2:8, 2:8] = 0.9  # a large component over two slices
@@ -276,8 +276,7 @@ def test_hand_edited_model_files_are_one_line_errors_naming_the_file(tiny_run, t
 
 
 def test_the_formats_training_and_the_shipped_model_write_are_readable():
-    from brainseg.prediction import READABLE_FORMATS, load_model_file
-    from brainseg.training import CHECKPOINT_FORMAT
+    from brainseg.runs.model_file import CHECKPOINT_FORMAT, READABLE_FORMATS, load_model_file
 
     assert CHECKPOINT_FORMAT in READABLE_FORMATS
     assert load_model_file("pretrained")[0]["format"] == CHECKPOINT_FORMAT
@@ -297,7 +296,7 @@ def test_onnx_backend_on_a_torch_model_exports_it_afresh_unless_its_export_is_be
     import shutil
     import tempfile
 
-    from brainseg.tune import store_settings
+    from brainseg.runs.model_file import store_settings
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run[1], run)

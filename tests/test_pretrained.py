@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import brainseg
-from brainseg.pretrained import pretrained_path
+from brainseg.runs.pretrained import pretrained_path
 
 CARD = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
 
@@ -33,7 +33,7 @@ def test_pretrained_loads_and_predicts_a_slice():
 
 @pytest.mark.shared
 def test_pretrained_validation_dice_matches_the_model_card(shared_data, tmp_path):
-    from brainseg.evaluation import EvaluateOptions, evaluate
+    from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
 
     # The shipped model was refit on its validation patients too, so evaluate refuses to call them
     # val (unseen at selection); they are scored as what they now are, training patients.
@@ -47,7 +47,7 @@ def test_pretrained_validation_dice_matches_the_model_card(shared_data, tmp_path
 @pytest.mark.shared
 def test_pretrained_test_dice_matches_the_model_card(shared_data, tmp_path):
     """The headline number, on patients the shipped model never saw, from the split stored in it."""
-    from brainseg.evaluation import EvaluateOptions, evaluate
+    from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
 
     summary = evaluate("pretrained", shared_data / "lgg", tmp_path / "eval", progress=False,
                        options=EvaluateOptions(side="test", precision="32"))

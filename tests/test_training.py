@@ -88,7 +88,7 @@ def test_bf16_mixed_trains_with_finite_losses(synthetic, tmp_path):
 
 
 def test_auto_precision_picks_fp16_on_gpus_without_bf16(monkeypatch):
-    from brainseg.training import resolve_precision
+    from brainseg.devices import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
     assert resolve_precision("auto", "gpu") == "16-mixed"
@@ -162,9 +162,9 @@ def test_refit_settings_follow_the_validated_runs_best_epoch_and_lr_drops(tmp_pa
 
 def test_refit_trains_on_train_and_val_patients_without_validation(synthetic, one_epoch_run, tmp_path):
     from brainseg.errors import BadInputError
-    from brainseg.evaluation import EvaluateOptions, evaluate
-    from brainseg.prediction import Predictor
-    from brainseg.tune import store_postprocessing
+    from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+    from brainseg.evaluation.tune import store_postprocessing
+    from brainseg.inference import Predictor
 
     source = shutil.copytree(one_epoch_run.run_dir, tmp_path / "source")
     store_postprocessing(source, {"threshold": 0.6, "largest_component": True, "min_size": 0})
@@ -241,7 +241,7 @@ def test_two_and_a_half_d_context_stacks_neighbours(synthetic, tmp_path):
     import numpy as np
 
     from brainseg.data.dataset import neighbour_positions
-    from brainseg.prediction import Predictor
+    from brainseg.inference import Predictor
 
     table = pd.DataFrame({"patient": ["b", "a", "a", "a", "b"], "slice": [2, 3, 1, 2, 1]})
     # Rows of a: slice 1 -> row 2, slice 2 -> row 3, slice 3 -> row 1; edges repeat the end slice.
@@ -290,7 +290,7 @@ def test_unknown_weight_average_is_a_one_line_error():
         RunConfig().override({"train.weight_average": "mean"})
     with pytest.raises(OptionError, match="ema_decay"):
         RunConfig().override({"train.ema_decay": 1.0})
-    with pytest.raises(OptionError, match="threshold must be between 0 and 1"):
+    with pytest.raises(OptionError, match=r"train\.threshold: must be between 0 and 1"):
         RunConfig().override({"train.threshold": 1.0})
 
 

@@ -24,14 +24,15 @@ _LAZY = {
     "RunConfig": "brainseg.config",
     "create_model": "brainseg.models",
     "train": "brainseg.training",
-    "evaluate": "brainseg.evaluation",
-    "EvaluateOptions": "brainseg.evaluation",
-    "Predictor": "brainseg.prediction",
-    "load_pretrained": "brainseg.pretrained",
+    "evaluate": "brainseg.evaluation.evaluate",
+    "EvaluateOptions": "brainseg.evaluation.evaluate",
+    "Predictor": "brainseg.inference",
+    "load_pretrained": "brainseg.inference",
     "export_model": "brainseg.export",
-    "build_ensemble": "brainseg.ensemble",
-    "cross_validate": "brainseg.crossval",
-    "compare_runs": "brainseg.compare",
+    "build_ensemble": "brainseg.runs.combine",
+    "tune": "brainseg.evaluation.tune",
+    "cross_validate": "brainseg.evaluation.crossval",
+    "compare_runs": "brainseg.evaluation.compare",
 }
 _ALIASES = {"split": "split_patients"}
 

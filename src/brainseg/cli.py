@@ -114,7 +114,8 @@ def check_command(
 @app.command("split")
 def split_command(
     data_dir: DataDir,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Split JSON to write.")] = Path("split.json"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Split JSON to write (default: split.json in the current folder).")] = None,
     val: Annotated[float, typer.Option(help="Fraction of patients for validation.")] = 0.15,
     test: Annotated[float, typer.Option(help="Fraction of patients for testing.")] = 0.15,
     folds: Annotated[int, typer.Option(help="k-fold cross-validation over the non-test "
@@ -129,8 +130,9 @@ def split_command(
     Example: brainseg split ../shared/data/lgg --val 0.15 --test 0.15 --seed 0 --out split.json
     """
     from brainseg.data.splits import make_split
+    from brainseg.runs.folder import SPLIT_FILE
 
-    split = make_split(data_dir, out, val=val, test=test, folds=folds or None, seed=seed,
+    split = make_split(data_dir, out or Path(SPLIT_FILE), val=val, test=test, folds=folds or None, seed=seed,
                        test_patients=[p.strip() for p in test_patients.split(",") if p.strip()],
                        layout=layout)
     if split["unit"] == "image":
@@ -226,8 +228,8 @@ def train_command(
 
     if resume is None and out is None:
         raise OptionError("pass --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
-    if refit is not None and (resume is not None or config is not None):
-        raise OptionError("--refit takes the run's own config; do not combine it with --resume or --config")
+    if resume is not None and out is not None and Path(out) != Path(resume):
+        raise OptionError("--resume continues the run in its own folder; leave out --out")
     overrides = {
         "data.root": str(data) if data else None, "data.image_size": image_size, "data.context": context,
         "data.split": str(split) if split else None, "data.fold": fold,
@@ -279,7 +281,7 @@ def evaluate_command(
 
     Example: brainseg evaluate runs/unet --data ../shared/data/lgg --split test --out runs/unet/test
     """
-    from brainseg.evaluation import EvaluateOptions, evaluate
+    from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
 
     options = EvaluateOptions(side=split, split_file=str(split_file or ""), fold=fold, threshold=threshold,
                               largest_component=largest_component, min_size=min_size,
@@ -313,10 +315,8 @@ def tune_command(
 
     Example: brainseg tune runs/unet --data ../shared/data/lgg --store
     """
-    from brainseg.tune import tune
+    from brainseg.evaluation.tune import tune
 
-    if split == "test":
-        raise BadInputError("--split", "tuning on the test patients would leak them into model selection")
     summary = tune(models, data, out, side=split, store=store)  # one run: tuned alone
     base = summary["baseline"]
     typer.echo(f"{summary['metric']} on {summary['patients']} {summary['side']} patients "
@@ -350,8 +350,8 @@ def compare_command(
 
     Example: brainseg compare runs/unet runs/resunet --data ../shared/data/lgg --out comparison
     """
-    from brainseg.compare import compare_runs
-    from brainseg.evaluation import EvaluateOptions
+    from brainseg.evaluation.compare import compare_runs
+    from brainseg.evaluation.evaluate import EvaluateOptions
 
     options = EvaluateOptions(largest_component=largest_component, tta_flip=tta)
     table = compare_runs(runs, data, out, side=split, split_file=split_file, options=options)
@@ -378,8 +378,8 @@ def crossval_command(
 
     Example: brainseg crossval runs/fold0 runs/fold1 runs/fold2 --data ../shared/data/lgg --out cv
     """
-    from brainseg.crossval import cross_validate
-    from brainseg.evaluation import EvaluateOptions
+    from brainseg.evaluation.crossval import cross_validate
+    from brainseg.evaluation.evaluate import EvaluateOptions
 
     options = EvaluateOptions(threshold=threshold, largest_component=largest_component,
                               min_fraction=min_fraction, flair_replaces=flair_replaces, precision=precision)
@@ -453,7 +453,7 @@ def ensemble_command(
 
     Example: brainseg ensemble runs/unet runs/unet_ctx1 --out runs/ensemble
     """
-    from brainseg.ensemble import build_ensemble
+    from brainseg.runs.combine import build_ensemble
 
     summary = build_ensemble(models, out, threshold=threshold, settings_from=settings_from,
                              postprocessing={"largest_component": largest_component, "min_size": min_size,

@@ -12,8 +12,11 @@ import numbers
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from brainseg.errors import BadInputError, OptionError
 
@@ -38,6 +41,20 @@ def check_ranges(section: str, config: Any, ranges: dict[str, str],
         else:
             wanted = f"in {interval}"
         raise error(f"{section}.{name} must be {wanted}, got {value!r}")
+
+
+def is_probability_cut(value: Any) -> bool:
+    """Whether `value` can cut a probability into tumour / not: strictly between 0 and 1 (NaN cannot)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+
+
+def check_threshold(value: Any, name: str = "--threshold") -> float:
+    """`value` if it is a probability cut, else a one-line OptionError naming `name`."""
+    if not is_probability_cut(value):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        shown = f"{value:g}" if number else repr(value)
+        raise OptionError(f"{name}: must be between 0 and 1 (exclusive), not {shown}")
+    return float(value)
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:
@@ -173,8 +190,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise OptionError(f"train.{name} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
-        if not 0 < self.threshold < 1:
-            raise OptionError(f"train.threshold must be between 0 and 1, got {self.threshold}")
+        check_threshold(self.threshold, "train.threshold")
         if not 0 < self.ema_decay < 1:
             raise OptionError(f"train.ema_decay must be between 0 and 1, got {self.ema_decay}")
         milestones = self.lr_milestones
@@ -215,8 +231,6 @@ class RunConfig:
                 raise OptionError(f"unknown setting {key!r}; settings look like train.lr or data.image_size")
             if section == "model" and name.startswith("options."):  # one extra model argument
                 if isinstance(value, str):
-                    import yaml
-
                     try:
                         value = yaml.safe_load(value)  # "2" -> 2, "true" -> True, as in a YAML config
                     except yaml.YAMLError as error:
@@ -231,16 +245,12 @@ class RunConfig:
 
 def packaged_configs() -> dict[str, Path]:
     """The recipes shipped in the package, by name (e.g. lgg_cpu)."""
-    from importlib import resources
-
     folder = Path(str(resources.files("brainseg") / "configs"))
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML config; a bare name such as 'lgg_cpu' means the recipe shipped in the package."""
-    import yaml
-
     path = Path(path)
     if not path.exists() and path.suffix == "" and str(path) in packaged_configs():
         path = packaged_configs()[str(path)]
@@ -263,8 +273,6 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def save_config(config: RunConfig, path: str | Path) -> Path:
-    import yaml
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

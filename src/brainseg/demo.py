@@ -7,12 +7,24 @@ model on the synthetic slices -> HTML report (demo-out/index.html).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from brainseg.config import RunConfig
+from brainseg.data.explore import explore
+from brainseg.data.index import write_index
+from brainseg.data.splits import make_split
+from brainseg.data.synth import synthesize
 from brainseg.errors import BadInputError
+from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+from brainseg.predict import predict_paths
+from brainseg.report import write_report
+from brainseg.runs.folder import SPLIT_FILE
+from brainseg.runs.pretrained import pretrained_path
+from brainseg.training import train
 
 FULL = {"patients": 10, "size": 256, "train": {"data.image_size": 128, "model.base_filters": 16,
                                                "train.epochs": 40, "train.max_minutes": 2.0,
@@ -26,17 +38,6 @@ QUICK = {"patients": 4, "size": 64, "train": {"data.image_size": 64, "model.base
 def run_demo(out: str | Path = "demo-out", *, patients: int | None = None, seed: int = 0, quick: bool = False,
              echo: Callable[[str], object] = print) -> Path:
     """Run every stage on synthetic data and write the report; returns the report's path."""
-    import logging
-
-    from brainseg.config import RunConfig
-    from brainseg.data.explore import explore
-    from brainseg.data.index import write_index
-    from brainseg.data.splits import make_split
-    from brainseg.data.synth import synthesize
-    from brainseg.evaluation import EvaluateOptions, evaluate
-    from brainseg.predict import predict_paths
-    from brainseg.report import write_report
-    from brainseg.training import train
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the demo prints its own steps
     recipe = QUICK if quick else FULL
@@ -53,14 +54,14 @@ def run_demo(out: str | Path = "demo-out", *, patients: int | None = None, seed:
     echo(f"      {len(result.table)} slices, {int(result.table['has_tumour'].sum())} with tumour, "
          f"{len(result.report.problems)} problems")
     echo("[3/8] splitting by patient")
-    split = make_split(data, out / "split.json", val=0.2, test=0.2, seed=seed)
+    split = make_split(data, out / SPLIT_FILE, val=0.2, test=0.2, seed=seed)
     echo("      " + ", ".join(f"{side} {n}" for side, n in split["counts"].items()))
     echo("[4/8] exploring")
     explore(data, out / "explore", seed=seed)
     minutes = recipe["train"].get("train.max_minutes")
     echo(f"[5/8] training a U-Net{f' for about {minutes:g} minutes' if minutes else ''}")
     config = RunConfig().override({**recipe["train"], "data.root": str(data),
-                                   "data.split": str(out / "split.json"), "train.seed": seed})
+                                   "data.split": str(out / SPLIT_FILE), "train.seed": seed})
     trained = train(config, out / "run", progress=not quick)
     scores = [v for v in trained.val_patient_dice.values() if v == v]
     if scores:
@@ -85,9 +86,6 @@ def run_demo(out: str | Path = "demo-out", *, patients: int | None = None, seed:
 
 
 def _pretrained(patient: Path, out: Path, quick: bool, echo) -> str:
-    from brainseg.predict import predict_paths
-    from brainseg.pretrained import pretrained_path
-
     try:
         pretrained_path()
     except BadInputError as error:

@@ -6,10 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 
 from brainseg.errors import BadInputError, OptionError
 from brainseg.files import replacing
+from brainseg.runs.folder import ONNX_FILE, model_file
+from brainseg.runs.model_file import build_network, file_digest, load_model_file
+from brainseg.runs.pretrained import is_pretrained
 
 METADATA_KEY = "brainseg"
 SOURCE_KEY = "brainseg_source_sha256_16"  # the model file an export came from, to tell a stale one
@@ -29,8 +34,6 @@ def opset_range() -> tuple[int, int]:
 def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str = "onnx",
                  opset: int = 17) -> dict:
     """Write `out` (default: beside the model, model.onnx) and check it against torch."""
-    from brainseg.prediction import MODEL_FILE, build_network, file_digest, load_model_file, model_file
-
     if fmt not in FORMATS:
         raise OptionError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     low, high = opset_range()
@@ -39,8 +42,8 @@ def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str =
     source = model_file(model)
     description, weights = load_model_file(source)
     if out is None:  # beside the model, but never inside the installed package
-        out = Path("pretrained.onnx") if str(model) == "pretrained" else (
-            source.parent / (Path(MODEL_FILE).stem + ".onnx"))
+        shipped = Path(str(model).replace(":", "-") + ".onnx")
+        out = shipped if is_pretrained(model) else source.parent / ONNX_FILE
     out = Path(out)
     if out.resolve() == source.resolve():
         raise BadInputError(out, "is the model being exported; give an --out ending in .onnx")
@@ -71,8 +74,6 @@ def export_model(model: str | Path, out: str | Path | None = None, *, fmt: str =
 
 
 def _embed_description(path: Path, description: dict, source_digest: str) -> None:
-    import onnx
-
     proto = onnx.load(str(path))
     for key, value in ((METADATA_KEY, json.dumps(description)), (SOURCE_KEY, source_digest)):
         entry = proto.metadata_props.add()
@@ -99,8 +100,6 @@ class OnnxNetwork:
     """An onnxruntime session that can stand in for the torch network inside a Predictor."""
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

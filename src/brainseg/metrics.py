@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
 
+from brainseg.config import check_threshold
+
 ArrayLike = np.ndarray | torch.Tensor
-Count = int | np.ndarray
+Count = int | np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -92,21 +94,27 @@ def count_per_item(pred: ArrayLike, target: ArrayLike) -> Counts:
     return Counts(tp, fp, fn, p.shape[1] - tp - fp - fn)
 
 
-def _ratio(numerator: Count, denominator: Count) -> float | np.ndarray:
+def _ratio(numerator, denominator, empty: float = math.nan):
+    """numerator / denominator, `empty` where the denominator is 0; tensors stay on their device."""
+    if isinstance(numerator, torch.Tensor) or isinstance(denominator, torch.Tensor):
+        num, den = torch.as_tensor(numerator).double(), torch.as_tensor(denominator).double()
+        return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(den, empty))
     num = np.asarray(numerator, dtype=np.float64)
     den = np.asarray(denominator, dtype=np.float64)
-    out = np.divide(num, den, out=np.full(np.broadcast(num, den).shape, np.nan), where=den > 0)
+    out = np.divide(num, den, out=np.full(np.broadcast(num, den).shape, empty), where=den > 0)
     return float(out) if out.ndim == 0 else out
 
 
-def dice(c: Counts) -> float | np.ndarray:
-    """2TP / (2TP + FP + FN); NaN when truth and prediction are both empty."""
-    return _ratio(2 * np.asarray(c.tp), 2 * np.asarray(c.tp) + c.fp + c.fn)
+def dice(c: Counts, empty: float = math.nan):
+    """2TP / (2TP + FP + FN); `empty` when truth and prediction are both empty: NaN (left out of
+    means, as nnU-Net and MONAI do) or 1.0 (a perfect empty answer, for training-time batch scores).
+    Counts may be ints, numpy arrays or tensors (then the result is a tensor on their device)."""
+    return _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn, empty)
 
 
-def iou(c: Counts) -> float | np.ndarray:
-    """TP / (TP + FP + FN) (Jaccard); NaN when truth and prediction are both empty."""
-    return _ratio(c.tp, np.asarray(c.tp) + c.fp + c.fn)
+def iou(c: Counts, empty: float = math.nan):
+    """TP / (TP + FP + FN) (Jaccard); `empty` when truth and prediction are both empty."""
+    return _ratio(c.tp, c.tp + c.fp + c.fn, empty)
 
 
 def precision(c: Counts) -> float | np.ndarray:
@@ -157,21 +165,17 @@ def batch_scores(logits: torch.Tensor, target: torch.Tensor,
     not give NaN; when the whole batch is empty in truth and prediction, Dice and IoU are 1.0 (a perfect
     empty answer). No host synchronisation.
     """
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    check_threshold(threshold, "threshold")
     _check_shapes(logits, target)
     # sigmoid(x) > t  <=>  x > logit(t); float32 because bf16 logits round near the cut.
     pred = logits.detach().float() > math.log(threshold / (1.0 - threshold))
     truth = target.detach() > 0.5
     tp = (pred & truth).sum(dtype=torch.float32)
-    n_pred = pred.sum(dtype=torch.float32)
-    n_true = truth.sum(dtype=torch.float32)
-    union = n_pred + n_true - tp
-    one = torch.ones((), device=logits.device)
-    dice_score = torch.where(n_pred + n_true > 0, 2 * tp / (n_pred + n_true).clamp_min(1), one)
-    iou_score = torch.where(union > 0, tp / union.clamp_min(1), one)
-    correct = pred.numel() - (n_pred + n_true - 2 * tp)  # all minus FP and FN
-    return {"dice": dice_score, "iou": iou_score, "accuracy": correct / max(pred.numel(), 1)}
+    fp = pred.sum(dtype=torch.float32) - tp
+    fn = truth.sum(dtype=torch.float32) - tp
+    c = Counts(tp, fp, fn, pred.numel() - tp - fp - fn)
+    return {"dice": dice(c, empty=1.0).float(), "iou": iou(c, empty=1.0).float(),
+            "accuracy": (c.tp + c.tn) / max(pred.numel(), 1)}
 
 
 def detection(pred_has: ArrayLike, true_has: ArrayLike) -> dict[str, float | int]:

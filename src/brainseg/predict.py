@@ -11,12 +11,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
+from PIL import Image
 
+from brainseg import plots
 from brainseg.data.index import SLICE_NAME, ensure_outside
 from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, equal_channel_text, read_image
 from brainseg.errors import BadInputError, BrainsegError
+from brainseg.inference import Predictor
+from brainseg.plots import overlay
 from brainseg.progress import progress as progress_bar
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -150,8 +155,6 @@ def data_folders(item: Path) -> list[Path]:
 
 def nifti_to_slices(path: Path, axis: int) -> tuple[np.ndarray, object]:
     """A NIfTI volume as (N, H, W, C) uint8 slices along `axis`, scaled by its 0.5-99.5 percentiles."""
-    import nibabel as nib
-
     try:
         volume = nib.load(str(path))
         data = np.asarray(volume.dataobj, dtype=np.float32)
@@ -172,15 +175,11 @@ def nifti_to_slices(path: Path, axis: int) -> tuple[np.ndarray, object]:
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
 
 
 def _overlay_png(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
-    from brainseg.plots import overlay
-
     _write_png(path, (overlay(image, mask) * 255).round().astype(np.uint8))
 
 
@@ -191,8 +190,6 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                   tta_flip: bool = False, threshold: float | None = None, axis: int = 2,
                   progress: bool = True, echo=print) -> pd.DataFrame:
     """Predict every case found in `inputs`, write masks/overlays under `out`, and predictions.csv."""
-    from brainseg.prediction import Predictor
-
     out = Path(out)
     for item in inputs:
         for folder in data_folders(Path(item)):
@@ -307,8 +304,6 @@ def _checked(predictor, path: Path) -> np.ndarray:
 
 def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
                    axis: int) -> dict:
-    import nibabel as nib
-
     path = case.paths[0]
     slices, volume = nifti_to_slices(path, axis)
     predictor.check_image(slices[0], str(path))
@@ -328,8 +323,6 @@ def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, o
         nib.save(nib.Nifti1Image(spatial_probability, volume.affine, prob_header),
                  str(out / "probabilities" / f"{case.name}_probability.nii.gz"))
     if overlays:
-        from brainseg import plots
-
         with_tumour = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
         shown = with_tumour if len(with_tumour) else np.array([len(masks) // 2])
         shown = shown[np.linspace(0, len(shown) - 1, min(len(shown), 32)).round().astype(int)]

@@ -9,8 +9,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
+from brainseg.data.index import detect_layout
 from brainseg.errors import BadInputError, BrainsegError
+from brainseg.predict import data_set_root
+from brainseg.runs.folder import CONFIG_FILE, HISTORY_FILE
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -63,8 +67,6 @@ class _Parts:
     def build(self, path: Path, make, *args) -> str:
         if path in self.skipped:
             return ""
-        import yaml
-
         try:
             return make(*args)
         # Bad JSON, YAML or CSV are ValueErrors or YAMLErrors; missing or mistyped entries the others.
@@ -101,8 +103,6 @@ def _data_section(root: Path, folder: Path) -> str:
 
 
 def _settings_paragraph(root: Path, config: Path) -> str:
-    import yaml
-
     values = yaml.safe_load(config.read_text())
     model, train, data = values["model"], values["train"], values["data"]
     return (f"<p>Model <code>{html.escape(model['name'])}</code>, base filters "
@@ -124,7 +124,7 @@ def _validation_paragraph(root: Path, metrics: Path) -> str:
 
 def _training_section(root: Path, folder: Path, reader: _Parts) -> str:
     parts = [f"<h2>Training: {html.escape(folder.name)}</h2>"]
-    config = folder / "config.yaml"
+    config = folder / CONFIG_FILE
     if config.exists():  # a bad config.yaml leaves out its paragraph, not the learning curves
         parts.append(reader.build(config, _settings_paragraph, root, config))
     metrics = folder / "val_metrics.json"
@@ -132,7 +132,7 @@ def _training_section(root: Path, folder: Path, reader: _Parts) -> str:
         parts.append(reader.build(metrics, _validation_paragraph, root, metrics))
     parts.append(_figure(root, folder / "learning_curves.png",
                          "Learning curves: loss (log scale) and validation Dice; dashed line: best epoch"))
-    history = folder / "history.csv"
+    history = folder / HISTORY_FILE
     if history.exists():
         parts.append(f"<p>Per-epoch history: {_link(root, history)}.</p>")
     return "\n".join(parts)
@@ -231,9 +231,6 @@ def _stderr(message: str) -> None:
 
 
 def _refuse_data_set(root: Path) -> None:
-    from brainseg.data.index import detect_layout
-    from brainseg.predict import data_set_root
-
     data_set = data_set_root(root)  # a patient folder, or images/ or masks/, is part of one too
     if data_set is not None:
         raise BadInputError(root, f"is part of the data set {data_set}, not a folder of results; the report "
@@ -262,8 +259,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, title: st
     for summary, kind in summaries.items():
         if "intensity_per_channel" in kind:
             sections.append(parts.build(summary, _data_section, root, summary.parent))
-    for config in sorted(root.rglob("config.yaml")):
-        if (config.parent / "history.csv").exists():
+    for config in sorted(root.rglob(CONFIG_FILE)):
+        if (config.parent / HISTORY_FILE).exists():
             sections.append(_training_section(root, config.parent, parts))
     crossvals = sorted(root.rglob("crossval.json"))
     for crossval in crossvals:  # the pooled result before each fold's

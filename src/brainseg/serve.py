@@ -7,6 +7,7 @@ by member with caps on count and uncompressed size, and member names never becom
 
 
 import base64
+import gzip
 import io
 import tempfile
 import threading
@@ -16,11 +17,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import nibabel as nib
 import numpy as np
+import uvicorn
+from fastapi import FastAPI, File, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 
-from brainseg.data.io import IMAGE_SUFFIXES
+from brainseg import __version__
+from brainseg.data.io import IMAGE_SUFFIXES, read_image
 from brainseg.errors import BadInputError, BrainsegError, OptionError
-from brainseg.predict import is_nifti
+from brainseg.inference import Predictor
+from brainseg.plots import overlay
+from brainseg.predict import is_nifti, nifti_to_slices, patient_slices
 
 
 @dataclass
@@ -51,8 +60,6 @@ class UploadError(Exception):
 
 
 def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -66,8 +73,6 @@ class Service:
     """Holds the model (loaded once) and recent results; safe to call from several threads."""
 
     def __init__(self, settings: ServeSettings) -> None:
-        from brainseg.prediction import Predictor
-
         self.settings = settings
         self.predictor = Predictor.load(settings.model)
         self.loads = 1
@@ -101,8 +106,6 @@ class Service:
                                "(.nii, .nii.gz) or a zip of a kaggle_3m patient folder")
 
     def _predict_image(self, folder: Path, name: str, data: bytes) -> dict:
-        from brainseg.data.io import read_image
-
         path = folder / ("upload" + Path(name).suffix)
         path.write_bytes(data)
         image = read_image(path)
@@ -112,10 +115,6 @@ class Service:
         return self._result("image", image[None], self.predictor.masks(probability), name)
 
     def _predict_nifti(self, folder: Path, name: str, data: bytes) -> dict:
-        import nibabel as nib
-
-        from brainseg.predict import nifti_to_slices
-
         path = folder / ("upload.nii.gz" if name.endswith(".gz") else "upload.nii")
         path.write_bytes(data)
         slices, volume = nifti_to_slices(path, axis=2)
@@ -135,9 +134,6 @@ class Service:
         return result
 
     def _predict_zip(self, folder: Path, data: bytes) -> dict:
-        from brainseg.data.io import read_image
-        from brainseg.predict import patient_slices
-
         patient = folder / "patient"
         patient.mkdir()
         try:
@@ -183,8 +179,6 @@ class Service:
 
     def _result(self, kind: str, images: np.ndarray, masks: np.ndarray, name: str,
                 extra: dict | None = None) -> dict:
-        from brainseg.plots import overlay
-
         identifier = uuid.uuid4().hex
         mask_pngs = [_png(m.astype(np.uint8) * 255) for m in masks]
         image_pngs = [_png(_display(i)) for i in images]
@@ -219,8 +213,6 @@ class Service:
 
 
 def _gzip(data: bytes) -> bytes:
-    import gzip
-
     return gzip.compress(data, compresslevel=6)
 
 
@@ -234,10 +226,6 @@ def _zip_pngs(pngs: list[bytes]) -> bytes:
 
 def create_app(settings: ServeSettings | None = None, service: Service | None = None):
     """The FastAPI application; the model loads once, here."""
-    from fastapi import FastAPI, File, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-
-    from brainseg import __version__
 
     service = service or Service(settings or ServeSettings())
     app = FastAPI(title="brainseg", version=__version__,
@@ -276,6 +264,4 @@ def serve(model: str = "pretrained", host: str = "127.0.0.1", port: int = 8000, 
     if not 0 <= port <= 65535:  # before the model loads, not as a traceback from the socket
         raise OptionError(f"--port: must be 0 to 65535, not {port}")
     settings = ServeSettings(model=model, **limits)
-    import uvicorn
-
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")

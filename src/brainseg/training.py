@@ -1,12 +1,10 @@
 """Training with Lightning: the module, the data module, callbacks and `train(config, out)`.
 
-A run folder holds config.yaml, split.json, history.csv, learning_curves.png, checkpoints/
-(best and last, for resuming), model.pt (the best weights with everything needed to predict)
-and val_metrics.json / val_patients.csv (the best model's per-patient validation Dice).
+The run folder it writes is described in brainseg.runs.folder.
 
 A refit run (`data.refit`, made by `brainseg train --refit RUN`) trains on a validated run's train
 and val patients together for the epochs and LR milestones that run chose on validation, with no
-validation of its own; its model.pt holds the last epoch and its split.json lists val as empty.
+validation of its own; its model file holds the last epoch and its split lists val as empty.
 """
 
 from __future__ import annotations
@@ -33,14 +31,38 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     WeightAveraging,
 )
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from brainseg import __version__
+from brainseg import __version__, plots
 from brainseg.config import RunConfig, TrainConfig, load_config, save_config
 from brainseg.data.dataset import NORMALISATION, SliceDataset, collate
+from brainseg.data.index import ensure_outside, scan
+from brainseg.data.splits import load_split, save_split, select, split_patients
+from brainseg.data.transforms import build_transforms, seed_worker
+from brainseg.devices import default_workers, resolve_accelerator, resolve_precision
 from brainseg.errors import BadInputError, OptionError
+from brainseg.losses import create_loss
+from brainseg.metrics import Counts, batch_scores, dice
+from brainseg.models import available_models, create_model
+from brainseg.models.registry import canonical_name
+from brainseg.runs.folder import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    SPLIT_FILE,
+    last_checkpoint,
+    load_run_config,
+)
+from brainseg.runs.model_file import (
+    CHECKPOINT_FORMAT,
+    load_model_file,
+    model_file_from_checkpoint,
+    store_settings,
+    tuned_settings,
+)
 
-CHECKPOINT_FORMAT = "brainseg-checkpoint/1"
 # Lightning 2.6 on torch 2.13 warns about its own use of a deprecated pytree API on every step.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 # Lightning 2.6 prints an advert for its cloud logger at the start of every fit; not ours to show.
@@ -49,40 +71,10 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 MONITOR = "val_patient_dice"
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """'auto': bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32."""
-    if precision != "auto":
-        return precision
-    if accelerator == "gpu":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    cpu = torch.backends.cpu
-    fast_bf16 = getattr(cpu, "get_cpu_capability", lambda: "")() in ("AVX512", "AMX") and (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    return "bf16-mixed" if fast_bf16 else "32-true"
-
-
-def resolve_accelerator(accelerator: str) -> str:
-    if accelerator == "auto":  # the others (cpu, gpu) are checked by TrainConfig
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise OptionError("train.accelerator is gpu but no CUDA GPU is available")
-    return accelerator
-
-
-def default_workers(accelerator: str) -> int:
-    # On a 2-core CPU a loader worker would take a core from the network itself.
-    cores = os.cpu_count() or 1
-    if accelerator == "cpu":
-        return 0 if cores <= 4 else min(4, cores // 4)
-    return min(8, max(0, cores - 2))
-
-
 def patient_dice(counts: torch.Tensor) -> torch.Tensor:
     """Dice per patient volume from (P, 3) tp/fp/fn; NaN where truth and prediction are empty."""
     tp, fp, fn = counts.unbind(-1)
-    denominator = 2 * tp + fp + fn
-    return torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), torch.nan)
+    return dice(Counts(tp, fp, fn, torch.zeros_like(tp)))
 
 
 class SegmentationModule(L.LightningModule):
@@ -91,9 +83,6 @@ class SegmentationModule(L.LightningModule):
     def __init__(self, config: dict, in_channels: int, val_patients: list[str]) -> None:
         super().__init__()
         self.save_hyperparameters()
-        from brainseg.losses import create_loss
-        from brainseg.models import create_model
-
         self.run_config = RunConfig.from_dict(config)
         model = self.run_config.model
         self.model = create_model(model.name, in_channels=in_channels, base_filters=model.base_filters,
@@ -115,8 +104,6 @@ class SegmentationModule(L.LightningModule):
         return self.model(images)
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        from brainseg.metrics import batch_scores
-
         logits = self(batch["image"])
         loss = self.loss(logits.float(), batch["mask"])
         size = len(batch["image"])
@@ -131,8 +118,6 @@ class SegmentationModule(L.LightningModule):
         self.val_counts = torch.zeros(len(self.val_patients), 3, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict, batch_index: int) -> None:
-        from brainseg.metrics import batch_scores
-
         logits = self(batch["image"]).float()
         size = len(batch["image"])
         self.log("val_loss", self.loss(logits, batch["mask"]), on_epoch=True, batch_size=size,
@@ -159,10 +144,10 @@ class SegmentationModule(L.LightningModule):
         counts = self.val_counts
         if self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
-        dice = patient_dice(counts)
-        mean = torch.nanmean(dice) if (~dice.isnan()).any() else torch.tensor(0.0, dtype=dice.dtype)
+        scores = patient_dice(counts)
+        mean = torch.nanmean(scores) if (~scores.isnan()).any() else torch.tensor(0.0, dtype=scores.dtype)
         self.log(MONITOR, mean.float(), prog_bar=True)
-        self.last_patient_dice = dict(zip(self.val_patients, dice.tolist(), strict=True))
+        self.last_patient_dice = dict(zip(self.val_patients, scores.tolist(), strict=True))
 
     def configure_optimizers(self):
         train = self.run_config.train
@@ -205,8 +190,6 @@ class SliceDataModule(L.LightningDataModule):
     def __init__(self, config: RunConfig, train_table: pd.DataFrame, val_table: pd.DataFrame, store,
                  workers: int) -> None:
         super().__init__()
-        from brainseg.data.transforms import build_transforms
-
         data = config.data
         self.config = config
         augment = build_transforms(config.augment, train=True, seed=config.train.seed,
@@ -218,8 +201,6 @@ class SliceDataModule(L.LightningDataModule):
         self.workers = workers
 
     def _loader(self, dataset, **options) -> DataLoader:
-        from brainseg.data.transforms import seed_worker
-
         extra = {"persistent_workers": True, "worker_init_fn": seed_worker} if self.workers else {}
         return DataLoader(dataset, batch_size=self.config.train.batch_size, num_workers=self.workers,
                           collate_fn=collate, **extra, **options)
@@ -237,7 +218,7 @@ class HistoryCallback(Callback):
     """Writes history.csv after every epoch and learning_curves.png when training ends."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "history.csv"
+        self.path = run_dir / HISTORY_FILE
         self.run_dir = run_dir
         self.started = time.perf_counter()
 
@@ -268,9 +249,7 @@ class HistoryCallback(Callback):
 
 
 def write_learning_curves(run_dir: Path) -> Path | None:
-    from brainseg import plots
-
-    history = pd.read_csv(run_dir / "history.csv")
+    history = pd.read_csv(run_dir / HISTORY_FILE)
     if history.empty:
         return None
     best = None
@@ -295,8 +274,6 @@ def _is_rank_zero() -> bool:
 
 def prepare_split(config: RunConfig, table: pd.DataFrame) -> dict:
     """The run's split: the given split file, or a new seeded split by patient."""
-    from brainseg.data.splits import load_split, split_patients
-
     data = config.data
     if data.split:
         return load_split(data.split)
@@ -317,8 +294,6 @@ def _train_and_val(split: dict, fold: int) -> dict:
 
 
 def split_tables(table: pd.DataFrame, split: dict, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from brainseg.data.splits import select
-
     group = _train_and_val(split, fold)
     return select(table, group, "train"), select(table, group, "val")
 
@@ -340,36 +315,31 @@ def refit_settings(run_dir: str | Path) -> dict:
     config = load_run_config(run_dir)
     if config.data.refit:
         raise BadInputError(run_dir, "is itself a refit; refit the validated run it came from")
-    history_file = run_dir / "history.csv"
+    history_file = run_dir / HISTORY_FILE
     history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
     scored = history.dropna(subset=[MONITOR]) if MONITOR in history else history.iloc[0:0]
-    if scored.empty or not (run_dir / "split.json").exists():
-        raise BadInputError(run_dir, "has no validated epoch (history.csv with val_patient_dice) and "
-                                     "split.json to refit from")
+    if scored.empty or not (run_dir / SPLIT_FILE).exists():
+        raise BadInputError(run_dir, f"has no validated epoch ({HISTORY_FILE} with {MONITOR}) and "
+                                     f"{SPLIT_FILE} to refit from")
     best = int(scored.loc[scored[MONITOR].idxmax(), "epoch"])
     lr = history.set_index("epoch")["lr"]
     milestones = [int(e) for e in lr.index if 0 < e <= best and e - 1 in lr.index and lr[e] < lr[e - 1]]
-    return {"data.refit": True, "data.split": str((run_dir / "split.json").resolve()),
+    return {"data.refit": True, "data.split": str((run_dir / SPLIT_FILE).resolve()),
             "train.epochs": best + 1, "train.lr_milestones": milestones, "train.max_minutes": 0.0}
 
 
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train one model as `config` says and write the run folder `out`."""
-    from brainseg.data.index import ensure_outside, scan
-
     run_dir = Path(out)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     if resume:
         if not last.exists():
-            raise BadInputError(run_dir, "no checkpoints/last.ckpt to resume from")
-    elif _is_rank_zero() and (run_dir / "config.yaml").exists():  # DDP children rerun this command
+            raise BadInputError(run_dir, f"no {CHECKPOINTS}/{last.name} to resume from")
+    elif _is_rank_zero() and (run_dir / CONFIG_FILE).exists():  # DDP children rerun this command
         raise BadInputError(run_dir, "already holds a run; use --resume to continue it or choose a new --out")
     if not config.data.root:
         raise OptionError("no data folder: pass --data DIR (or set data.root in the config)")
     ensure_outside(run_dir, config.data.root)
-    from brainseg.models import available_models
-    from brainseg.models.registry import canonical_name
-
     if canonical_name(config.model.name) not in available_models():
         raise OptionError(f"{config.model.name!r} is built from trained models (brainseg ensemble), not "
                           f"trained; choose one of: {', '.join(available_models())}")
@@ -395,21 +365,19 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     if config.train.init_weights and not resume:  # a resumed run has its own weights in last.ckpt
         load_initial_weights(module.model, config.train.init_weights)
     if _is_rank_zero():  # written only once the run is known to start, so a refused run leaves nothing
-        from brainseg.data.splits import save_split
-
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-        save_split(split, run_dir / "split.json")
+        save_config(config, run_dir / CONFIG_FILE)
+        save_split(split, run_dir / SPLIT_FILE)
 
     # last.ckpt is written every epoch by a callback of its own: Lightning 2.6 refreshes a monitored
     # callback's last.ckpt only when the best improves, and would make --resume restart from there.
-    latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1,
+    latest = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
                              enable_version_counter=False)
     callbacks = [latest, HistoryCallback(run_dir), LearningRateMonitor("epoch")]
     if refit:  # no validation: keep the last epoch, stop at train.epochs
         checkpoint = latest
     else:
-        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}",
+        checkpoint = ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}",
                                      auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1)
         callbacks += [checkpoint,
                       EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
@@ -433,14 +401,14 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     if refit:
         final = Path(latest.best_model_path) if latest.best_model_path else None  # unmonitored: the newest
         if final is not None and final.exists() and trainer.is_global_zero:
-            model_file = export_model_file(final, run_dir / "model.pt")
+            model_file = model_file_from_checkpoint(final, run_dir / MODEL_FILE)
         return TrainResult(run_dir, final, model_file, {}, (time.perf_counter() - started) / 60, refit=True)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     if best is not None and best.exists():
         trainer.validate(module, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         patient_scores = module.last_patient_dice
         if trainer.is_global_zero:
-            model_file = export_model_file(best, run_dir / "model.pt")
+            model_file = model_file_from_checkpoint(best, run_dir / MODEL_FILE)
             _write_val_metrics(run_dir, best, patient_scores, val_table, precision, trainer)
     minutes = (time.perf_counter() - started) / 60
     return TrainResult(run_dir, best, model_file, patient_scores, minutes)
@@ -457,8 +425,6 @@ def weight_averaging(train_cfg: TrainConfig) -> list[Callback]:
 
 def load_initial_weights(model: torch.nn.Module, source: str | Path) -> None:
     """Start `model` from a trained model's weights; the layers must match, the input size need not."""
-    from brainseg.prediction import load_model_file
-
     description, weights = load_model_file(source)
     normalisation = description["preprocessing"].get("normalisation")
     if normalisation != NORMALISATION:
@@ -474,22 +440,12 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path) -> None:
 
 
 def _logger(run_dir: Path):
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     try:
         import tensorboard  # noqa: F401
 
         return TensorBoardLogger(run_dir, name="logs", version="")
     except ImportError:
         return CSVLogger(run_dir, name="logs", version="")
-
-
-def export_model_file(checkpoint: Path, out: Path) -> Path:
-    """A compact file to predict with: fp32 model weights plus the checkpoint's description."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    torch.save({"brainseg": state["brainseg"], "state_dict": weights, "epoch": state.get("epoch")}, out)
-    return out
 
 
 def _write_val_metrics(run_dir: Path, best: Path, scores: dict[str, float], val_table: pd.DataFrame,
@@ -514,31 +470,27 @@ def _write_val_metrics(run_dir: Path, best: Path, scores: dict[str, float], val_
     (run_dir / "val_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise BadInputError(run_dir, "not a brainseg run folder (no config.yaml)")
-    return load_config(path)
-
-
 def run_training(out: str | Path, *, config_file: str | Path | None = None,
                  overrides: dict | None = None, resume: bool = False, refit: str | Path | None = None,
                  progress: bool = True) -> TrainResult:
-    """The `brainseg train` job: defaults <- config file (or the run's own, when resuming or
-    refitting `refit`) <- flags."""
-    base = RunConfig()
+    """The `brainseg train` job: defaults <- config file (or the run's own, when resuming `out` or
+    refitting `refit`) <- overrides. A resumed or refit run has its own config, so a config file
+    given with either is refused rather than ignored."""
+    if refit and (resume or config_file):
+        raise OptionError("--refit takes the run's own config; do not combine it with --resume or --config")
+    if resume and config_file:
+        raise OptionError("--resume continues the run with its own config; do not combine it with --config")
     if resume:
         base = load_run_config(out)
     elif refit:
         base = load_run_config(refit).override(refit_settings(refit))
     elif config_file:
         base = load_config(config_file)
-    config = base
-    config = config.override({k: v for k, v in (overrides or {}).items() if v is not None})
+    else:
+        base = RunConfig()
+    config = base.override({k: v for k, v in (overrides or {}).items() if v is not None})
     result = train(config, out, resume=resume, progress=progress)
-    if refit and result.model_file is not None and (Path(refit) / "model.pt").exists():
+    if refit and result.model_file is not None and (Path(refit) / MODEL_FILE).exists():
         # the run's tuned threshold and post-processing were chosen on its validation patients
-        from brainseg.tune import store_settings, tuned_settings
-
         store_settings(result.model_file, tuned_settings(refit))
     return result

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
 
 # Each channel of a volume is divided by its 99.5th percentile over the volume's non-zero voxels
 # and clipped to [0, 1]: scanners and institutions store FLAIR at very different brightness, and
@@ -133,8 +133,6 @@ class SliceDataset(Dataset):
 
 def collate(samples: list[dict]) -> dict:
     """Default batching, except full-size masks of different sizes stay a list."""
-    from torch.utils.data import default_collate
-
     full = [s.pop("mask_full") for s in samples if "mask_full" in s]
     batch = default_collate(samples)
     if full:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tifffile
+from PIL import Image
 
 from brainseg.errors import BadInputError
 
@@ -71,14 +73,10 @@ def count_levels(mask: np.ndarray) -> int:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
     return tifffile.imread(path)
 
 
 def _read_pillow(path: Path) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as image:
         image.load()  # forces full decoding so truncated files fail here
         if image.mode in ("P", "PA", "LA", "1"):

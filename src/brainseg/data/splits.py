@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from brainseg.config import check_seed
+from brainseg.data.index import ensure_outside, scan
 from brainseg.errors import BadInputError, SplitLeakError
 
 SPLIT_FORMAT = "brainseg-split/1"
@@ -49,8 +51,6 @@ def split_patients(table: pd.DataFrame, *, val: float = 0.15, test: float = 0.15
     `test_patients` fixes the test set (the other `test` fraction is then ignored). With `folds`,
     the non-test patients are divided into k stratified folds, each with its own train and val.
     """
-    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
-
     seed = check_seed(seed)
     patients = patient_table(table)
     names = patients.index.to_numpy(dtype=str)
@@ -226,8 +226,6 @@ def select(table: pd.DataFrame, split: dict, side: str, fold: int | None = None)
 
 def make_split(root: str | Path, out: str | Path, *, layout: str = "auto", **options) -> dict:
     """Index a data set, split it with `split_patients` and save the split as JSON."""
-    from brainseg.data.index import ensure_outside, scan
-
     ensure_outside(out, root)
     result = scan(root, layout)
     split = split_patients(result.table, **options)

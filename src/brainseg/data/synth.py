@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
+from PIL import Image
 
 from brainseg.config import check_seed
 from brainseg.errors import BadInputError, OptionError
@@ -387,8 +389,6 @@ def _render(p: _Patient, grid: _Grid, rng: np.random.Generator) -> tuple[np.ndar
 
 def _write_kaggle(out: Path, p: _Patient, images: np.ndarray, masks: np.ndarray) -> None:
     """Write one patient folder in the LGG kaggle_3m layout."""
-    import tifffile
-
     folder = out / p.folder
     folder.mkdir()
     for k, (img, mask) in enumerate(zip(images, masks, strict=True), start=1):
@@ -399,7 +399,5 @@ def _write_kaggle(out: Path, p: _Patient, images: np.ndarray, masks: np.ndarray)
 
 def _write_png(path: Path, array: np.ndarray) -> None:
     """Write an 8-bit greyscale PNG (Pillow writes no timestamp, so bytes are reproducible)."""
-    from PIL import Image
-
     path.parent.mkdir(exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(path, format="PNG")

@@ -30,20 +30,18 @@ def resize_matrix(source: int, target: int, antialias: bool) -> torch.Tensor:
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: list[dict], context: int = 0, slice_channels: int = 3,
-                 image_size: int = 0) -> None:
-        """`members`: [{"name", "kwargs", "context", "image_size"}] from the members' model files.
+    def __init__(self, members: list[dict], networks: list[nn.Module], context: int = 0,
+                 slice_channels: int = 3, image_size: int = 0) -> None:
+        """`members`: [{"name", "kwargs", "context", "image_size"}] from the members' model files, and
+        `networks` built from them (the registry's `ensemble` builds both from the description).
 
         With `image_size` (the ensemble's input side), a member of another size gets its input
         resized as prediction would resize an image for it, and its logits resized back.
         """
         super().__init__()
-        from brainseg.models.registry import create_model
-
         if not members:
             raise OptionError("an ensemble needs at least one member")
         self.channel_ranges: list[tuple[int, int]] = []
-        networks = []
         for i, member in enumerate(members):
             member_context = int(member.get("context", 0))
             if not 0 <= member_context <= context:
@@ -55,7 +53,6 @@ class Ensemble(nn.Module):
                                   f"slices gives {expected}")
             start = (context - member_context) * slice_channels
             self.channel_ranges.append((start, start + expected))
-            networks.append(create_model(member["name"], **member["kwargs"]))
             size = int(member.get("image_size") or image_size)
             if image_size and size != image_size:  # buffers, not weights: rebuilt from the sizes, never saved
                 self.register_buffer(f"shrink_{i}", resize_matrix(image_size, size, antialias=True),

@@ -85,8 +85,15 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def ensemble(members: list[dict], context: int = 0, slice_channels: int = 3,
+             image_size: int = 0) -> nn.Module:
+    """An Ensemble of registry networks, one per member description."""
+    networks = [create_model(member["name"], **member["kwargs"]) for member in members]
+    return Ensemble(members, networks, context, slice_channels, image_size)
+
+
 # Built from trained members (`brainseg ensemble`), never trained as a whole.
-_COMBINATIONS: dict[str, Callable[..., nn.Module]] = {"ensemble": Ensemble}
+_COMBINATIONS: dict[str, Callable[..., nn.Module]] = {"ensemble": ensemble}
 
 
 def available_models() -> list[str]:

@@ -9,35 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from brainseg import plots
+from brainseg.data.index import ensure_outside
 from brainseg.errors import BadInputError
-from brainseg.evaluation import EvaluateOptions, evaluate
-
-
-def fold_of(run: Path) -> tuple[int, dict]:
-    """The fold a run trained on and its k-fold split (refused for a run of a plain split)."""
-    from brainseg.data.splits import load_split
-    from brainseg.training import load_run_config
-
-    fold = load_run_config(run).data.fold
-    if not (run / "split.json").exists():
-        raise BadInputError(run, "no split.json in the run folder")
-    split = load_split(run / "split.json")
-    if fold < 0 or "folds" not in split:
-        raise BadInputError(run, "not a run of a k-fold split (train it with --set data.fold=K on a "
-                                 "split made with brainseg split --folds)")
-    return fold, split
-
-
-def run_folder_of(model: Path) -> Path:
-    """The run folder of a run folder, of its model.pt or of one of its checkpoints/*.ckpt."""
-    if model.is_dir():
-        return model
-    if not model.exists():
-        raise BadInputError(model, "does not exist")
-    for folder in (model.parent, model.parent.parent):
-        if (folder / "config.yaml").exists():
-            return folder
-    raise BadInputError(model, "is not inside a run folder, so its fold is unknown")
+from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+from brainseg.runs.folder import SPLIT_FILE, fold_of, run_folder_of
 
 
 def check_folds(runs: list[str | Path]) -> tuple[dict[int, Path], int]:
@@ -65,9 +41,6 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
                    progress: bool = True) -> dict:
     """Evaluate each fold's run on that fold's validation patients; write out_of_fold.csv,
     crossval.json, crossval.md and crossval.png to `out` (each fold's evaluation in out/foldK)."""
-    from brainseg import plots
-    from brainseg.data.index import ensure_outside
-
     out = Path(out)
     ensure_outside(out, data)
     folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
@@ -75,7 +48,7 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     tables = []
     for fold, run in folds.items():
         fold_options = EvaluateOptions(**{**base.__dict__, "side": "val", "fold": fold,
-                                          "split_file": str(run_folder_of(run) / "split.json")})
+                                          "split_file": str(run_folder_of(run) / SPLIT_FILE)})
         evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options, progress=progress)
         table = pd.read_csv(out / f"fold{fold}" / "per_patient.csv")
         tables.append(table.assign(fold=fold, run=str(run)))

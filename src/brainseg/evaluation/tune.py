@@ -13,12 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
+from brainseg.data.index import ensure_outside, scan
 from brainseg.errors import BadInputError
-from brainseg.evaluation import EvaluateOptions, check_unseen, select_rows, split_for
-from brainseg.files import replacing
+from brainseg.evaluation.crossval import check_folds
+from brainseg.evaluation.evaluate import EvaluateOptions, select_rows
+from brainseg.evaluation.postprocess import components, kept_components
+from brainseg.inference import Predictor
+from brainseg.metrics import Counts, dice
 from brainseg.progress import progress as progress_bar
+from brainseg.runs.folder import SPLIT_FILE, check_unseen, resolve_model_path, run_folder_of, split_for
+from brainseg.runs.model_file import store_settings
+from brainseg.runs.pretrained import is_pretrained
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.2, 0.81, 0.05))
 MIN_SIZES = (0, 20, 100)
@@ -33,12 +39,12 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
 
     `model` is one model, scored on the `side` patients of its split, or a list of the runs of a
     k-fold split, each scored on its own fold's validation patients and pooled (out of fold)."""
-    from brainseg.data.index import ensure_outside, scan
-
     folds = isinstance(model, (list, tuple))
     if folds and len(model) == 1:
         model, folds = model[0], False
-    if store and (folds or str(model) == "pretrained"):
+    if side == "test":  # choosing on test patients would leak them into model selection
+        raise BadInputError("--split", "tuning on the test patients would leak them into model selection")
+    if store and (folds or is_pretrained(model)):
         raise BadInputError("--store", "takes one model file that you own (not the installed package, "
                                        "not several fold runs)")
     out = Path(out)
@@ -76,9 +82,6 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
 def dice_by_setting(probability: np.ndarray, truth: np.ndarray) -> dict:
     """{(COMPONENTS entry, min size, threshold): Dice} for one volume. Each threshold's mask is labelled
     once; each post-processing is then a choice of labels, scored from per-label overlaps."""
-    from brainseg.metrics import Counts, dice
-    from brainseg.postprocess import components, kept_components
-
     true_voxels, scores = int(truth.sum()), {}
     for threshold in THRESHOLDS:
         labels, sizes = components(probability >= threshold)
@@ -94,23 +97,19 @@ def dice_by_setting(probability: np.ndarray, truth: np.ndarray) -> dict:
 
 def _job(model, table: pd.DataFrame, side: str, split_file: str, fold: int = -1):
     """(predictor, the rows it is tuned on) for one model and a side of its split (or of a fold's)."""
-    from brainseg.prediction import Predictor, resolve_model_path
-
     model = resolve_model_path(model)
     options = EvaluateOptions(side=side, split_file=split_file, fold=fold)
     plain = Predictor.from_checkpoint(model)
     # A model file away from its run (the shipped one) carries its split in its description.
-    rows = select_rows(table, split_for(model, options, plain.description), options)
-    check_unseen(model, plain.description, rows, side)
+    rows = select_rows(table, split_for(model, side, split_file, plain.description), options)
+    check_unseen(model, plain.description, rows["patient"], side)
     return plain, rows
 
 
 def _fold_jobs(runs: list, table: pd.DataFrame) -> list:
     """One job per fold run, on its own fold's validation patients (checked as crossval checks them)."""
-    from brainseg.crossval import check_folds, run_folder_of
-
     folds, _ = check_folds(runs)
-    return [_job(run, table, "val", str(run_folder_of(run) / "split.json"), fold)
+    return [_job(run, table, "val", str(run_folder_of(run) / SPLIT_FILE), fold)
             for fold, run in folds.items()]
 
 
@@ -140,17 +139,6 @@ def _summary(table: pd.DataFrame, default: float, side: str, patients: int) -> d
     }
 
 
-def tuned_settings(model: str | Path) -> dict:
-    """The threshold and post-processing stored in a model file, to give to another model trained
-    the same way (a refit or an ensemble of refits), which has no validation patients of its own."""
-    from brainseg.prediction import load_model_file
-
-    description, _ = load_model_file(model)
-    settings = {key: description[key] for key in ("threshold", "threshold_source", "postprocessing")
-                if key in description}
-    return {**settings, "settings_from": str(model)}
-
-
 def store_postprocessing(model: Path, chosen: dict) -> Path:
     """Write a tuned threshold and post-processing into the model file's description (a run's model.pt).
 
@@ -161,23 +149,3 @@ def store_postprocessing(model: Path, chosen: dict) -> Path:
         "postprocessing": {"largest_component": bool(chosen["largest_component"]),
                            "min_size": int(chosen["min_size"]),
                            "min_fraction": float(chosen.get("min_fraction", 0.0)), "source": source}})
-
-
-def store_settings(model: Path, settings: dict) -> Path:
-    """Update the description in a model file (or a run's model.pt) with these entries.
-
-    The new file is written beside the old one and moved over it whole, so a failed write (a full
-    disk, a read-only folder) leaves the model as it was."""
-    from brainseg.prediction import MODEL_FILE
-
-    path = model / MODEL_FILE if model.is_dir() else model
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state["brainseg"].update(settings)
-    try:
-        with replacing(path) as partial:
-            torch.save(state, partial)
-    except (OSError, RuntimeError) as error:  # torch reports a failed write as a RuntimeError
-        reason = f"{type(error).__name__}: {getattr(error, 'strerror', None) or error}".splitlines()[0]
-        raise BadInputError(path, f"cannot store the settings; the model file is unchanged ({reason})"
-                            ) from None
-    return path

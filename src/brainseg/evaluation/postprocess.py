@@ -5,14 +5,13 @@ multifocal tumour that keeping the largest alone would drop)."""
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from brainseg.errors import OptionError
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels of the connected components (0 is background) and the size of each label (sizes[0] = 0)."""
-    from scipy import ndimage
-
     # Full connectivity (26 in 3D, 8 in 2D): touching corners belong to one lesion.
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     labels, count = ndimage.label(mask.astype(bool), structure=structure)
@@ -25,13 +24,6 @@ def check_min_fraction(value: float) -> float:
     """`value` if it is a share of the largest component (0..1), else a one-line error."""
     if not 0 <= value <= 1:
         raise OptionError(f"--min-fraction: must be between 0 and 1, not {value:g}")
-    return value
-
-
-def check_threshold(value: float) -> float:
-    """`value` if it is a probability cut strictly between 0 and 1 (NaN is not), else a one-line error."""
-    if not 0 < value < 1:
-        raise OptionError(f"--threshold: must be between 0 and 1 (exclusive), not {value:g}")
     return value
 
 

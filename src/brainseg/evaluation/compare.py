@@ -7,15 +7,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainseg import plots
+from brainseg.data.index import ensure_outside
+from brainseg.data.splits import load_split, save_split, seen_patients, validate_split
 from brainseg.errors import BadInputError
-from brainseg.evaluation import EvaluateOptions, evaluate, split_file_beside
+from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+from brainseg.runs.folder import HISTORY_FILE, SPLIT_FILE, resolve_model_path, split_file_beside
+from brainseg.runs.model_file import load_model_file
+from brainseg.runs.pretrained import is_pretrained
 
 
 def _model(run: str | Path) -> tuple[Path, dict | None, Path | None]:
     """(model path, its split or None, the split's file) for one input; a bad one is refused."""
-    from brainseg.data.splits import load_split, validate_split
-    from brainseg.prediction import load_model_file, resolve_model_path
-
     path = resolve_model_path(run)  # 'pretrained' is the shipped model, as in evaluate and predict
     if not path.exists():
         raise BadInputError(run, "does not exist")
@@ -34,10 +37,8 @@ def _model(run: str | Path) -> tuple[Path, dict | None, Path | None]:
 def _check_unseen(run: str | Path, split: dict | None, patients: set[str]) -> None:
     """A model must not be scored on patients it trained or was selected on."""
     if split is None:
-        raise BadInputError(run, "has no split.json beside it and no split stored in it; compare needs "
+        raise BadInputError(run, f"has no {SPLIT_FILE} beside it and no split stored in it; compare needs "
                                  "each model's split to check it never saw the compared patients")
-    from brainseg.data.splits import seen_patients
-
     leaked = sorted(seen_patients(split) & patients)
     if leaked:
         raise BadInputError(run, f"trained or validated on {len(leaked)} of the compared patients "
@@ -48,10 +49,6 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
                  split_file: str | Path | None = None, options: EvaluateOptions | None = None,
                  progress: bool = True) -> pd.DataFrame:
     """Evaluate each run on one split side (the first run's unless `split_file`), then tabulate."""
-    from brainseg import plots
-    from brainseg.data.index import ensure_outside
-    from brainseg.data.splits import load_split, save_split
-
     if not runs:
         raise BadInputError("compare", "give at least one run folder")
     out = Path(out)
@@ -63,7 +60,7 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     else:
         split, split_path = models[0][1:]
         if split is None:
-            raise BadInputError(runs[0], "has no split.json beside it and no split stored in it; "
+            raise BadInputError(runs[0], f"has no {SPLIT_FILE} beside it and no split stored in it; "
                                          "pass --split-file")
     if side not in split:
         raise BadInputError(split_path or runs[0], f"has no {side!r} side")
@@ -73,11 +70,11 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
             _check_unseen(run, run_split, patients)
     rows, per_patient = [], {}
     paths = [path for path, _, _ in models]
-    names = _unique_names(["pretrained" if str(run) == "pretrained" else path
+    names = _unique_names([str(run) if is_pretrained(run) else path
                            for run, path in zip(runs, paths, strict=True)])
     for index, (run, name) in enumerate(zip(paths, names, strict=True)):
         if index and split_path is None:  # the first model's split lives only in its model file (which
-            split_path = save_split(split, out / "split.json")  # its own evaluation read) and not in a file
+            split_path = save_split(split, out / SPLIT_FILE)  # its own evaluation read) and not in a file
         base = options or EvaluateOptions()
         run_options = EvaluateOptions(**{**base.__dict__, "side": side, "split_file": str(split_path or "")})
         summary = evaluate(run, data, out / name, options=run_options, progress=progress)
@@ -104,8 +101,8 @@ def _row(name: str, run: Path, summary: dict) -> dict:
     model = summary["model"]
     folder = run if run.is_dir() else run.parent
     minutes = epochs = None
-    if (folder / "history.csv").exists():
-        history = pd.read_csv(folder / "history.csv")
+    if (folder / HISTORY_FILE).exists():
+        history = pd.read_csv(folder / HISTORY_FILE)
         minutes = round(float(history["seconds"].iloc[-1]) / 60, 1) if len(history) else None
         epochs = len(history)
     dice = summary["per_patient"]["dice"]

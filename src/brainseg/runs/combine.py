@@ -1,4 +1,4 @@
-"""`brainseg ensemble`: combine trained models into one self-describing model file.
+"""`brainseg ensemble`: combine trained models into one self-describing model file (an ensemble).
 
 The result is a run-like folder (model.pt, split.json, ensemble.json) that evaluate, tune,
 compare, predict, export and the pretrained packaging accept like any trained run.
@@ -9,41 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from brainseg.errors import BadInputError, BrainsegError, OptionError
-
-
-def _split_beside(model: Path, description: dict) -> dict | None:
-    """The member's split (beside it or stored in it), or None when it has none."""
-    from brainseg.evaluation import EvaluateOptions, split_for
-
-    try:
-        return split_for(model, EvaluateOptions(side="val"), description)
-    except BadInputError:
-        return None
-
-
-def _patients_seen(model: Path, description: dict) -> dict | None:
-    """The patients a member trained on and was validated on (of its own fold in a k-fold split),
-    or None when its split cannot be found."""
-    from brainseg.data.splits import seen_patients
-    from brainseg.evaluation import TRAINED_KEYS, patients_seen
-
-    if (seen := patients_seen(model, description)) is not None:  # an ensemble as a member
-        return seen
-    split = _split_beside(model, description)
-    if split is None:
-        return None
-    fold = None
-    try:
-        from brainseg.crossval import run_folder_of
-        from brainseg.training import load_run_config
-
-        fold = load_run_config(run_folder_of(model)).data.fold
-    except BrainsegError:  # a model file away from its run: its fold is unknown, count every fold
-        pass
-    fold = fold if fold is not None and fold >= 0 and split.get("folds") else None
-    return {"trained": sorted(seen_patients(split, fold, TRAINED_KEYS)),
-            "validated": sorted(seen_patients(split, fold, ("val",)))}
+from brainseg import __version__
+from brainseg.config import check_threshold
+from brainseg.data.splits import save_split
+from brainseg.errors import BadInputError, OptionError
+from brainseg.evaluation.postprocess import check_min_fraction, check_min_size
+from brainseg.models import create_model
+from brainseg.runs.folder import MODEL_FILE, SPLIT_FILE, member_patients_seen, model_file, stored_split
+from brainseg.runs.model_file import (
+    CHECKPOINT_FORMAT,
+    file_digest,
+    load_model_file,
+    save_model_file,
+    tuned_settings,
+)
 
 
 def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: float | None = None,
@@ -54,21 +33,12 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
     validated ensemble whose members these are refits of (a refit has no patients left to tune on).
     `postprocessing` ({largest_component, min_size, min_fraction}, any of them) overrides the copied
     post-processing, e.g. with what cross-validation chose (brainseg tune on the fold runs)."""
-    import torch
-
-    from brainseg import __version__
-    from brainseg.postprocess import check_min_fraction, check_min_size, check_threshold
-    from brainseg.prediction import MODEL_FILE, file_digest, load_model_file, model_file
-    from brainseg.training import CHECKPOINT_FORMAT
-
     if len(models) < 2:
         raise OptionError("an ensemble needs at least two models")
     settings: dict = {"threshold": 0.5}
     if settings_from is not None:
         if threshold is not None:
             raise OptionError("give --threshold or --settings-from, not both")
-        from brainseg.tune import tuned_settings
-
         settings = tuned_settings(settings_from)
     threshold = settings["threshold"] if threshold is None else threshold
     copied = {key: value for key, value in settings.items() if key != "threshold"}
@@ -96,8 +66,8 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
         weights.update({f"members.{i}.{key}": value for key, value in state.items()})
         sources.append({"file": str(path), "sha256_16": file_digest(path),
                         "model": description["model"]["name"], "context": members[-1]["context"]})
-        splits.append(_split_beside(path, description))
-        seen.append(_patients_seen(path, description))
+        splits.append(stored_split(path, description))
+        seen.append(member_patients_seen(path, description))
 
     first = members[0]["preprocessing"]
     for member, source in zip(members, sources, strict=True):
@@ -129,19 +99,15 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
     unknown = [source["file"] for source, member in zip(sources, seen, strict=True) if member is None]
     if unknown:
         description["patients_seen"]["unknown_for"] = unknown
-    from brainseg.models import create_model
-
     create_model("ensemble", **kwargs).load_state_dict(weights)  # fails here, not at predict time
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"brainseg": description, "state_dict": weights}, out / MODEL_FILE)
+    save_model_file(description, weights, out / MODEL_FILE)
     # Members of different folds of one k-fold split hold the same split.json but learnt from
     # different patients: they do not share a split.
     shared_split = (splits[0] if splits[0] and all(s == splits[0] for s in splits)
                     and all(m == seen[0] for m in seen) else None)
     if shared_split:
-        from brainseg.data.splits import save_split
-
-        save_split(shared_split, out / "split.json")
+        save_split(shared_split, out / SPLIT_FILE)
     summary = {"model": str(out / MODEL_FILE), "members": sources, "context": context,
                "threshold": threshold, **copied, "split": "shared by all members" if shared_split else
                "members differ: pass --split-file to evaluate (patients a member trained on are refused)",

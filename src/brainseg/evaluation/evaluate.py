@@ -20,10 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from brainseg import plots
 from brainseg.config import check_seed
+from brainseg.data.index import ensure_outside, scan
 from brainseg.data.io import FLAIR_CHANNEL, MISSING_SEQUENCES, equal_channel_text
+from brainseg.data.splits import select
 from brainseg.errors import BadInputError
+from brainseg.inference import Predictor
+from brainseg.metrics import count, detection, dice, hd95, iou, precision, recall
 from brainseg.progress import progress as progress_bar
+from brainseg.runs.folder import check_unseen, split_for
 
 CONVENTIONS = {
     "headline": "mean Dice per patient volume (slices stacked, Dice = 2|A∩B|/(|A|+|B|) over the volume)",
@@ -58,32 +64,7 @@ class EvaluateOptions:
     worst: int = 4
 
 
-def split_file_beside(model_path: Path) -> Path | None:
-    """The run's split.json: in the run folder, beside its model file, or one level up (checkpoints/)."""
-    run_dir = model_path if model_path.is_dir() else model_path.parent
-    return next((c for c in (run_dir / "split.json", run_dir.parent / "split.json") if c.exists()), None)
-
-
-def split_for(model_path: Path, options: EvaluateOptions, description: dict | None = None) -> dict | None:
-    """The split to score: --split-file, the run's split.json, or the one stored in the model file."""
-    from brainseg.data.splits import load_split, validate_split
-
-    if options.side == "all":
-        return None
-    if options.split_file:
-        return load_split(options.split_file)
-    if (beside := split_file_beside(model_path)) is not None:
-        return load_split(beside)
-    if description and description.get("split"):
-        validate_split(description["split"], str(model_path))
-        return description["split"]
-    raise BadInputError(model_path, f"no split.json beside the model to find the {options.side} patients; "
-                                    "pass --split-file or --split all")
-
-
 def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOptions) -> pd.DataFrame:
-    from brainseg.data.splits import select
-
     if split is None:
         return table
     if options.side not in ("train", "val", "test"):
@@ -106,49 +87,9 @@ def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOption
     return rows
 
 
-TRAINED_KEYS = ("train", "refit_val")
-
-
-def patients_seen(model_path: Path, description: dict) -> dict | None:
-    """{"trained": [...], "validated": [...]}: the patients an ensemble's members learnt from or were
-    selected on, or None for a single model (its own split keeps its sides apart)."""
-    from brainseg.data.splits import seen_patients
-
-    if "patients_seen" in description:
-        return description["patients_seen"]
-    if description.get("model", {}).get("name") != "ensemble":
-        return None
-    # An ensemble built before its members' patients were recorded: its own split (shared by the
-    # members, or the one stored in it), every fold of it, since the members' folds are unknown.
-    try:
-        split = split_for(model_path, EvaluateOptions(side="test"), description)
-    except BadInputError:
-        return None
-    return {"trained": sorted(seen_patients(split, keys=TRAINED_KEYS)),
-            "validated": sorted(seen_patients(split, keys=("val",)))}
-
-
-def check_unseen(model_path: Path, description: dict, rows: pd.DataFrame, side: str) -> None:
-    """Refuse to score an ensemble on patients a member trained on (or, for the test side, was
-    validated on): the output would call them unseen. The train side and --split all say what they are."""
-    seen = patients_seen(model_path, description)
-    if seen is None or side in ("train", "all"):
-        return
-    learnt = set(seen.get("trained", [])) | (set(seen.get("validated", [])) if side == "test" else set())
-    leaked = sorted(learnt & set(rows["patient"]))
-    if leaked:
-        how = "trained or validated" if side == "test" else "trained"
-        raise BadInputError(model_path, f"a member of this ensemble {how} on {len(leaked)} of the {side} "
-                                        f"patients (e.g. {leaked[0]}); score it on patients no member saw")
-
-
 def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: str = "auto",
              options: EvaluateOptions | None = None, progress: bool = True) -> dict:
     """Score a model on the chosen side of the split and write tables and figures to `out`."""
-    from brainseg.data.index import ensure_outside, scan
-    from brainseg.metrics import count, dice, hd95, iou, precision, recall
-    from brainseg.prediction import Predictor
-
     options = options or EvaluateOptions()
     check_seed(options.seed, "--seed")
     if options.flair_replaces and options.flair_replaces not in MISSING_SEQUENCES:
@@ -160,8 +101,9 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
                                min_size=options.min_size, min_fraction=options.min_fraction)
     model = Path(predictor.source)
     result = scan(data, layout, progress=progress)
-    rows = select_rows(result.table, split_for(model, options, predictor.description), options)
-    check_unseen(model, predictor.description, rows, options.side)
+    split = split_for(model, options.side, options.split_file, predictor.description)
+    rows = select_rows(result.table, split, options)
+    check_unseen(model, predictor.description, rows["patient"], options.side)
     first = rows["image_path"].iloc[0]  # refused before anything is written
     _replace_with_flair(result.store.image(first)[None], options.flair_replaces, first)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,8 +191,6 @@ def _stats(values: pd.Series) -> dict:
 
 
 def _summary(per_patient, per_slice, predictor, result, options, cutoff) -> dict:
-    from brainseg.metrics import detection
-
     scored = per_slice[(per_slice["true_pixels"] > 0) | (per_slice["predicted_pixels"] > 0)]
     return {
         "model": predictor.identity,
@@ -268,8 +208,6 @@ def _summary(per_patient, per_slice, predictor, result, options, cutoff) -> dict
 
 
 def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, packed_masks) -> list[str]:
-    from brainseg import plots
-
     names = []
     if grid:
         names.append(plots.prediction_grid(grid, out / "prediction_grid.png", cutoff).name)
