@@ -33,7 +33,7 @@ def machine_header() -> str:
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:
-    """A Markdown table, so the output can be pasted into the README as it is."""
+    """A Markdown table, so the output can be pasted into docs/benchmarks.md as it is."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
 
 # Each channel of a volume is divided by its 99.5th percentile over the volume's non-zero voxels
 # and clipped to [0, 1]: scanners and institutions store FLAIR at very different brightness, and
-# dividing by 255 alone left whole patients unsegmented (see the README's recipe notes).
+# dividing by 255 alone left whole patients unsegmented (see docs/training.md).
 NORMALISATION = "volume_p99.5"
 PERCENTILE = 99.5
 
