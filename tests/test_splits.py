@@ -177,3 +177,46 @@ def test_any_split_partitions_patients_without_leaks(volumes, val, test, seed):
     train, val_set, test_set = sides(split)
     assert train and not (train & val_set or train & test_set or val_set & test_set)
     assert train | val_set | test_set == set(table["patient"])
+
+
+def image_index(count: int, labels: list[str]) -> pd.DataFrame:
+    """An images_masks index of images 1..count with a tumour type each (cycling through `labels`)."""
+    return pd.DataFrame([{"patient": str(n), "slice": 1, "tumour_pixels": 10 * n, "has_tumour": True,
+                          "layout": "images_masks", "label_name": labels[(n - 1) // 16 % len(labels)]}
+                         for n in range(1, count + 1)])
+
+
+@pytest.mark.parametrize("folds", [None, 3])
+def test_index_blocks_never_straddle_a_split(folds):
+    table = image_index(160, ["glioma", "meningioma"])
+    split = split_patients(table, val=0.2, test=0.2, folds=folds, seed=1, group_by="index-block:16")
+    assert split["grouped_by"] == "index-block:16" and split["stratified_by"].startswith("label_name")
+    groups = [split, *split.get("folds", [])]
+    for group in groups:
+        sides = {side: {(int(n) - 1) // 16 for n in group.get(side, split["test"] if side == "test" else [])}
+                 for side in ("train", "val", "test")}
+        assert not sides["train"] & sides["val"] and not sides["train"] & sides["test"] \
+            and not sides["val"] & sides["test"]
+    everyone = set(split["test"]) | ({*split["train"], *split["val"]} if folds is None
+                                     else {*split["folds"][0]["train"], *split["folds"][0]["val"]})
+    assert everyone == {str(n) for n in range(1, 161)}
+
+
+def test_a_fixed_test_image_takes_its_whole_block():
+    split = split_patients(image_index(64, ["glioma"]), val=0.25, test=0, seed=0,
+                           test_patients=["20"], group_by="index-block:16")
+    assert split["test"] == sorted(str(n) for n in range(17, 33))
+
+
+def test_group_by_a_column_and_bad_group_settings():
+    table = image_index(40, ["a", "b"]).assign(group=lambda t: "g" + (t.index // 4).astype(str))
+    split = split_patients(table, val=0.2, test=0.2, seed=0, group_by="column:group")
+    by_image = dict(zip(table["patient"], table["group"], strict=True))
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not {by_image[n] for n in split[a]} & {by_image[n] for n in split[b]}
+    with pytest.raises(BadInputError, match="no column 'nope'"):
+        split_patients(table, group_by="column:nope")
+    with pytest.raises(BadInputError, match="index-block:N or column:NAME"):
+        split_patients(table, group_by="blocks")
+    with pytest.raises(BadInputError, match="numeric image names"):
+        split_patients(table.assign(patient="img" + table["patient"]), group_by="index-block:16")

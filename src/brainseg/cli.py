@@ -123,6 +123,9 @@ def split_command(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     test_patients: Annotated[str, typer.Option(help="Comma-separated patients to use as the "
                                                     "test set (overrides --test).")] = "",
+    group_by: Annotated[str, typer.Option(help="Keep groups on one side: index-block:N (images N in "
+                                               "blocks of N consecutive indices, e.g. Figshare) or "
+                                               "column:NAME (a column of labels.csv).")] = "",
     layout: Layout = "auto",
 ) -> None:
     """Split patients (never slices) into train/val/test or k folds, stratified by tumour volume.
@@ -134,7 +137,7 @@ def split_command(
 
     split = make_split(data_dir, out or Path(SPLIT_FILE), val=val, test=test, folds=folds or None, seed=seed,
                        test_patients=[p.strip() for p in test_patients.split(",") if p.strip()],
-                       layout=layout)
+                       group_by=group_by, layout=layout)
     if split["unit"] == "image":
         typer.echo("note: this layout has no patient ids, so the split is per image", err=True)
     counts = split["counts"]

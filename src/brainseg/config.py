@@ -72,6 +72,7 @@ class DataConfig:
     val: float = 0.15
     test: float = 0.15
     test_patients: list[str] = field(default_factory=list)  # fixed test set (overrides `test`)
+    group_by: str = ""  # split whole groups: index-block:N (images) or column:NAME (see data.splits.units_of)
     folds: int = 0  # with fold >= 0: k-fold split of the non-test patients
     fold: int = -1  # which fold to train (-1: plain train/val split)
     # Refit: train on the train and val patients together, with no validation; the epochs and LR

@@ -278,7 +278,7 @@ def prepare_split(config: RunConfig, table: pd.DataFrame) -> dict:
     if data.split:
         return load_split(data.split)
     return split_patients(table, val=data.val, test=data.test, folds=data.folds or None,
-                          seed=config.train.seed, test_patients=data.test_patients)
+                          seed=config.train.seed, test_patients=data.test_patients, group_by=data.group_by)
 
 
 def _train_and_val(split: dict, fold: int) -> dict:

@@ -43,26 +43,69 @@ def split_unit(table: pd.DataFrame) -> str:
     return "image" if layouts == {"images_masks"} else "patient"
 
 
+LABEL_COLUMN = "label_name"  # tumour type, joined from labels.csv where a data set has one
+
+
+def units_of(table: pd.DataFrame, group_by: str = "") -> pd.Series:
+    """The unit each row is split by: its patient, or with `group_by` a group of patients (images):
+    'index-block:N' puts image N... in blocks of N consecutive indices (1-16, 17-32, ... for N=16),
+    since neighbouring indices of a published set are mostly one patient; 'column:NAME' takes a
+    column of the index (e.g. a `group` column of labels.csv)."""
+    patients = table["patient"].astype(str)
+    if not group_by:
+        return patients
+    kind, _, value = group_by.partition(":")
+    if kind == "index-block" and value.isdigit() and int(value) > 0:
+        size = int(value)
+        numbers = pd.to_numeric(patients, errors="coerce")
+        if numbers.isna().any():
+            raise BadInputError("--group-by", f"index-block needs numeric image names; "
+                                              f"{patients[numbers.isna()].iloc[0]!r} is not a number")
+        first = (numbers.astype("int64") - 1) // size * size + 1
+        return "block" + first.astype(str) + "-" + (first + size - 1).astype(str)
+    if kind == "column" and value:
+        if value not in table:
+            raise BadInputError("--group-by", f"the index has no column {value!r} (columns come from "
+                                              "labels.csv or data.csv)")
+        return table[value].astype(str)
+    raise BadInputError("--group-by", f"must be index-block:N or column:NAME, not {group_by!r}")
+
+
 def split_patients(table: pd.DataFrame, *, val: float = 0.15, test: float = 0.15,
                    folds: int | None = None, seed: int = 0,
-                   test_patients: Sequence[str] = ()) -> dict:
+                   test_patients: Sequence[str] = (), group_by: str = "") -> dict:
     """Split the patients of an index table into train/val/test or k folds plus a test set.
 
     `test_patients` fixes the test set (the other `test` fraction is then ignored). With `folds`,
     the non-test patients are divided into k stratified folds, each with its own train and val.
+    With `group_by` (see `units_of`) whole groups go to one side, and a test patient takes its group.
+    Strata are the tumour type where the index has one (labels.csv), else the tumour volume.
     """
     seed = check_seed(seed)
-    patients = patient_table(table)
-    names = patients.index.to_numpy(dtype=str)
-    unknown = sorted(set(test_patients) - set(names))
+    unknown = sorted(set(test_patients) - set(table["patient"].astype(str)))
     if unknown:
         raise BadInputError("test patients", f"not in the data set: {', '.join(unknown)}")
+    unit_of_row = units_of(table, group_by)
+    units = patient_table(table.assign(patient=unit_of_row))
+    names = units.index.to_numpy(dtype=str)
+    members = table.assign(unit=unit_of_row).groupby("unit")["patient"].agg(
+        lambda p: sorted(set(p.astype(str))))
     if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
         raise BadInputError("split", f"fractions val={val} and test={test} must be in [0, 1) "
                                      "and leave patients for training")
-    strata = _strata(patients["size_class"])
+    if LABEL_COLUMN in table:
+        labels = table.assign(unit=unit_of_row).groupby("unit")[LABEL_COLUMN].agg(
+            lambda v: v.astype(str).mode().iloc[0])
+        strata, stratified_by = _strata(labels.reindex(names)), f"{LABEL_COLUMN} (tumour type)"
+    else:
+        strata = _strata(units["size_class"])
+        stratified_by = "tumour volume: none/small/large (median of tumour patients)"
     split: dict = {"format": SPLIT_FORMAT, "unit": split_unit(table), "seed": seed,
-                   "stratified_by": "tumour volume: none/small/large (median of tumour patients)"}
+                   "stratified_by": stratified_by}
+    if group_by:
+        split["grouped_by"] = group_by
+    fixed_test = table["patient"].astype(str).isin(test_patients)
+    test_patients = sorted(set(unit_of_row[fixed_test]))
 
     if test_patients:
         test_names = sorted(test_patients)
@@ -90,17 +133,26 @@ def split_patients(table: pd.DataFrame, *, val: float = 0.15, test: float = 0.15
                                   if val > 0 else (rest, np.array([], dtype=str)))
         split["train"], split["val"] = sorted(train_names), sorted(val_names)
         split["fractions"] = {side: len(split[side]) / len(names) for side in SIDES}
+    if group_by:  # back from groups to the patients (images) in them
+        for group in [split, *split.get("folds", [])]:
+            for side in SIDES:
+                if side in group:
+                    group[side] = sorted(p for unit in group[side] for p in members[unit])
     split["counts"] = _counts(split)
     validate_split(split)
     return split
 
 
-def _strata(size_class: pd.Series) -> np.ndarray:
-    """Merge a class too small to stratify (fewer than 2 members) into its neighbour."""
-    strata = size_class.to_numpy(dtype=str).copy()
+def _strata(classes: pd.Series) -> np.ndarray:
+    """Merge a class too small to stratify (fewer than 2 members) into its neighbour (small and
+    large into each other, any other into the commonest class)."""
+    strata = classes.to_numpy(dtype=str).copy()
     counts = pd.Series(strata).value_counts()
     for rare in counts[counts < 2].index:
-        strata[strata == rare] = "small" if rare != "small" else "large"
+        if rare in ("small", "large", "none"):
+            strata[strata == rare] = "small" if rare != "small" else "large"
+        elif len(counts) > 1:
+            strata[strata == rare] = next(c for c in counts.index if c != rare)
     return strata
 
 
