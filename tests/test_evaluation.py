@@ -189,6 +189,13 @@ def test_tune_measures_options_and_stores_its_choice(tiny_run, tmp_path):
                                                  "tta_flip", "tuned_threshold"}
     best = summary["tuned_threshold"]
     assert best["dice_mean"] >= summary["baseline"]["dice_mean"] or np.isnan(summary["baseline"]["dice_mean"])
+    for option in summary["each_option_alone"].values():  # each change, paired over the patients
+        change = option["change"]
+        assert change["verdict"] in ("gain", "loss", "no clear change")
+        if change["n"]:
+            assert change["low"] <= change["mean"] <= change["high"]
+    with pytest.raises(BadInputError, match="leak them into model selection"):  # the rule is tune's own
+        tune(copy, data, tmp_path / "t2", side="test", progress=False)
     chosen = summary["recommended"]
     assert not chosen["tta_flip"]
     assert chosen["dice_mean"] == pytest.approx(table[~table.tta_flip]["dice_mean"].max())

@@ -8,6 +8,7 @@ Probabilities come back at each input's own size. No Lightning here: serve and p
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from brainseg.runs.model_file import build_network, check_description, file_dige
 PRECISIONS = ("auto", "32", "bf16")
 
 
+def _equal_channels(image: np.ndarray) -> bool:
+    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]))
+
+
 @dataclass
 class Predictor:
     """A network with its preprocessing; call `predict` or `predict_volume`."""
@@ -43,6 +48,7 @@ class Predictor:
     min_fraction: float | None = None  # components under this share of the largest go (None: checkpoint's)
     source: str = ""
     identity: dict = field(default_factory=dict)
+    warned_single_sequence: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.min_fraction is not None:
@@ -164,12 +170,29 @@ class Predictor:
                            min_size=settings["min_size"], min_fraction=settings["min_fraction"])
 
     def check_image(self, image: np.ndarray, name: str = "image") -> np.ndarray:
-        """(H, W) or (H, W, C) uint8 -> (H, W, C) with the channel count the model expects."""
+        """(H, W) or (H, W, C) uint8 -> (H, W, C) with the channel count the model expects.
+
+        A greyscale image stored as equal RGB channels is taken as greyscale by a 1-channel model; a
+        mismatch names the shipped model that fits such scans."""
         if image.ndim == 2:
             image = image[..., None]
-        if image.shape[-1] != self.slice_channels:
-            raise BadInputError(name, f"has {image.shape[-1]} channel(s); the model expects "
-                                      f"{self.slice_channels}")
+        channels = image.shape[-1]
+        if channels in (3, 4) and self.slice_channels == 1 and _equal_channels(image[..., :3]):
+            image = image[..., :1]
+        elif channels != self.slice_channels:
+            hint = ""
+            if channels == 1 and self.slice_channels == 3:
+                hint = (" (pre-contrast, FLAIR, post-contrast, as in LGG); for greyscale T1-CE slices "
+                        "(Figshare) use --model pretrained:figshare")
+            elif self.slice_channels == 1:
+                hint = " (greyscale T1-CE, as in Figshare); for LGG's 3-channel slices use --model pretrained"
+            raise BadInputError(name, f"has {channels} channel(s); the model expects "
+                                      f"{self.slice_channels}{hint}")
+        elif channels == 3 and not self.warned_single_sequence and _equal_channels(image):
+            self.warned_single_sequence = True  # once: a volume's slices would each repeat it
+            warnings.warn(f"{name}: its 3 channels are equal, so it looks like a single sequence; this "
+                          "model expects pre-contrast, FLAIR and post-contrast (for greyscale T1-CE "
+                          "slices use --model pretrained:figshare)", stacklevel=2)
         minimum = 2 ** int(self.description["model"]["kwargs"].get("depth", 4))
         if min(image.shape[:2]) < minimum:
             raise BadInputError(name, f"is {image.shape[0]}x{image.shape[1]}, too small for the network "

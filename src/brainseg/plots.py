@@ -150,6 +150,27 @@ def prediction_grid(rows: Sequence[dict], path: Path, threshold: float = 0.5) ->
     return _save(fig, path)
 
 
+def saliency_figure(image: np.ndarray, mask: np.ndarray, gradient_x_input: np.ndarray, grad_cam: np.ndarray,
+                    path: Path, title: str) -> Path:
+    """image | prediction overlay | gradient x input | Grad-CAM (maps in [0, 1] over the image)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    grey = display_image(image)
+    axes[0].imshow(grey, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title(title, fontsize=9)
+    axes[1].imshow(overlay(image, mask))
+    axes[1].set_title("prediction (red)", fontsize=9)
+    maps = ((axes[2], gradient_x_input, "gradient × input"), (axes[3], grad_cam, "Grad-CAM"))
+    for ax, saliency, name in maps:
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+        shown = ax.imshow(saliency, cmap="inferno", vmin=0, vmax=1, alpha=0.6)
+        ax.set_title(name, fontsize=9)
+    fig.colorbar(shown, ax=axes[3], fraction=0.046, pad=0.02, label="saliency (scaled to 1)")
+    for ax in axes:
+        ax.set_axis_off()
+    return _save(fig, path)
+
+
 def patient_scores(names: Sequence[str], dice: Sequence[float], path: Path, title: str) -> Path:
     """Sorted per-patient Dice as bars, with the mean and median marked."""
     plt = _pyplot()
@@ -159,7 +180,7 @@ def patient_scores(names: Sequence[str], dice: Sequence[float], path: Path, titl
     ax.bar(range(len(values)), np.nan_to_num(values[order]), color="tab:blue")
     ax.set_xticks(range(len(values)), [names[i] for i in order], rotation=90, fontsize=6)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("Dice per patient volume")
+    ax.set_ylabel(title.split(" (")[0])
     ax.set_title(title)
     if np.isfinite(values).any():
         mean = float(np.nanmean(values))

@@ -13,6 +13,7 @@ import yaml
 
 from brainseg.data.index import detect_layout
 from brainseg.errors import BadInputError, BrainsegError
+from brainseg.evaluation.evaluate import cases_table
 from brainseg.predict import data_set_root
 from brainseg.runs.folder import CONFIG_FILE, HISTORY_FILE
 
@@ -147,22 +148,33 @@ def _evaluation_section(root: Path, folder: Path) -> str:
     side = summary["data"]["side"]
     where = folder.relative_to(root).as_posix()
     where = f" <code>{html.escape(where)}</code>" if where != "." else ""
-    parts = [f"<h2>Evaluation: {html.escape(side)} patients ({summary['data']['patients']}){where}</h2>",
+    unit = summary["data"].get("unit", "patient")
+    per = "per image" if unit == "image" else "per patient volume"
+    parts = [f"<h2>Evaluation: {html.escape(side)} {unit}s ({summary['data']['patients']}){where}</h2>",
              f"<p>Model <code>{html.escape(str(summary['model'].get('model')))}</code>, threshold "
-             f"{summary['options']['threshold']:g}. Scores per patient volume:</p>",
+             f"{summary['options']['threshold']:g}. Scores {per}:</p>",
              _table(pd.DataFrame(rows)),
              f"<p>Tumour detection per slice: accuracy {detection['accuracy']:.4f}, sensitivity "
              f"{_num(detection['sensitivity'])}, specificity {_num(detection['specificity'])}.</p>"]
-    per_patient = folder / "per_patient.csv"
-    if per_patient.exists():
-        parts.append(_table(pd.read_csv(per_patient)))
+    bands = "By tumour size (voxels of the truth)"
+    for key, title in (("by_class", "By tumour type"), ("by_size_band", bands)):
+        groups = summary.get(key) or {}
+        if groups:
+            parts.append(f"<h3>{title}</h3>")
+            parts.append(_table(pd.DataFrame([
+                {"group": name, "cases": g["cases"], "dice mean": _num(g["dice"]["mean"]),
+                 "dice median": _num(g["dice"]["median"]), "recall mean": _num(g["recall"]["mean"])}
+                for name, g in groups.items()])))
+    cases = cases_table(folder)
+    if cases.exists():
+        parts.append(_table(pd.read_csv(cases)))
     captions = {"prediction_grid.png": "Random slices: image | truth | probability | binary",
                 "worst_patients.png": "The worst patients (their largest-tumour slice)",
-                "patient_dice.png": "Dice per patient volume",
+                "patient_dice.png": f"Dice {per}",
                 "volume_montage.png": "One patient's volume (the median patient)"}
     parts += [_figure(root, folder / name, caption) for name, caption in captions.items()]
     parts.append("<p>Files: " + ", ".join(filter(None, (
-        _link(root, folder / n) for n in ("summary.json", "per_patient.csv", "per_slice.csv")))) + ".</p>")
+        _link(root, folder / n) for n in ("summary.json", cases.name, "per_slice.csv")))) + ".</p>")
     conventions = summary.get("conventions", {})
     if conventions:
         parts.append("<details><summary>Metric conventions</summary><ul>" + "".join(

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 
 from brainseg import plots
-from brainseg.data.index import ensure_outside
+from brainseg.data.index import ensure_outside, scan
 from brainseg.data.splits import load_split, save_split, seen_patients, validate_split
 from brainseg.errors import BadInputError
-from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+from brainseg.evaluation.bootstrap import paired_change
+from brainseg.evaluation.evaluate import EvaluateOptions, cases_table, evaluate
 from brainseg.runs.folder import HISTORY_FILE, SPLIT_FILE, resolve_model_path, split_file_beside
 from brainseg.runs.model_file import load_model_file
 from brainseg.runs.pretrained import is_pretrained
@@ -55,37 +56,48 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     ensure_outside(out, data)
     # Every input is checked before any is evaluated, so that a bad last one leaves no half comparison.
     models = [_model(run) for run in runs]
-    if split_file:
-        split_path, split = Path(split_file), load_split(split_file)
-    else:
-        split, split_path = models[0][1:]
-        if split is None:
-            raise BadInputError(runs[0], f"has no {SPLIT_FILE} beside it and no split stored in it; "
-                                         "pass --split-file")
-    if side not in split:
-        raise BadInputError(split_path or runs[0], f"has no {side!r} side")
-    patients = set(split[side])
-    if side == "test":
+    if side == "all":  # any labelled folder as a test set: every case, none seen by any model
+        result = scan(data, progress=progress)
+        patients, split, split_path = set(result.table["patient"].astype(str)), None, None
         for run, (_, run_split, _) in zip(runs, models, strict=True):
             _check_unseen(run, run_split, patients)
+    else:
+        if split_file:
+            split_path, split = Path(split_file), load_split(split_file)
+        else:
+            split, split_path = models[0][1:]
+            if split is None:
+                raise BadInputError(runs[0], f"has no {SPLIT_FILE} beside it and no split stored in it; "
+                                             "pass --split-file or --split all")
+        if side not in split:
+            raise BadInputError(split_path or runs[0], f"has no {side!r} side")
+        patients = set(split[side])
+        if side == "test":
+            for run, (_, run_split, _) in zip(runs, models, strict=True):
+                _check_unseen(run, run_split, patients)
     rows, per_patient = [], {}
     paths = [path for path, _, _ in models]
     names = _unique_names([str(run) if is_pretrained(run) else path
                            for run, path in zip(runs, paths, strict=True)])
     for index, (run, name) in enumerate(zip(paths, names, strict=True)):
-        if index and split_path is None:  # the first model's split lives only in its model file (which
-            split_path = save_split(split, out / SPLIT_FILE)  # its own evaluation read) and not in a file
+        if index and split_path is None and split is not None:  # the first model's split lives only in
+            split_path = save_split(split, out / SPLIT_FILE)  # its model file, which its evaluation read
         base = options or EvaluateOptions()
         run_options = EvaluateOptions(**{**base.__dict__, "side": side, "split_file": str(split_path or "")})
         summary = evaluate(run, data, out / name, options=run_options, progress=progress)
-        scores = pd.read_csv(out / name / "per_patient.csv")
+        scores = pd.read_csv(cases_table(out / name))
         per_patient[name] = scores["dice"].to_numpy()
         rows.append(_row(name, run, summary))
+    for row in rows[1:]:  # each model's change against the first, paired over the same cases
+        change = paired_change(per_patient[row["run"]], per_patient[rows[0]["run"]])
+        row.update({"change_vs_first": change["mean"], "change_low": change["low"],
+                    "change_high": change["high"], "verdict": change["verdict"]})
     table = pd.DataFrame(rows)
     table.to_csv(out / "compare.csv", index=False)
-    (out / "compare.md").write_text(_markdown(table, side, len(patients)))
-    plots.compare_models(per_patient, out / "compare.png", f"Dice per patient volume ({side}, "
-                                                            f"{len(patients)} patients)")
+    unit = summary["data"]["unit"]
+    (out / "compare.md").write_text(_markdown(table, side, len(patients), unit))
+    per = "per image" if unit == "image" else "per patient volume"
+    plots.compare_models(per_patient, out / "compare.png", f"Dice {per} ({side}, {len(patients)} {unit}s)")
     return table
 
 
@@ -115,17 +127,25 @@ def _row(name: str, run: Path, summary: dict) -> dict:
         "hd95_median": summary["per_patient"]["hd95"]["median"],
         "sensitivity": detection["sensitivity"], "specificity": detection["specificity"],
         "threshold": summary["options"]["threshold"],
+        **{f"dice_{name}": group["dice"]["mean"] for name, group in (summary.get("by_class") or {}).items()},
     }
 
 
-def _markdown(table: pd.DataFrame, side: str, patients: int) -> str:
-    lines = [f"# Model comparison: {side} side, {patients} patients", "",
-             "Dice per patient volume (slices stacked), scored at the original resolution.", ""]
+def _cell(value) -> str:
+    """Scores with 4 decimals, larger numbers (HD95 in pixels, minutes) with 1, missing as a dash."""
+    if isinstance(value, float):
+        return "–" if np.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def _markdown(table: pd.DataFrame, side: str, patients: int, unit: str = "patient") -> str:
+    per = "per image" if unit == "image" else "per patient volume (slices stacked)"
+    lines = [f"# Model comparison: {side} side, {patients} {unit}s", "",
+             f"Dice {per}, scored at the original resolution.", ""]
     headers = list(table.columns)
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "|".join("---" for _ in headers) + "|")
     for _, row in table.iterrows():
-        cells = [f"{v:.4f}" if isinstance(v, float) and not np.isnan(v) and abs(v) < 10 else str(v)
-                 for v in row]
+        cells = [_cell(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

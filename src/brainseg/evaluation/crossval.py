@@ -12,7 +12,8 @@ import pandas as pd
 from brainseg import plots
 from brainseg.data.index import ensure_outside
 from brainseg.errors import BadInputError
-from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+from brainseg.evaluation.bootstrap import mean_interval
+from brainseg.evaluation.evaluate import EvaluateOptions, cases_table, evaluate
 from brainseg.runs.folder import SPLIT_FILE, fold_of, run_folder_of
 
 
@@ -50,7 +51,7 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
         fold_options = EvaluateOptions(**{**base.__dict__, "side": "val", "fold": fold,
                                           "split_file": str(run_folder_of(run) / SPLIT_FILE)})
         evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options, progress=progress)
-        table = pd.read_csv(out / f"fold{fold}" / "per_patient.csv")
+        table = pd.read_csv(cases_table(out / f"fold{fold}"))
         tables.append(table.assign(fold=fold, run=str(run)))
     pooled = pd.concat(tables, ignore_index=True)
     pooled.to_csv(out / "out_of_fold.csv", index=False)
@@ -82,6 +83,8 @@ def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, opti
                     if key in ("threshold", "largest_component", "min_size", "min_fraction", "tta_flip",
                                "flair_replaces", "precision")},
         "dice": _stats(pooled["dice"]),
+        # 95% percentile bootstrap over patients: how far the out-of-fold mean could move
+        "dice_mean_interval": mean_interval(pooled["dice"]),
         "per_fold": {str(fold): _stats(pooled.loc[pooled["fold"] == fold, "dice"]) for fold in sorted(folds)},
         # kaggle_3m copies FLAIR over a sequence a patient lacks: such patients are scored apart.
         "copied_sequence": _stats(pooled.loc[copied, "dice"]),
@@ -105,5 +108,9 @@ def _markdown(summary: dict) -> str:
     lines += [row(f"fold {fold}", stats) for fold, stats in summary["per_fold"].items()]
     lines += [row("a sequence copied from another", summary["copied_sequence"]),
               row("all three sequences recorded", summary["all_sequences"]), ""]
+    interval = summary["dice_mean_interval"]
+    if interval["n"]:
+        lines += [f"Mean Dice {interval['mean']:.4f}, 95% bootstrap interval over patients "
+                  f"[{interval['low']:.4f}, {interval['high']:.4f}].", ""]
     return "\n".join(lines)
 

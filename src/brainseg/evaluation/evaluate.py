@@ -24,7 +24,7 @@ from brainseg import plots
 from brainseg.config import check_seed
 from brainseg.data.index import ensure_outside, scan
 from brainseg.data.io import FLAIR_CHANNEL, MISSING_SEQUENCES, equal_channel_text
-from brainseg.data.splits import select
+from brainseg.data.splits import LABEL_COLUMN, select, split_unit
 from brainseg.errors import BadInputError
 from brainseg.inference import Predictor
 from brainseg.metrics import count, detection, dice, hd95, iou, precision, recall
@@ -32,7 +32,9 @@ from brainseg.progress import progress as progress_bar
 from brainseg.runs.folder import check_unseen, split_for
 
 CONVENTIONS = {
-    "headline": "mean Dice per patient volume (slices stacked, Dice = 2|A∩B|/(|A|+|B|) over the volume)",
+    "headline": "mean Dice per patient volume (slices stacked, Dice = 2|A∩B|/(|A|+|B|) over the volume); "
+                "for an image set (no patients) the mean Dice per image",
+    "size_band": "tumour size in voxels of the truth: none, <5k, 5k-20k, >20k (by_size_band in summary.json)",
     "empty_volume": "a patient with no tumour and no prediction has no Dice; left out of means (NaN)",
     "per_slice": "Dice/IoU per slice only where truth or prediction is non-empty; tumour presence per "
                  "slice scored separately as detection accuracy, sensitivity, specificity",
@@ -45,6 +47,22 @@ CONVENTIONS = {
                       "were overwritten with FLAIR before prediction, as kaggle_3m does for a missing "
                       "sequence; equal_channels in per_patient.csv names pairs already equal in the data",
 }
+
+
+# Tumour size bands in voxels (pixels for an image), where small tumours are half-missed.
+SIZE_BANDS = ((0, "none"), (1, "<5k"), (5_000, "5k-20k"), (20_000, ">20k"))
+CASE_TABLES = {"patient": "per_patient.csv", "image": "per_image.csv"}
+
+
+def size_band(true_voxels: int) -> str:
+    """The size band of a tumour: none, <5k, 5k-20k or >20k voxels."""
+    return next(name for low, name in reversed(SIZE_BANDS) if true_voxels >= low)
+
+
+def cases_table(folder: Path) -> Path:
+    """The per-case table an evaluation wrote: per_image.csv for an image set, else per_patient.csv."""
+    image = folder / CASE_TABLES["image"]
+    return image if image.exists() else folder / CASE_TABLES["patient"]
 
 
 @dataclass
@@ -104,6 +122,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     split = split_for(model, options.side, options.split_file, predictor.description)
     rows = select_rows(result.table, split, options)
     check_unseen(model, predictor.description, rows["patient"], options.side)
+    unit = split_unit(result.table)
+    labels = rows.groupby("patient")[LABEL_COLUMN].first() if LABEL_COLUMN in rows else None
     first = rows["image_path"].iloc[0]  # refused before anything is written
     _replace_with_flair(result.store.image(first)[None], options.flair_replaces, first)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +136,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     packed_masks: dict[str, tuple] = {}  # patient -> its bit-packed prediction, for the volume montage
     patient_rows, slice_rows = [], []
     patients = list(rows.groupby("patient", sort=True))
-    for patient, volume in progress_bar(patients, desc="evaluating", unit="patient", enabled=progress):
+    for patient, volume in progress_bar(patients, desc="evaluating", unit=unit, enabled=progress):
         volume = volume.sort_values("slice")
         keys = volume["image_path"].tolist()
         images, truth = _volume(result.store, keys)
@@ -129,23 +149,28 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
         patient_rows.append({"patient": patient, "slices": len(keys), "dice": dice(c), "iou": iou(c),
                              "precision": precision(c), "recall": recall(c), "hd95": hd95(predicted, truth),
                              "true_voxels": int(truth.sum()), "predicted_voxels": int(predicted.sum()),
-                             "equal_channels": equal_channels})
+                             "size_band": size_band(int(truth.sum())), "equal_channels": equal_channels,
+                             **({"label": labels[patient]} if labels is not None else {})})
         for i, key in enumerate(keys):
             sc = count(predicted[i], truth[i])
             slice_rows.append({"patient": patient, "slice": int(volume["slice"].iloc[i]),
                                "true_pixels": sc.tp + sc.fn, "predicted_pixels": sc.tp + sc.fp,
                                "dice": dice(sc), "iou": iou(sc)})
             if key in grid_keys:
-                grid.append(_grid_row(patient, volume["slice"].iloc[i], images[i], truth[i], probability[i]))
+                grid.append(_grid_row(unit, patient, volume["slice"].iloc[i], images[i], truth[i],
+                                      probability[i]))
         best = int(truth.reshape(len(keys), -1).sum(1).argmax())
-        examples[patient] = _grid_row(patient, volume["slice"].iloc[best], images[best], truth[best],
+        examples[patient] = _grid_row(unit, patient, volume["slice"].iloc[best], images[best], truth[best],
                                       probability[best])
 
     per_patient = pd.DataFrame(patient_rows)
     per_slice = pd.DataFrame(slice_rows)
-    per_patient.to_csv(out / "per_patient.csv", index=False)
+    if unit == "image":  # an image is its own "volume": say image, and drop the one-slice count
+        per_patient = per_patient.rename(columns={"patient": "image"}).drop(columns="slices")
+    per_patient.to_csv(out / CASE_TABLES[unit], index=False)
     per_slice.to_csv(out / "per_slice.csv", index=False)
-    summary = _summary(per_patient, per_slice, predictor, result, options, cutoff)
+    per_patient = per_patient.rename(columns={"image": "patient"})
+    summary = _summary(per_patient, per_slice, predictor, result, options, cutoff, unit)
     summary["figures"] = _figures(out, per_patient, grid, examples, options, cutoff, result, rows,
                                   packed_masks)
     (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
@@ -178,8 +203,9 @@ def _pick_grid_slices(rows: pd.DataFrame, count: int, rng) -> list[str]:
     return picks + (list(rng.choice(other, rest, replace=False)) if rest else [])
 
 
-def _grid_row(patient: str, number, image, truth, probability) -> dict:
-    return {"image": image, "truth": truth, "probability": probability, "title": f"{patient}\nslice {number}"}
+def _grid_row(unit: str, patient: str, number, image, truth, probability) -> dict:
+    title = f"image {patient}" if unit == "image" else f"{patient}\nslice {number}"
+    return {"image": image, "truth": truth, "probability": probability, "title": title}
 
 
 def _stats(values: pd.Series) -> dict:
@@ -190,11 +216,20 @@ def _stats(values: pd.Series) -> dict:
             "max": float(finite.max()), "n": len(finite)}
 
 
-def _summary(per_patient, per_slice, predictor, result, options, cutoff) -> dict:
+def _grouped(per_patient: pd.DataFrame, column: str, order=None) -> dict:
+    """Dice, IoU and recall per value of `column` (tumour type, size band), with counts."""
+    groups = dict(tuple(per_patient.groupby(column, sort=True)))
+    names = [n for n in (order or sorted(groups)) if n in groups]
+    return {str(name): {"cases": len(groups[name]),
+                        **{metric: _stats(groups[name][metric]) for metric in ("dice", "iou", "recall")}}
+            for name in names}
+
+
+def _summary(per_patient, per_slice, predictor, result, options, cutoff, unit) -> dict:
     scored = per_slice[(per_slice["true_pixels"] > 0) | (per_slice["predicted_pixels"] > 0)]
     return {
         "model": predictor.identity,
-        "data": {"root": str(result.root), "layout": result.layout, "side": options.side,
+        "data": {"root": str(result.root), "layout": result.layout, "side": options.side, "unit": unit,
                  "patients": len(per_patient), "slices": len(per_slice)},
         "options": {**asdict(options), "threshold": cutoff, **predictor.postprocessing},
         "conventions": CONVENTIONS,
@@ -203,7 +238,9 @@ def _summary(per_patient, per_slice, predictor, result, options, cutoff) -> dict
         "per_slice": {"dice": _stats(scored["dice"]), "iou": _stats(scored["iou"]),
                       "slices_scored": len(scored)},
         "detection": detection(per_slice["predicted_pixels"] > 0, per_slice["true_pixels"] > 0),
-        "cases": per_patient.to_dict(orient="records"),
+        "by_size_band": _grouped(per_patient, "size_band", [name for _, name in SIZE_BANDS]),
+        **({"by_class": _grouped(per_patient, "label")} if "label" in per_patient else {}),
+        "cases": per_patient.rename(columns={"patient": unit}).to_dict(orient="records"),
     }
 
 
@@ -217,8 +254,9 @@ def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, pa
         row["title"] += f", patient Dice {dice_value:.3f}"
     if worst:
         names.append(plots.prediction_grid(worst, out / "worst_patients.png", cutoff).name)
+    title = "Dice per image" if result.layout == "images_masks" else "Dice per patient volume"
     names.append(plots.patient_scores(per_patient["patient"].tolist(), per_patient["dice"].tolist(),
-                                      out / "patient_dice.png", "Dice per patient volume").name)
+                                      out / "patient_dice.png", title).name)
     if not ranked.empty:  # the median patient shows typical behaviour better than the best or worst
         patient = ranked["patient"].iloc[len(ranked) // 2]
         volume = rows[rows["patient"] == patient].sort_values("slice")

@@ -16,6 +16,7 @@ import pandas as pd
 
 from brainseg.data.index import ensure_outside, scan
 from brainseg.errors import BadInputError
+from brainseg.evaluation.bootstrap import paired_change
 from brainseg.evaluation.crossval import check_folds
 from brainseg.evaluation.evaluate import EvaluateOptions, select_rows
 from brainseg.evaluation.postprocess import components, kept_components
@@ -70,7 +71,7 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
                           for (tta, (largest, min_fraction), min_size, threshold), values in scores.items()])
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tuning.csv", index=False)
-    summary = _summary(table, jobs[0][0].cutoff, "val out of fold" if folds else side, len(patients))
+    summary = _summary(table, scores, jobs[0][0].cutoff, "val out of fold" if folds else side, len(patients))
     if folds:
         summary["runs"] = [str(run) for run in model]
     if store:
@@ -113,17 +114,30 @@ def _fold_jobs(runs: list, table: pd.DataFrame) -> list:
             for fold, run in folds.items()]
 
 
-def _summary(table: pd.DataFrame, default: float, side: str, patients: int) -> dict:
+def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patients: int) -> dict:
+    def key(row: dict) -> tuple:
+        return (bool(row["tta_flip"]), (bool(row["largest_component"]), float(row["min_fraction"])),
+                int(row["min_size"]), float(row["threshold"]))
+
     def at(tta=False, largest=False, min_fraction=0.0, min_size=0, threshold=default) -> dict:
         row = table[(table.tta_flip == tta) & (table.largest_component == largest)
                     & np.isclose(table.min_fraction, min_fraction) & (table.min_size == min_size)
                     & np.isclose(table.threshold, threshold)]
-        return row.iloc[0].to_dict() if len(row) else {}
+        if not len(row):
+            return {}
+        found = row.iloc[0].to_dict()
+        # the change against the baseline, paired over patients, with its 95% bootstrap interval
+        return {**found, "change": paired_change(scores[key(found)], scores[baseline_key])} \
+            if baseline_key is not None else found
 
+    baseline_key = None
+    baseline_key = key(at()) if at() else None
     base = table[(~table.tta_flip) & (~table.largest_component) & (table.min_fraction == 0)
                  & (table.min_size == 0)]
-    tuned = base.loc[base["dice_mean"].idxmax()].to_dict()
-    best = table.loc[table["dice_mean"].idxmax()].to_dict()
+    tuned = at(threshold=float(base.loc[base["dice_mean"].idxmax(), "threshold"]))
+    best_row = table.loc[table["dice_mean"].idxmax()]
+    best = at(bool(best_row.tta_flip), bool(best_row.largest_component), float(best_row.min_fraction),
+              int(best_row.min_size), float(best_row.threshold))
     return {
         "side": side, "patients": patients, "metric": "mean Dice per patient volume",
         "baseline": at(),
@@ -136,6 +150,8 @@ def _summary(table: pd.DataFrame, default: float, side: str, patients: int) -> d
         # What --store writes: the best without flip TTA, which doubles the cost of every prediction
         # and stays the user's choice.
         "recommended": table[~table.tta_flip].loc[lambda t: t["dice_mean"].idxmax()].to_dict(),
+        "interval": "95% percentile bootstrap over patients of each option's paired change against the "
+                    "baseline (change.low/high); a gain only where the whole interval is above 0",
     }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from brainseg.errors import BadInputError
 
 # name -> file in brainseg/pretrained/; the first is what a plain 'pretrained' means
-PRETRAINED_FILES = {"lgg": "lgg_unet.pt"}
+PRETRAINED_FILES = {"lgg": "lgg_unet.pt", "figshare": "figshare_unet.pt"}
 PREFIX = "pretrained"
 
 

@@ -1,0 +1,1 @@
+"""Run folders and model files: their layout, format, lookups and stored settings."""

@@ -1,0 +1,106 @@
+"""Image sets (images_masks, no patients): image vocabulary, per-class and size-band scores, compare
+on any labelled folder, channel hints between LGG and Figshare-style models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY_TRAINING, write_png
+
+from brainseg.errors import BadInputError
+from brainseg.evaluation.compare import compare_runs
+from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+from brainseg.inference import Predictor
+
+TYPES = ("meningioma", "glioma")
+
+
+def make_image_set(root, numbers, *, size=64, seed=0):
+    """Greyscale slices with a bright disc as the tumour (radius by image), and labels.csv."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    yy, xx = np.mgrid[:size, :size]
+    for n in numbers:
+        radius = 4 + n % 9
+        centre = rng.integers(radius + 2, size - radius - 2, 2)
+        disc = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius ** 2
+        image = rng.integers(20, 90, (size, size), dtype=np.uint8)
+        image[disc] = 220
+        write_png(root / "images" / f"{n}.png", image)
+        write_png(root / "masks" / f"{n}.png", disc.astype(np.uint8) * 255)
+        rows.append({"index": n, "label": 1 + n % 2, "label_name": TYPES[n % 2]})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_run(tmp_path_factory):
+    """(training images, other images, run folder): a 2-epoch model on 24 greyscale images."""
+    from brainseg.config import RunConfig
+    from brainseg.training import train
+
+    root = tmp_path_factory.mktemp("image-run")
+    previous = os.environ.get("BRAINSEG_CACHE")
+    os.environ["BRAINSEG_CACHE"] = str(root / "cache")
+    try:
+        data = make_image_set(root / "train", range(1, 25))
+        other = make_image_set(root / "other", range(101, 109), seed=1)
+        config = RunConfig().override({**TINY_TRAINING, "data.root": str(data),
+                                       "data.group_by": "index-block:4"})
+        result = train(config, root / "run", progress=False)
+    finally:
+        if previous is None:
+            os.environ.pop("BRAINSEG_CACHE", None)
+        else:
+            os.environ["BRAINSEG_CACHE"] = previous
+    return data, other, result.run_dir
+
+
+def test_an_image_set_is_scored_per_image_with_types_and_size_bands(image_run, tmp_path):
+    _, other, run = image_run
+    summary = evaluate(run, other, tmp_path / "ev", options=EvaluateOptions(side="all"), progress=False)
+    assert summary["data"]["unit"] == "image"
+    assert (tmp_path / "ev" / "per_image.csv").exists() and not (tmp_path / "ev" / "per_patient.csv").exists()
+    table = pd.read_csv(tmp_path / "ev" / "per_image.csv")
+    assert "image" in table and "patient" not in table and "slices" not in table
+    assert set(table["label"]) == set(TYPES) and set(table["size_band"]) == {"<5k"}
+    assert set(summary["by_class"]) == set(TYPES)
+    assert summary["by_class"]["glioma"]["cases"] == 4
+    glioma = table.loc[table["label"] == "glioma", "dice"].mean()
+    assert summary["by_class"]["glioma"]["dice"]["mean"] == pytest.approx(glioma, nan_ok=True)
+    assert list(summary["by_size_band"]) == ["<5k"]
+    assert all("image" in case for case in summary["cases"])
+
+
+def test_compare_takes_any_labelled_folder_as_a_test_set(image_run, tmp_path):
+    data, other, run = image_run
+    table = compare_runs([run, run], other, tmp_path / "cmp", side="all", progress=False)
+    assert {"dice_glioma", "dice_meningioma"} <= set(table.columns)
+    assert "8 images" in (tmp_path / "cmp" / "compare.md").read_text()
+    with pytest.raises(BadInputError, match="trained or validated on"):  # it saw these images
+        compare_runs([run], data, tmp_path / "seen", side="all", progress=False)
+
+
+def test_a_split_made_for_training_keeps_index_blocks_together(image_run):
+    _, _, run = image_run
+    split = json.loads((run / "split.json").read_text())
+    assert split["grouped_by"] == "index-block:4"
+    sides = {side: {(int(n) - 1) // 4 for n in split[side]} for side in ("train", "val")}
+    assert not sides["train"] & sides["val"]
+
+
+def test_channel_mismatches_name_the_model_that_fits(image_run, tiny_run):
+    grey_model = Predictor.load(image_run[2])
+    with pytest.raises(BadInputError, match="for LGG's 3-channel slices use --model pretrained"):
+        grey_model.predict(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    grey = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    assert grey_model.predict(np.repeat(grey[..., None], 3, axis=-1)).shape == (64, 64)  # equal RGB is grey
+    lgg_model = Predictor.load(tiny_run[1])
+    with pytest.raises(BadInputError, match="use --model pretrained:figshare"):
+        lgg_model.predict(grey)
+    with pytest.warns(UserWarning, match="looks like a single sequence"):
+        lgg_model.predict(np.repeat(grey[..., None], 3, axis=-1))
