@@ -1,22 +1,30 @@
 """Load check of `brainseg serve` on loopback: N concurrent clients for a bounded time.
 
-Usage: python benchmarks/serve_load.py [--model pretrained] [--clients 4] [--seconds 20]
+Usage: python benchmarks/serve_load.py [--model pretrained] [--clients 4] [--seconds 20] [--bombs 2]
 Starts the server in this process on 127.0.0.1 (a free port), uploads one 256x256 synthetic slice
-per request, and prints requests/s, p50/p95 latency and errors. Traffic never leaves loopback.
+per request, and prints requests/s, p50/p95 latency and errors. With --bombs N, a mixed run follows:
+N more clients send small files declaring huge sizes (a 13000x13000 PNG, a 16000x16000 TIFF, a
+2048x2048x256 NIfTI) beside the normal clients; it reports the normal requests' p95, how the bombs
+were answered, and the process's peak RSS. Traffic never leaves loopback.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
+import resource
 import socket
 import statistics
+import struct
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
+import nibabel as nib
 import numpy as np
 import uvicorn
 from PIL import Image
@@ -43,6 +51,49 @@ def sample_png() -> bytes:
     return buffer.getvalue()
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+        + chunk(b"IEND", b"")
+
+
+def tiff_declaring(width: int, height: int) -> bytes:
+    strip = zlib.compress(b"\0" * 1024)
+    entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, 0),
+               (277, 3, 1), (278, 4, height), (279, 4, len(strip))]
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = 8 + 2 + 12 * len(entries) + 4 if tag == 273 else value
+        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<H", value) + b"\0\0" if kind == 3
+                                                     else struct.pack("<I", value))
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + strip
+
+
+def nifti_declaring(shape: tuple[int, ...]) -> bytes:
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    return gzip.compress(header.binaryblock + b"\0" * 4)
+
+
+BOMBS = [("bomb.png", png_declaring(13000, 13000)), ("bomb.tif", tiff_declaring(16000, 16000)),
+         ("bomb.nii.gz", nifti_declaring((2048, 2048, 256)))]
+
+
+def bomb_loop(url: str, deadline: float, answers: list[str]) -> None:
+    with httpx.Client(timeout=120) as client:
+        while time.perf_counter() < deadline:
+            for name, content in BOMBS:
+                try:
+                    answers.append(str(client.post(url, files={"file": (name, content)}).status_code))
+                except httpx.HTTPError as error:
+                    answers.append(type(error).__name__)
+
+
 def client_loop(url: str, payload: bytes, deadline: float, latencies: list[float], errors: list[str]) -> None:
     with httpx.Client(timeout=60) as client:
         while time.perf_counter() < deadline:
@@ -63,6 +114,8 @@ def main() -> None:
     parser.add_argument("--model", default="pretrained")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--bombs", type=int, default=0,
+                        help="Clients sending oversized uploads in a mixed run.")
     args = parser.parse_args()
     print(machine_header())
     port = free_port()
@@ -76,13 +129,19 @@ def main() -> None:
     payload = sample_png()
     rows = []
     try:
-        for clients in args.clients:
+        runs = [(clients, 0) for clients in args.clients]
+        if args.bombs:
+            runs.append((max(args.clients), args.bombs))
+        for clients, bombers in runs:
             latencies: list[float] = []
             errors: list[str] = []
+            answers: list[str] = []
             started = time.perf_counter()
             deadline = started + args.seconds
             workers = [threading.Thread(target=client_loop, args=(url, payload, deadline, latencies, errors))
                        for _ in range(clients)]
+            workers += [threading.Thread(target=bomb_loop, args=(url, deadline, answers))
+                        for _ in range(bombers)]
             for worker in workers:
                 worker.start()
             for worker in workers:
@@ -90,14 +149,18 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             ordered = sorted(latencies)
             p95 = ordered[max(0, int(0.95 * len(ordered)) - 1)] if ordered else float("nan")
+            bombs = ", ".join(f"{answers.count(a)}x {a}" for a in sorted(set(answers))) or "-"
             rows.append([clients, len(latencies), f"{len(latencies) / elapsed:.2f}",
                          f"{1000 * statistics.median(ordered):.0f}" if ordered else "-", f"{1000 * p95:.0f}",
-                         len(errors)])
+                         len(errors), bombers, bombs])
     finally:
         server.should_exit = True
         thread.join(timeout=10)
     print(f"\nmodel: {args.model}; one 256x256 slice per request, {args.seconds:g} s per row\n")
-    print_table(["clients", "requests", "requests/s", "p50 ms", "p95 ms", "errors"], rows)
+    print_table(["clients", "requests", "requests/s", "p50 ms", "p95 ms", "errors", "bomb clients",
+                 "bomb answers"], rows)
+    print(f"\npeak RSS of this process (server and clients): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def _zip(entries: dict[str, bytes]) -> bytes:
     ("bad.zip", b"PK not a zip", 400, "not a valid zip"),
     ("traversal.zip", _zip({"../../evil_1.tif": b"x"}), 400, "unsafe path"),
     ("absolute.zip", _zip({"/etc/evil_1.tif": b"x"}), 400, "unsafe path"),
-    ("bomb.zip", _zip({"p/p_1.tif": b"\0" * (2 * 1024 * 1024)}), 400, "unpack to"),
+    ("bomb.zip", _zip({"p/p_1.tif": b"\0" * (2 * 1024 * 1024)}), 413, "unpack to"),
     ("many.zip", _zip({f"p/p_{i}.tif": b"x" for i in range(40)}), 400, "holds 40 files"),
     ("empty.zip", _zip({"readme.txt": b"x"}), 400, "no kaggle_3m patient folder"),
 ])
@@ -145,7 +145,7 @@ def test_slice_limit_and_nothing_written_outside_temp(client, patient, tmp_path,
     volume = np.zeros((64, 64, 20, 3), np.float32)
     response = client.post("/api/predict", files={"file": ("v.nii.gz", _gz(nib.Nifti1Image(
         volume, np.eye(4)).to_bytes()), "application/gzip")})
-    assert response.status_code == 400 and "limit is 12" in response.json()["detail"]
+    assert response.status_code == 413 and "limit is 12" in response.json()["detail"]
     client.post("/api/predict", files={"file": ("slice.png", slice_png(patient), "image/png")})
     assert list(tmp_path.iterdir()) == []  # each upload's temporary folder is gone
 

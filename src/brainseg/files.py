@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from brainseg.errors import BadInputError
+
+# `replacing` names its temporary file .NAME.PID.RANDOM.partial, so that one left by a killed process
+# can be told from one that a running process is still writing.
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.partial$")
+
+
+class WriteError(BadInputError):
+    """A file could not be written (a full disk, no permission): the message names the file meant,
+    never a temporary one."""
+
+    def __init__(self, path: str | Path, error: OSError) -> None:
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        super().__init__(path, f"could not write ({reason.splitlines()[0]})")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """`path`, with any OSError while the block writes it made a WriteError naming it."""
+    try:
+        yield path
+    except OSError as error:
+        raise WriteError(path, error) from None
 
 
 @contextmanager
@@ -14,7 +39,9 @@ def replacing(path: Path) -> Iterator[Path]:
     """A temporary file beside `path` to write; moved over `path` only when the block completes, with
     the replaced file's mode (or a new file's under the umask). If the block fails, `path` is as it was
     and the temporary file is gone."""
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    remove_stale_partials(path.parent)
+    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial",
+                                       dir=path.parent)
     os.close(handle)
     partial = Path(partial)
     try:
@@ -32,3 +59,34 @@ def _new_file_mode(path: Path) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the temporary files that `replacing` left in `folder` when its process was killed (those of
+    a process still running are kept); returns the files removed."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _PARTIAL.match(entry.name)
+        if match and not _running(int(match["pid"])):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True

@@ -1,8 +1,10 @@
 """`brainseg serve`: a small web viewer and JSON API over the prediction API.
 
 Uploads live in a temporary folder that is removed when the request ends; results (a few PNGs
-and a mask file) are kept in memory for download, oldest first out. Zip uploads are read member
-by member with caps on count and uncompressed size, and member names never become paths.
+and a mask file) are kept in memory for download, oldest first out, within a count, a total size and
+an age. Every file's decoded size is checked from its header before decoding (brainseg.data.io), a
+body over the upload limit is refused as it streams in, zips are read member by member in chunks with
+caps on count and unpacked size, and member names never become paths.
 """
 
 
@@ -11,6 +13,7 @@ import gzip
 import io
 import tempfile
 import threading
+import time
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -20,16 +23,27 @@ from pathlib import Path, PurePosixPath
 import nibabel as nib
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, File, UploadFile
+from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from brainseg import __version__
-from brainseg.data.io import IMAGE_SUFFIXES, read_image
+from brainseg.data.io import (
+    IMAGE_SUFFIXES,
+    MAX_SLICE_PIXELS,
+    SizeLimits,
+    TooLargeError,
+    VolumeShapeError,
+    extract_zip,
+    image_header,
+    read_image,
+)
 from brainseg.errors import BadInputError, BrainsegError, OptionError
 from brainseg.inference import Predictor
 from brainseg.plots import overlay
-from brainseg.predict import is_nifti, nifti_to_slices, patient_slices
+from brainseg.predict import is_nifti, nifti_to_slices, patient_slices, stack_slices
+
+MULTIPART_ALLOWANCE = 64 * 1024  # the form's boundaries and headers around the file itself
 
 
 @dataclass
@@ -39,24 +53,36 @@ class ServeSettings:
     max_slices: int = 200
     max_zip_files: int = 500
     max_zip_uncompressed_mb: float = 400.0
-    kept_results: int = 32  # results held for download
+    kept_results: int = 32  # results held for download, at most...
+    kept_results_mb: float = 256.0  # ...holding this much in all...
+    kept_results_minutes: float = 30.0  # ...for this long
+    max_pixels: int = MAX_SLICE_PIXELS  # per decoded slice, told from the header before decoding
+    max_voxels: int = 2 ** 26  # per decoded volume (a float32 copy of it is 256 MB)
+    max_waiting: int = 8  # uploads waiting while one is processed; more get 503 with Retry-After
 
     def __post_init__(self) -> None:
         """A limit of 0 or less refuses every upload (NaN none): refused before the model loads."""
         for name in ("max_upload_mb", "max_slices", "max_zip_files", "max_zip_uncompressed_mb",
-                     "kept_results"):
+                     "kept_results", "kept_results_mb", "kept_results_minutes", "max_pixels",
+                     "max_voxels", "max_waiting"):
             value = getattr(self, name)
             if not value > 0:
                 raise OptionError(f"--{name.replace('_', '-')}: must be more than 0, not {value}")
 
+    @property
+    def limits(self) -> SizeLimits:
+        return SizeLimits(slice_pixels=int(self.max_pixels), slices=int(self.max_slices),
+                          voxels=int(self.max_voxels))
+
 
 class UploadError(Exception):
-    """A client error: status code and a message for the user."""
+    """A client error: status code and a message for the user (and headers to send with it)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -78,16 +104,31 @@ class Service:
         self.loads = 1
         self._lock = threading.Lock()
         self._results: OrderedDict[str, dict[str, tuple[bytes, str]]] = OrderedDict()
+        self._kept: dict[str, tuple[float, int]] = {}  # result id -> (time stored, bytes)
+        # One upload is decoded and predicted at a time, so that memory holds one request's arrays;
+        # a bounded number wait for it, and the rest are told to come back.
+        self._working = threading.Lock()
+        self._admitted = threading.BoundedSemaphore(settings.max_waiting + 1)
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.predictor.identity, "threshold": self.predictor.cutoff,
                 "postprocessing": self.predictor.postprocessing,
                 "limits": {"max_upload_mb": self.settings.max_upload_mb,
-                           "max_slices": self.settings.max_slices}}
+                           "max_slices": self.settings.max_slices, "max_pixels": self.settings.max_pixels}}
 
     def predict_upload(self, filename: str, data: bytes) -> dict:
         if len(data) > self.settings.max_upload_mb * 1024 * 1024:
             raise UploadError(413, f"upload is larger than {self.settings.max_upload_mb:g} MB")
+        if not self._admitted.acquire(blocking=False):
+            raise UploadError(503, f"busy: {self.settings.max_waiting} uploads are waiting; try again "
+                                   "shortly", headers={"Retry-After": "2"})
+        try:
+            with self._working:
+                return self._predict_upload(filename, data)
+        finally:
+            self._admitted.release()
+
+    def _predict_upload(self, filename: str, data: bytes) -> dict:
         name = PurePosixPath(filename or "upload").name.lower()
         with tempfile.TemporaryDirectory(prefix="brainseg-upload-") as folder:
             folder = Path(folder)
@@ -98,6 +139,10 @@ class Service:
                     return self._predict_zip(folder, data)
                 if Path(name).suffix in IMAGE_SUFFIXES:
                     return self._predict_image(folder, name, data)
+            except TooLargeError as error:  # told from the header: nothing was decoded
+                raise UploadError(413, error.problem) from None
+            except VolumeShapeError as error:
+                raise UploadError(422, error.problem) from None
             except BadInputError as error:
                 raise UploadError(400, error.problem) from None
             except BrainsegError as error:
@@ -108,7 +153,7 @@ class Service:
     def _predict_image(self, folder: Path, name: str, data: bytes) -> dict:
         path = folder / ("upload" + Path(name).suffix)
         path.write_bytes(data)
-        image = read_image(path)
+        image = read_image(path, self.settings.limits)
         image = self.predictor.check_image(image, name)
         with self._lock:
             probability = self.predictor.predict_volume(image[None])
@@ -117,7 +162,7 @@ class Service:
     def _predict_nifti(self, folder: Path, name: str, data: bytes) -> dict:
         path = folder / ("upload.nii.gz" if name.endswith(".gz") else "upload.nii")
         path.write_bytes(data)
-        slices, volume = nifti_to_slices(path, axis=2)
+        slices, volume = nifti_to_slices(path, axis=2, limits=self.settings.limits)
         self._check_slices(len(slices))
         with self._lock:
             probability = self.predictor.predict_volume(slices)
@@ -136,46 +181,26 @@ class Service:
     def _predict_zip(self, folder: Path, data: bytes) -> dict:
         patient = folder / "patient"
         patient.mkdir()
-        try:
-            archive = zipfile.ZipFile(io.BytesIO(data))
-        except zipfile.BadZipFile:
-            raise UploadError(400, "not a valid zip file") from None
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        if len(members) > self.settings.max_zip_files:
-            raise UploadError(400, f"zip holds {len(members)} files; the limit is "
-                                   f"{self.settings.max_zip_files}")
-        declared = sum(m.file_size for m in members)
-        limit = self.settings.max_zip_uncompressed_mb * 1024 * 1024
-        if declared > limit:
-            raise UploadError(400, f"zip would unpack to {declared / 2**20:.0f} MB; the limit is "
-                                   f"{self.settings.max_zip_uncompressed_mb:g} MB")
-        written = 0
-        for member in members:
-            parts = PurePosixPath(member.filename.replace("\\", "/")).parts
-            if member.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                raise UploadError(400, f"zip member {member.filename!r} has an unsafe path")
-            base = parts[-1] if parts else ""
-            if not base or base.startswith(".") or "__MACOSX" in parts:
-                continue
-            # Read with a hard cap: the declared sizes in a zip can lie.
-            with archive.open(member) as source:
-                content = source.read(int(limit - written) + 1)
-            written += len(content)
-            if written > limit:
-                raise UploadError(400, "zip unpacks to more than the limit")
-            (patient / base).write_bytes(content)  # the base name only: nothing can leave the folder
+        limit = int(self.settings.max_zip_uncompressed_mb * 1024 * 1024)
+        extract_zip(io.BytesIO(data), patient, max_files=self.settings.max_zip_files, max_bytes=limit)
         slices = patient_slices(patient)
         if not slices:
             raise UploadError(400, "the zip holds no kaggle_3m patient folder (<name>_<n>.tif slices)")
         self._check_slices(len(slices))
-        images = np.stack([self.predictor.check_image(read_image(p), p.name) for p in slices])
+        limits = self.settings.limits
+        voxels = sum(width * height for width, height in (image_header(p, limits) for p in slices))
+        if voxels > limits.voxels:  # from the headers, before any slice is decoded
+            raise UploadError(413, f"the slices hold {voxels:,} pixels in all; the limit is "
+                                   f"{limits.voxels:,}")
+        images = stack_slices([self.predictor.check_image(read_image(p, limits), p.name) for p in slices],
+                              slices)
         with self._lock:
             probability = self.predictor.predict_volume(images)
         return self._result("patient", images, self.predictor.masks(probability), "patient")
 
     def _check_slices(self, count: int) -> None:
         if count > self.settings.max_slices:
-            raise UploadError(400, f"{count} slices; the limit is {self.settings.max_slices}")
+            raise UploadError(413, f"{count} slices; the limit is {self.settings.max_slices}")
 
     def _result(self, kind: str, images: np.ndarray, masks: np.ndarray, name: str,
                 extra: dict | None = None) -> dict:
@@ -192,8 +217,8 @@ class Service:
         files.update(extra or {})
         with self._lock:
             self._results[identifier] = files
-            while len(self._results) > self.settings.kept_results:
-                self._results.popitem(last=False)
+            self._kept[identifier] = (time.monotonic(), sum(len(content) for content, _ in files.values()))
+            self._evict()
         areas = [int(m.sum()) for m in masks]
         return {"id": identifier, "kind": kind, "name": name, "slices": len(masks),
                 "height": int(masks.shape[1]), "width": int(masks.shape[2]),
@@ -204,8 +229,23 @@ class Service:
                 "masks": [base64.b64encode(p).decode() for p in mask_pngs],
                 "downloads": {file: f"/api/download/{identifier}/{file}" for file in files}}
 
+    def _evict(self) -> None:
+        """Drop the oldest results while there are too many, they hold too much, or they have expired
+        (the caller holds the lock)."""
+        settings = self.settings
+        oldest = time.monotonic() - settings.kept_results_minutes * 60
+        while self._results:
+            first = next(iter(self._results))
+            total = sum(size for _, size in self._kept.values())
+            if (len(self._results) <= settings.kept_results and total <= settings.kept_results_mb * 2**20
+                    and self._kept[first][0] >= oldest):
+                break
+            self._results.pop(first)
+            self._kept.pop(first)
+
     def download(self, identifier: str, file: str) -> tuple[bytes, str]:
         with self._lock:
+            self._evict()
             files = self._results.get(identifier)
         if not files or file not in files:
             raise UploadError(404, "no such result (results are kept for the last few uploads only)")
@@ -224,6 +264,38 @@ def _zip_pngs(pngs: list[bytes]) -> bytes:
     return buffer.getvalue()
 
 
+class BodyLimit:
+    """ASGI middleware that refuses a request body as soon as it passes `limit` bytes, with 413: at once
+    when its Content-Length says so, else while it streams in, so the rest is never read or spooled."""
+
+    def __init__(self, app, limit: int, message: str) -> None:
+        self.app = app
+        self.limit = limit
+        self.message = message
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            body = JSONResponse({"detail": self.message}, status_code=413, headers={"Connection": "close"})
+            await body(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # FastAPI passes an HTTPException raised here through as is
+                    raise HTTPException(413, self.message, headers={"Connection": "close"})
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 def create_app(settings: ServeSettings | None = None, service: Service | None = None):
     """The FastAPI application; the model loads once, here."""
 
@@ -231,11 +303,14 @@ def create_app(settings: ServeSettings | None = None, service: Service | None = 
     app = FastAPI(title="brainseg", version=__version__,
                   description="Brain tumour segmentation: upload a slice or volume, get its mask.")
     app.state.service = service
+    upload_mb = service.settings.max_upload_mb
+    app.add_middleware(BodyLimit, limit=int(upload_mb * 1024 * 1024) + MULTIPART_ALLOWANCE,
+                       message=f"upload is larger than {upload_mb:g} MB")
     page = (Path(__file__).parent / "web" / "index.html").read_text()
 
     @app.exception_handler(UploadError)
     async def _upload_error(request, error: UploadError):
-        return JSONResponse({"detail": error.message}, status_code=error.status)
+        return JSONResponse({"detail": error.message}, status_code=error.status, headers=error.headers)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
