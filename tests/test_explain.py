@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import write_png
 from PIL import Image
 from torch import nn
 
 from brainseg.errors import BadInputError
 from brainseg.explain import explain, last_decoder_conv, saliency
 from brainseg.inference import Predictor
+from conftest import write_png
 
 
 def bright_spot_network() -> nn.Module:

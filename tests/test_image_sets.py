@@ -9,12 +9,15 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY_TRAINING, write_png
 
-from brainseg.errors import BadInputError
+from brainseg.config import RunConfig
+from brainseg.data.dataset import channel_scales
+from brainseg.errors import BadInputError, OptionError
 from brainseg.evaluation.compare import compare_runs
 from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
 from brainseg.inference import Predictor
+from brainseg.training import train
+from conftest import TINY_TRAINING, write_png
 
 TYPES = ("meningioma", "glioma")
 
@@ -40,9 +43,6 @@ def make_image_set(root, numbers, *, size=64, seed=0):
 @pytest.fixture(scope="session")
 def image_run(tmp_path_factory):
     """(training images, other images, run folder): a 2-epoch model on 24 greyscale images."""
-    from brainseg.config import RunConfig
-    from brainseg.training import train
-
     root = tmp_path_factory.mktemp("image-run")
     previous = os.environ.get("BRAINSEG_CACHE")
     os.environ["BRAINSEG_CACHE"] = str(root / "cache")
@@ -104,3 +104,18 @@ def test_channel_mismatches_name_the_model_that_fits(image_run, tiny_run):
         lgg_model.predict(grey)
     with pytest.warns(UserWarning, match="looks like a single sequence"):
         lgg_model.predict(np.repeat(grey[..., None], 3, axis=-1))
+
+
+def test_divide255_is_the_seed_notebooks_normalisation_and_the_model_file_records_it(image_run, tmp_path):
+    data, _, _ = image_run
+    config = RunConfig().override({**TINY_TRAINING, "train.epochs": 1, "data.root": str(data),
+                                   "data.normalize": "divide255"})
+    run = train(config, tmp_path / "run", progress=False).run_dir
+    predictor = Predictor.load(run)
+    assert predictor.normalisation == "divide255"
+    dim = np.full((64, 64), 100, np.uint8)
+    assert channel_scales([dim], "divide255").tolist() == [255.0]
+    assert channel_scales([dim]).tolist() == [100.0]  # the percentile default scales by the image itself
+    assert predictor.predict_volume(dim[None]).shape == (1, 64, 64)
+    with pytest.raises(OptionError, match=r"data\.normalize must be percentile or divide255"):
+        RunConfig().override({"data.normalize": "zscore"})

@@ -248,7 +248,7 @@ def train_command(
             raise OptionError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
         overrides[key.strip()] = value.strip()
     result = run_training(resume or out, config_file=config, overrides=overrides, resume=resume is not None,
-                          refit=refit)
+                          refit=refit, echo=lambda line: typer.echo(line, err=True))
     if result.refit:
         typer.echo(f"refit on train and val patients (no validation); kept {result.best_checkpoint}")
         typer.echo(f"wrote {result.model_file} ({result.minutes:.1f} min)")
@@ -256,7 +256,8 @@ def train_command(
     scores = [v for v in result.val_patient_dice.values() if v == v]
     mean = f"{sum(scores) / len(scores):.4f}" if scores else "n/a"
     typer.echo(f"best checkpoint: {result.best_checkpoint}")
-    typer.echo(f"validation Dice per patient volume: mean {mean} over {len(scores)} patients")
+    per = "per image" if result.unit == "image" else "per patient volume"
+    typer.echo(f"validation Dice {per}: mean {mean} over {len(scores)} {result.unit}s")
     typer.echo(f"run folder: {result.run_dir} ({result.minutes:.1f} min)")
 
 
@@ -291,14 +292,21 @@ def evaluate_command(
                               min_fraction=min_fraction, tta_flip=tta, seed=seed,
                               precision=precision, flair_replaces=flair_replaces)
     summary = evaluate(model, data, out, layout=layout, options=options)
-    dice = summary["per_patient"]["dice"]
+    dice, unit = summary["per_patient"]["dice"], summary["data"]["unit"]
+    per = "per image" if unit == "image" else "per patient volume"
     if dice["n"]:
-        typer.echo(f"Dice per patient volume over {summary['data']['patients']} patients ({split}): "
+        typer.echo(f"Dice {per} over {summary['data']['patients']} {unit}s ({split}): "
                    f"mean {dice['mean']:.4f}, median {dice['median']:.4f}, min {dice['min']:.4f}")
+    for key in ("by_class", "by_size_band"):
+        for name, group in (summary.get(key) or {}).items():
+            if group["dice"]["n"]:
+                typer.echo(f"  {name}: {group['cases']} {unit}s, Dice mean {group['dice']['mean']:.4f}, "
+                           f"recall mean {group['recall']['mean']:.4f}")
     detection = summary["detection"]
     typer.echo(f"tumour detection per slice: accuracy {detection['accuracy']:.4f}, "
                f"sensitivity {detection['sensitivity']:.4f}, specificity {detection['specificity']:.4f}")
-    typer.echo(f"wrote {out}/summary.json, per_patient.csv, per_slice.csv, {', '.join(summary['figures'])}")
+    cases = "per_image.csv" if unit == "image" else "per_patient.csv"
+    typer.echo(f"wrote {out}/summary.json, {cases}, per_slice.csv, {', '.join(summary['figures'])}")
 
 
 @app.command("tune")
@@ -322,10 +330,15 @@ def tune_command(
 
     summary = tune(models, data, out, side=split, store=store)  # one run: tuned alone
     base = summary["baseline"]
-    typer.echo(f"{summary['metric']} on {summary['patients']} {summary['side']} patients "
+    typer.echo(f"{summary['metric']} on {summary['patients']} {summary['side']} {summary['unit']}s "
                f"(baseline, threshold {base['threshold']:g}): {base['dice_mean']:.4f}")
+    typer.echo(f"  option             mean    change [95% bootstrap interval over {summary['unit']}s]")
     for name, row in summary["each_option_alone"].items():
-        typer.echo(f"  {name:<18} {row['dice_mean']:.4f} ({row['dice_mean'] - base['dice_mean']:+.4f})"
+        change = row.get("change", {})
+        interval = (f" [{change['low']:+.4f}, {change['high']:+.4f}] {change['verdict']}"
+                    if change.get("n") else "")
+        delta = row["dice_mean"] - base["dice_mean"]
+        typer.echo(f"  {name:<18} {row['dice_mean']:.4f} ({delta:+.4f}){interval}"
                    + (f" at threshold {row['threshold']:g}" if name == "tuned_threshold" else ""))
     for name in ("best_combination", "recommended"):
         row = summary[name]
@@ -394,7 +407,8 @@ def crossval_command(
 @app.command("predict")
 def predict_command(
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders of images, kaggle_3m patient "
-                                                      "folders or NIfTI volumes.", show_default=False)],
+                                                      "folders, NIfTI volumes, DICOM files or DICOM study/"
+                                                      "series folders.", show_default=False)],
     model: Annotated[str, typer.Option(help="Run folder, model.pt, checkpoint, .onnx, or 'pretrained'.")]
     = "pretrained",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for masks, overlays, predictions.csv.")]
@@ -410,11 +424,15 @@ def predict_command(
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
     threshold: Annotated[float | None, typer.Option(help="Probability cut (default: model's).")] = None,
     axis: Annotated[int, typer.Option(help="NIfTI slicing axis (0, 1 or 2).")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace the predictions already in --out.")] = False,
 ) -> None:
     """Predict tumour masks for new images and volumes; masks keep each input's size.
 
     Patient folders (kaggle_3m) are predicted as one volume, so 3D post-processing applies; NIfTI
-    masks keep the input's affine. Bad files are reported and skipped; the exit code is 1 if any failed.
+    masks keep the input's affine. A DICOM series (one per SeriesInstanceUID in a folder) gets a DICOM
+    SEG (seg.dcm) and mask.nii.gz with its geometry, and areas in mm² and volumes in ml.
+    Bad files are reported and skipped; the exit code is 1 if any failed.
+    --out must not hold any input, nor earlier predictions unless --overwrite.
 
     Example: brainseg predict ../shared/data/lgg/kaggle_3m/TCGA_CS_4941_19960909 --model runs/unet
     """
@@ -424,7 +442,8 @@ def predict_command(
                           save_probabilities=probabilities, overlays=overlays,
                           largest_component=largest_component, min_size=min_size,
                           min_fraction=min_fraction, tta_flip=tta,
-                          threshold=threshold, axis=axis, echo=lambda line: typer.echo(line, err=True))
+                          threshold=threshold, axis=axis, overwrite=overwrite,
+                          echo=lambda line: typer.echo(line, err=True))
     failed = int((table["status"] != "ok").sum())
     typer.echo(f"{len(table) - failed} cases predicted, {failed} failed; wrote {out}/predictions.csv")
     if failed:
@@ -486,6 +505,24 @@ def export_command(
                f"max |logit difference| vs torch: {result['max_abs_logit_difference']:.2e}")
 
 
+@app.command("explain")
+def explain_command(
+    model: Annotated[str, typer.Argument(help="Run folder, model.pt, checkpoint, 'pretrained' or "
+                                              "'pretrained:figshare'.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files (slices).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the saliency figures and "
+                                                          "explain.csv.")] = Path("explain"),
+) -> None:
+    """Saliency maps (gradient x input, Grad-CAM) of the tumour prediction, one figure per image.
+
+    Example: brainseg explain pretrained:figshare scans/1.png scans/2.png --out explain
+    """
+    from brainseg.explain import explain
+
+    table = explain(model, images, out)
+    typer.echo(f"wrote {table} and one *_saliency.png per image in {out}")
+
+
 @app.command("serve")
 def serve_command(
     model: Annotated[str, typer.Option(help="Run folder, model.pt, or 'pretrained'.")] = "pretrained",
@@ -493,6 +530,8 @@ def serve_command(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted.")] = 50.0,
     max_slices: Annotated[int, typer.Option(help="Most slices in one uploaded volume.")] = 200,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels in one decoded slice (4096x4096), read "
+                                                 "from the file's header before decoding.")] = 16777216,
 ) -> None:
     """Serve the web viewer and the JSON API (POST /api/predict, GET /api/health, /docs).
 
@@ -500,7 +539,8 @@ def serve_command(
     """
     from brainseg.serve import serve
 
-    serve(model, host=host, port=port, max_upload_mb=max_upload_mb, max_slices=max_slices)
+    serve(model, host=host, port=port, max_upload_mb=max_upload_mb, max_slices=max_slices,
+          max_pixels=max_pixels)
 
 
 @app.command("demo")

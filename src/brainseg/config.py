@@ -81,6 +81,7 @@ class DataConfig:
     image_size: int = 256  # network input side; predictions are scored at the original size
     patch_size: int = 0  # train on random square patches of this side cut from image_size slices (0: whole)
     context: int = 0  # 2.5D: neighbouring slices stacked on each side (0 = plain 2D)
+    normalize: str = "percentile"  # percentile (each channel / its 99.5th percentile per volume) or divide255
     tumour_weight: float = 3.0  # how much more often a tumour slice is drawn than another
     samples_per_epoch: int = 0  # 0: as many draws as training slices
     num_workers: int = -1  # data loader workers; -1 picks from the core count
@@ -92,6 +93,8 @@ class DataConfig:
             "image_size": f"[{MIN_IMAGE_SIZE}, inf)", "context": "[0, inf)", "tumour_weight": "(0, inf)",
             "samples_per_epoch": "[0, inf)", "num_workers": "[-1, inf)", "folds": "[0, inf)",
             "fold": "[-1, inf)"})
+        if self.normalize not in ("percentile", "divide255"):
+            raise OptionError(f"data.normalize must be percentile or divide255, got {self.normalize!r}")
         if not 0 <= self.patch_size <= self.image_size:
             raise OptionError(f"data.patch_size must be between 0 (whole slices) and data.image_size "
                               f"({self.image_size}), got {self.patch_size}")

@@ -22,7 +22,7 @@ from scipy import ndimage
 from torch import nn
 
 from brainseg import plots
-from brainseg.data.dataset import to_input
+from brainseg.data.dataset import channel_scales, to_input
 from brainseg.data.index import ensure_outside
 from brainseg.data.io import read_image
 from brainseg.errors import BadInputError, BrainsegError
@@ -72,7 +72,8 @@ def saliency(predictor: Predictor, image: np.ndarray, name: str = "image") -> Sa
     image = predictor.check_image(np.asarray(image), name)
     size = image.shape[:2]
     stacked = np.concatenate([image] * (2 * predictor.context + 1), axis=-1)  # a 2D slice as its own context
-    batch = to_input(stacked, predictor.image_size)[None].to(predictor.device).requires_grad_(True)
+    scales = np.tile(channel_scales([image], predictor.normalisation), 2 * predictor.context + 1)
+    batch = to_input(stacked, predictor.image_size, scales)[None].to(predictor.device).requires_grad_(True)
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_module, _inputs, output):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from brainseg.config import check_threshold
-from brainseg.data.dataset import NORMALISATION, channel_scales, to_input
+from brainseg.data.dataset import NORMALISATIONS, channel_scales, to_input
 from brainseg.devices import check_device, inference_precision
 from brainseg.errors import BadInputError, OptionError
 from brainseg.evaluation.postprocess import check_min_fraction, check_min_size, postprocess
@@ -133,6 +133,16 @@ class Predictor:
         return self.description["preprocessing"]
 
     @property
+    def normalisation(self) -> str:
+        """How the model's inputs were scaled (a model file records it); one this version knows."""
+        normalisation = self.preprocessing.get("normalisation")
+        if normalisation not in NORMALISATIONS.values():
+            known = ", ".join(NORMALISATIONS.values())
+            raise BadInputError(self.source, f"model uses normalisation {normalisation!r}; this brainseg "
+                                             f"supports {known} (retrain the model)")
+        return normalisation
+
+    @property
     def image_size(self) -> int:
         return int(self.preprocessing["image_size"])
 
@@ -218,14 +228,12 @@ class Predictor:
         `inputs` is an (N, H, W, C') array or a list of arrays of different sizes; `scales` are the
         channel scales of the volume they come from (None: each image's own).
         """
-        normalisation = self.preprocessing.get("normalisation")
-        if normalisation != NORMALISATION:
-            raise BadInputError(self.source, f"model uses normalisation {normalisation!r}; this brainseg "
-                                             f"supports {NORMALISATION!r} (retrain the model)")
+        normalisation = self.normalisation
         out = []
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start:start + self.batch_size]
-            batch = torch.stack([to_input(image, self.image_size, scales) for image in chunk])
+            batch = torch.stack([to_input(image, self.image_size, scales if scales is not None
+                                          else channel_scales([image], normalisation)) for image in chunk])
             logits = self._logits(batch).cpu()
             for i, logit in enumerate(logits):
                 size = sizes[start + i]
@@ -242,7 +250,7 @@ class Predictor:
         """
         names = names or [f"slice {i}" for i in range(len(slices))]
         slices = np.stack([self.check_image(s, name) for s, name in zip(slices, names, strict=True)])
-        scales = np.tile(channel_scales(slices), 2 * self.context + 1)
+        scales = np.tile(channel_scales(slices, self.normalisation), 2 * self.context + 1)
         if self.context:
             n = len(slices)
             picks = [np.clip(np.arange(i - self.context, i + self.context + 1), 0, n - 1) for i in range(n)]

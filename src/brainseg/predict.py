@@ -5,7 +5,9 @@ however many files there are. A bad file is reported and skipped; the rest are w
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,23 +19,41 @@ import pandas as pd
 from PIL import Image
 
 from brainseg import plots
+from brainseg.data.dicom import DicomSeries, find_series, holds_dicom, is_dicom_file
 from brainseg.data.index import SLICE_NAME, ensure_outside
-from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES, equal_channel_text, read_image
+from brainseg.data.io import (
+    DEFAULT_LIMITS,
+    IMAGE_SUFFIXES,
+    TIFF_SUFFIXES,
+    SizeLimits,
+    VolumeShapeError,
+    equal_channel_text,
+    nifti_header,
+    read_image,
+)
 from brainseg.errors import BadInputError, BrainsegError
+from brainseg.files import WriteError, writing
 from brainseg.inference import Predictor
 from brainseg.plots import overlay
+from brainseg.predict_dicom import dicom_case_row
 from brainseg.progress import progress as progress_bar
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+TABLE_FILE = "predictions.csv"
+SETTINGS_FILE = "predictions.json"
+COLUMNS = ["case", "kind", "input", "slices", "tumour_pixels", "tumour_volume_ml", "tumour_area_mm2", "mask",
+           "equal_channels", "status"]
 
 
 @dataclass
 class Case:
     """One unit of prediction: a single image, a kaggle_3m patient folder, or a NIfTI volume."""
 
-    kind: str  # image, patient or nifti
+    kind: str  # image, patient, nifti or dicom
     name: str
     paths: list[Path]
+    series: DicomSeries | None = None  # a DICOM case's series (headers only)
+    source: Path | None = None  # a DICOM case's input: the file or folder given
 
 
 def is_nifti(path: Path) -> bool:
@@ -67,6 +87,8 @@ def discover(inputs: list[Path]) -> Iterator[Case | BadInputError]:
         elif item.is_file():
             if is_nifti(item):
                 yield Case("nifti", _nifti_stem(item), [item])
+            elif item.suffix.lower() not in IMAGE_SUFFIXES and is_dicom_file(item):
+                yield from discover_dicom(item)
             elif item.suffix.lower() in IMAGE_SUFFIXES:
                 yield Case("image", item.stem, [item])
             else:
@@ -85,12 +107,33 @@ def _discover_folder(folder: Path) -> Iterator[Case | BadInputError]:
     files = [p for p in entries if p.is_file() and not p.stem.lower().endswith("_mask")
              and (p.suffix.lower() in IMAGE_SUFFIXES or is_nifti(p))]
     if not subfolders and not files:
-        yield BadInputError(folder, "empty folder: no images, NIfTI volumes or patient folders")
+        if holds_dicom(folder):
+            yield from discover_dicom(folder)
+            return
+        yield BadInputError(folder, "empty folder: no images, NIfTI volumes, DICOM or patient folders")
         return
     for sub in subfolders:
         yield Case("patient", sub.name, patient_slices(sub))
     for path in files:
         yield Case("nifti", _nifti_stem(path), [path]) if is_nifti(path) else Case("image", path.stem, [path])
+
+
+def discover_dicom(path: Path) -> Iterator[Case | BadInputError]:
+    """A case per DICOM series under `path` (a .dcm file or a folder), named after the file or folder,
+    with the series' number and description where the folder holds several; each unusable file is an
+    error."""
+    found = find_series(path)
+    series = [item for item in found if isinstance(item, DicomSeries)]
+    base = path.stem if path.is_file() else path.name
+    slugs = Counter(item.slug for item in series)
+    for item in series:
+        name = base if len(series) == 1 else f"{base}_{item.slug}"
+        if slugs[item.slug] > 1:  # series alike in number and description: their folder or UID tells them
+            folder = item.files[0].parent
+            name += f"_{folder.name}" if folder != path else f"_{item.series_uid.replace('.', '')[-6:]}"
+        source = Path(os.path.commonpath(item.files)) if len(item.files) > 1 else item.files[0]
+        yield Case("dicom", name, item.files, series=item, source=source)
+    yield from (item for item in found if isinstance(item, BadInputError))
 
 
 def name_uniquely(cases: list[Case]) -> list[Case]:
@@ -153,10 +196,13 @@ def data_folders(item: Path) -> list[Path]:
     return [*folders, root] if root else folders
 
 
-def nifti_to_slices(path: Path, axis: int) -> tuple[np.ndarray, object]:
-    """A NIfTI volume as (N, H, W, C) uint8 slices along `axis`, scaled by its 0.5-99.5 percentiles."""
+def nifti_to_slices(path: Path, axis: int, limits: SizeLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, object]:
+    """A NIfTI volume as (N, H, W, C) uint8 slices along `axis`, scaled by its 0.5-99.5 percentiles.
+    Its header is checked against `limits` before any voxel is decoded."""
+    if not 0 <= axis <= 2:
+        raise BadInputError("--axis", "must be 0, 1 or 2")
+    volume = nifti_header(path, axis, limits)
     try:
-        volume = nib.load(str(path))
         data = np.asarray(volume.dataobj, dtype=np.float32)
     except Exception as error:  # nibabel raises many types for corrupt files
         raise BadInputError(path, f"unreadable NIfTI ({type(error).__name__})") from None
@@ -164,8 +210,6 @@ def nifti_to_slices(path: Path, axis: int) -> tuple[np.ndarray, object]:
         data = data[..., 0]
     if data.ndim not in (3, 4):
         raise BadInputError(path, f"expected a 3D volume (or 4D with channels last), got shape {data.shape}")
-    if not 0 <= axis <= 2:
-        raise BadInputError("--axis", "must be 0, 1 or 2")
     data = np.moveaxis(data, axis, 0)
     finite = data[np.isfinite(data)]
     low, high = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
@@ -176,11 +220,64 @@ def nifti_to_slices(path: Path, axis: int) -> tuple[np.ndarray, object]:
 
 def _write_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    with writing(path):
+        Image.fromarray(array).save(path)
 
 
 def _overlay_png(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
     _write_png(path, (overlay(image, mask) * 255).round().astype(np.uint8))
+
+
+def check_outputs(inputs: list[Path], out: Path, *, overwrite: bool = False) -> None:
+    """Refuse, before anything is read or written: an input that does not exist, an `out` inside a data
+    folder or holding any input (at any depth: its masks could replace it), and an `out` that holds
+    earlier predictions unless `overwrite`."""
+    for item in inputs:
+        if not item.exists():
+            raise BadInputError(item, "does not exist")
+    for item in inputs:
+        for folder in data_folders(item):
+            ensure_outside(out, folder)
+        _ensure_not_holding(out, item)
+    earlier = [name for name in (TABLE_FILE, SETTINGS_FILE) if (out / name).exists()]
+    if earlier and not overwrite:
+        raise BadInputError(out, f"already holds predictions ({', '.join(earlier)}); pass --overwrite to "
+                                 "replace them, or choose another --out")
+
+
+def _ensure_not_holding(out: Path, item: Path) -> None:
+    try:
+        folder = out.resolve()
+        # The input as named (a link is replaced where it stands) and the file it leads to.
+        places = {item.parent.resolve() / item.name, item.resolve()}
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError on a symbolic link loop
+        raise BadInputError(item, "is a symbolic link loop") from None
+    if any(folder == place or folder in place.parents for place in places):
+        raise BadInputError(out, f"holds the input {item}, which an output could replace; write outputs "
+                                 "to a folder of their own")
+
+
+class _Table:
+    """predictions.csv, written a row at a time, so that the cases done are on disk whatever stops the
+    batch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict] = []
+        with writing(path), path.open("w", newline="") as file:
+            csv.writer(file).writerow(COLUMNS)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with writing(self.path), self.path.open("a", newline="") as file:
+            csv.DictWriter(file, COLUMNS, restval="").writerow({key: _cell(row.get(key)) for key in COLUMNS})
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows).reindex(columns=COLUMNS)
+
+
+def _cell(value):
+    return "" if value is None or (isinstance(value, float) and value != value) else value
 
 
 def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, *, backend: str = "torch",
@@ -188,21 +285,27 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                   overlays: bool = True, largest_component: bool | None = None, min_size: int | None = None,
                   min_fraction: float | None = None,
                   tta_flip: bool = False, threshold: float | None = None, axis: int = 2,
-                  progress: bool = True, echo=print) -> pd.DataFrame:
-    """Predict every case found in `inputs`, write masks/overlays under `out`, and predictions.csv."""
+                  progress: bool = True, overwrite: bool = False, echo=print) -> pd.DataFrame:
+    """Predict every case found in `inputs`, write masks/overlays under `out`, and predictions.csv (a
+    row per case as it is done) and predictions.json.
+
+    Refused before anything is written: see :func:`check_outputs`. A case that fails is a row with its
+    problem and the batch goes on; a file that cannot be written (a full disk) stops it with an error
+    naming that file, the table of the cases done already on disk."""
     out = Path(out)
-    for item in inputs:
-        for folder in data_folders(Path(item)):
-            ensure_outside(out, folder)
+    check_outputs([Path(p) for p in inputs], out, overwrite=overwrite)
     predictor = Predictor.load(model, backend=backend, device=device, batch_size=batch_size,
                                tta_flip=tta_flip, threshold=threshold, largest_component=largest_component,
                                min_size=min_size, min_fraction=min_fraction)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    if overwrite:
+        (out / SETTINGS_FILE).unlink(missing_ok=True)  # an earlier run's, until this one's is written
+    table = _Table(out / TABLE_FILE)
     pending: list[Case] = []  # single images wait here to go through the network as one batch
 
     def flush() -> None:
-        rows.extend(_predict_images(predictor, pending, out, save_probabilities, overlays, echo))
+        for row in _predict_images(predictor, pending, out, save_probabilities, overlays, echo):
+            table.add(row)
         pending.clear()
 
     found = list(discover([Path(p) for p in inputs]))
@@ -210,7 +313,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
     for case in progress_bar(found, desc="predicting", unit="case", enabled=progress):
         if isinstance(case, BadInputError):
             echo(f"error: {case}")
-            rows.append({"case": case.path.name, "input": str(case.path), "status": case.problem})
+            table.add({"case": case.path.name, "input": str(case.path), "status": case.problem})
             continue
         if case.kind == "image":
             pending.append(case)
@@ -218,27 +321,32 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                 flush()
             continue
         try:
-            rows.append(_predict_volume_case(predictor, case, out, save_probabilities, overlays, axis))
-            if rows[-1]["equal_channels"]:
-                echo(f"note: {case.name}: channels {rows[-1]['equal_channels']} are identical in every "
-                     "slice (a sequence replaced by FLAIR?); the model may miss tumour on such scans")
+            row = _predict_volume_case(predictor, case, out, save_probabilities, overlays, axis)
+        except WriteError:
+            raise
         except BrainsegError as error:
             echo(f"error: {error}")
-            rows.append({"case": case.name, "kind": case.kind, "input": str(_case_input(case)),
-                         "status": _problem(error)})
+            row = {"case": case.name, "kind": case.kind, "input": str(_case_input(case)),
+                   "status": _problem(error)}
+        table.add(row)
+        if row.get("equal_channels"):
+            echo(f"note: {case.name}: channels {row['equal_channels']} are identical in every "
+                 "slice (a sequence replaced by FLAIR?); the model may miss tumour on such scans")
+        if row.get("note"):
+            echo(f"warning: {case.name}: {row['note']}")
     flush()
-    columns = ["case", "kind", "input", "slices", "tumour_pixels", "tumour_volume_ml", "mask",
-               "equal_channels", "status"]
-    table = pd.DataFrame(rows).reindex(columns=columns)
-    table.to_csv(out / "predictions.csv", index=False)
-    failed = int((table["status"] != "ok").sum())
+    frame = table.frame()
+    failed = int((frame["status"] != "ok").sum())
     settings = {"model": predictor.identity, "threshold": predictor.cutoff, **predictor.postprocessing,
-                "tta_flip": predictor.tta_flip, "cases": len(table), "failed": failed}
-    (out / "predictions.json").write_text(json.dumps(settings, indent=2) + "\n")
-    return table
+                "tta_flip": predictor.tta_flip, "cases": len(frame), "failed": failed}
+    with writing(out / SETTINGS_FILE):
+        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return frame
 
 
 def _case_input(case: Case) -> Path:
+    if case.source is not None:
+        return case.source
     return case.paths[0].parent if case.kind == "patient" else case.paths[0]
 
 
@@ -258,6 +366,8 @@ def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities:
         try:
             images.append(predictor.check_image(read_image(case.paths[0]), str(case.paths[0])))
             good.append(case)
+        except WriteError:
+            raise
         except BrainsegError as error:
             echo(f"error: {error}")
             rows.append({"case": case.name, "kind": "image", "input": str(case.paths[0]),
@@ -281,9 +391,12 @@ def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities:
 
 def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
                          axis: int) -> dict:
+    if case.kind == "dicom":
+        return dicom_case_row(predictor, case.series, case.name, _case_input(case), out,
+                              save_probabilities=save_probabilities, overlays=overlays)
     if case.kind == "nifti":
         return _predict_nifti(predictor, case, out, save_probabilities, overlays, axis)
-    images = np.stack([_checked(predictor, path) for path in case.paths])
+    images = stack_slices([_checked(predictor, path) for path in case.paths], case.paths)
     probability = predictor.predict_volume(images)
     masks = predictor.masks(probability)  # post-processed in 3D
     folder = out / "masks" / case.name
@@ -296,6 +409,22 @@ def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: b
     return {"case": case.name, "kind": "patient", "input": str(_case_input(case)), "slices": len(case.paths),
             "tumour_pixels": int(masks.sum()), "mask": str(folder),
             "equal_channels": equal_channel_text(images), "status": "ok"}
+
+
+def stack_slices(images: list[np.ndarray], paths: list[Path]) -> np.ndarray:
+    """The slices of a patient folder as one volume; a slice of another size than most is refused by name
+    (VolumeShapeError naming the folder), and so is a folder of none."""
+    if not images:
+        raise VolumeShapeError(paths[0].parent if paths else "patient", "has no slices")
+    sizes = Counter(image.shape for image in images)
+    if len(sizes) > 1:
+        common = sizes.most_common(1)[0][0]
+        odd = next(index for index, image in enumerate(images) if image.shape != common)
+        height, width = images[odd].shape[:2]
+        raise VolumeShapeError(paths[odd].parent, f"slice {paths[odd].name} is {width}x{height} pixels; the "
+                                                  f"others are {common[1]}x{common[0]} (a volume's slices "
+                                                  "must have one size)")
+    return np.stack(images)
 
 
 def _checked(predictor, path: Path) -> np.ndarray:
@@ -314,20 +443,24 @@ def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, o
     target = out / "masks" / f"{case.name}_mask.nii.gz"
     target.parent.mkdir(parents=True, exist_ok=True)
     spatial = np.moveaxis(masks.astype(np.uint8), 0, axis)
-    nib.save(nib.Nifti1Image(spatial, volume.affine, header), str(target))
+    with writing(target):
+        nib.save(nib.Nifti1Image(spatial, volume.affine, header), str(target))
     if save_probabilities:
         prob_header = volume.header.copy()
         prob_header.set_data_dtype(np.float32)
         (out / "probabilities").mkdir(parents=True, exist_ok=True)
         spatial_probability = np.moveaxis(probability, 0, axis).astype(np.float32)
-        nib.save(nib.Nifti1Image(spatial_probability, volume.affine, prob_header),
-                 str(out / "probabilities" / f"{case.name}_probability.nii.gz"))
+        probability_file = out / "probabilities" / f"{case.name}_probability.nii.gz"
+        with writing(probability_file):
+            nib.save(nib.Nifti1Image(spatial_probability, volume.affine, prob_header), str(probability_file))
     if overlays:
         with_tumour = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
         shown = with_tumour if len(with_tumour) else np.array([len(masks) // 2])
         shown = shown[np.linspace(0, len(shown) - 1, min(len(shown), 32)).round().astype(int)]
-        plots.volume_montage(slices[shown], np.zeros_like(masks[shown]), masks[shown],
-                             out / "overlays" / f"{case.name}.png", f"{case.name} (slices with tumour)")
+        montage = out / "overlays" / f"{case.name}.png"
+        with writing(montage):
+            plots.volume_montage(slices[shown], np.zeros_like(masks[shown]), masks[shown], montage,
+                                 f"{case.name} (slices with tumour)")
     zooms = volume.header.get_zooms()[:3]
     voxel_ml = float(np.prod(zooms)) / 1000.0
     return {"case": case.name, "kind": "nifti", "input": str(path), "slices": len(slices),

@@ -9,6 +9,7 @@ validation of its own; its model file holds the last epoch and its split lists v
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
@@ -32,16 +34,19 @@ from lightning.pytorch.callbacks import (
     WeightAveraging,
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from brainseg import __version__, plots
 from brainseg.config import RunConfig, TrainConfig, load_config, save_config
-from brainseg.data.dataset import NORMALISATION, SliceDataset, collate
+from brainseg.data.dataset import NORMALISATIONS, SliceDataset, collate
 from brainseg.data.index import ensure_outside, scan
 from brainseg.data.splits import load_split, save_split, select, split_patients
 from brainseg.data.transforms import build_transforms, seed_worker
 from brainseg.devices import default_workers, resolve_accelerator, resolve_precision
 from brainseg.errors import BadInputError, OptionError
+from brainseg.files import WriteError, remove_stale_partials, replacing
 from brainseg.losses import create_loss
 from brainseg.metrics import Counts, batch_scores, dice
 from brainseg.models import available_models, create_model
@@ -69,6 +74,31 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip"))
 MONITOR = "val_patient_dice"
+BEST_PREFIX = "best-epoch"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: to a temporary file beside the checkpoint (so on its
+    filesystem), flushed to disk and renamed over it. Lightning's own save copies a file from the system
+    temp folder into place, which a kill can leave half copied when the run folder is on another
+    filesystem. A failed write (a full disk) names the checkpoint, not a temporary file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        write_atomically(Path(path), lambda file: torch.save(checkpoint, file))
+
+
+def write_atomically(path: Path, write) -> Path:
+    """Call `write(file)` on an open temporary file beside `path`, flush it to disk, and rename it over
+    `path`; any failure leaves `path` as it was and raises WriteError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as partial, partial.open("wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as a RuntimeError
+        raise WriteError(path, error) from None
+    return path
 
 
 def patient_dice(counts: torch.Tensor) -> torch.Tensor:
@@ -174,7 +204,7 @@ class SegmentationModule(L.LightningModule):
             "model": {"name": spec.get("name", self.run_config.model.name),
                       "kwargs": dict(spec.get("kwargs", {}))},
             "preprocessing": {"image_size": data.image_size, "in_channels": self.hparams.in_channels,
-                              "context": data.context, "normalisation": NORMALISATION,
+                              "context": data.context, "normalisation": NORMALISATIONS[data.normalize],
                               "channels_last": self.run_config.train.channels_last},
             "threshold": self.run_config.train.threshold,
             "config": self.run_config.to_dict(),
@@ -194,9 +224,12 @@ class SliceDataModule(L.LightningDataModule):
         self.config = config
         augment = build_transforms(config.augment, train=True, seed=config.train.seed,
                                    patch_size=data.patch_size)
+        normalisation = NORMALISATIONS[data.normalize]
         self.train_set = SliceDataset(train_table, store, image_size=data.image_size, context=data.context,
+                                      normalisation=normalisation,
                                       transform=augment)
         self.val_set = SliceDataset(val_table, store, image_size=data.image_size, context=data.context,
+                                    normalisation=normalisation,
                                     keep_full_mask=True)
         self.workers = workers
 
@@ -266,6 +299,8 @@ class TrainResult:
     val_patient_dice: dict[str, float]
     minutes: float
     refit: bool = False  # trained on train+val without validation: the checkpoint is the last epoch
+    resumed_from: Path | None = None  # the checkpoint a resumed run continued from
+    unit: str = "patient"  # what the split divides: patients, or images for an image set
 
 
 def _is_rank_zero() -> bool:
@@ -328,13 +363,65 @@ def refit_settings(run_dir: str | Path) -> dict:
             "train.epochs": best + 1, "train.lr_milestones": milestones, "train.max_minutes": 0.0}
 
 
-def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train one model as `config` says and write the run folder `out`."""
+def resume_checkpoint(run_dir: str | Path) -> tuple[Path, int, list[str]]:
+    """The newest checkpoint of a run that loads (last.ckpt, unless a kill or a full disk damaged it, then
+    the newest best-epoch checkpoint), the epoch it was saved at, and a note for each damaged one
+    skipped. None loading is a one-line error naming the newest."""
+    run_dir = Path(run_dir)
+    last = last_checkpoint(run_dir)
+    folder = last.parent
+    bests = sorted(folder.glob(f"{BEST_PREFIX}*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = ([last] if last.exists() else []) + bests
+    if not candidates:
+        raise BadInputError(run_dir, f"no {CHECKPOINTS}/{last.name} to resume from")
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            epoch = int(state["epoch"])
+            if "optimizer_states" not in state or "state_dict" not in state:
+                raise KeyError("no optimizer state")
+        except Exception as error:  # a truncated or foreign file raises whatever its first bad byte does
+            reason = "empty file" if path.stat().st_size == 0 else _first_line(error)
+            skipped.append(f"{path}: damaged checkpoint ({reason})")
+            continue
+        return path, epoch, skipped
+    raise BadInputError(candidates[0], f"damaged checkpoint ({skipped[0].split('(', 1)[1][:-1]}); no "
+                                       f"checkpoint in {folder} loads, so the run cannot be resumed")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:120]
+
+
+def remove_stale_checkpoints(folder: Path, keep: Path | None) -> list[Path]:
+    """Remove the best-epoch checkpoints other than `keep` (left by a kill or a resume) and temporary
+    files of killed writes."""
+    removed = remove_stale_partials(folder)
+    for path in folder.glob(f"{BEST_PREFIX}*.ckpt"):
+        if keep is None or path.resolve() != keep.resolve():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+          echo=print) -> TrainResult:
+    """Train one model as `config` says and write the run folder `out`. Resuming continues from the
+    newest checkpoint that loads (see :func:`resume_checkpoint`) and says which through `echo`."""
     run_dir = Path(out)
     last = last_checkpoint(run_dir)
+    resumed_from = None
     if resume:
-        if not last.exists():
-            raise BadInputError(run_dir, f"no {CHECKPOINTS}/{last.name} to resume from")
+        resumed_from, resumed_epoch, skipped = resume_checkpoint(run_dir)
+        if _is_rank_zero():
+            for note in skipped:
+                echo(f"note: skipping {note}")
+            echo(f"resuming from {resumed_from} (saved at epoch {resumed_epoch})")
+            remove_stale_partials(run_dir)
+            remove_stale_partials(last.parent)
+            _trim_metrics(run_dir / "logs" / "metrics.csv", resumed_epoch)
     elif _is_rank_zero() and (run_dir / CONFIG_FILE).exists():  # DDP children rerun this command
         raise BadInputError(run_dir, "already holds a run; use --resume to continue it or choose a new --out")
     if not config.data.root:
@@ -363,7 +450,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     module = SegmentationModule(config.to_dict(), datamodule.train_set.in_channels,
                                 datamodule.val_set.patients)
     if config.train.init_weights and not resume:  # a resumed run has its own weights in last.ckpt
-        load_initial_weights(module.model, config.train.init_weights)
+        load_initial_weights(module.model, config.train.init_weights, NORMALISATIONS[config.data.normalize])
     if _is_rank_zero():  # written only once the run is known to start, so a refused run leaves nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
@@ -377,14 +464,14 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     if refit:  # no validation: keep the last epoch, stop at train.epochs
         checkpoint = latest
     else:
-        checkpoint = ModelCheckpoint(dirpath=last.parent, filename="best-epoch{epoch:03d}",
+        checkpoint = ModelCheckpoint(dirpath=last.parent, filename=BEST_PREFIX + "{epoch:03d}",
                                      auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1)
         callbacks += [checkpoint,
                       EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
     train_cfg = config.train
     callbacks += weight_averaging(train_cfg)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=train_cfg.devices,
+        accelerator=accelerator, devices=train_cfg.devices, plugins=[AtomicCheckpointIO()],
         strategy="ddp" if train_cfg.devices > 1 else "auto",
         precision=precision, max_epochs=train_cfg.epochs,
         max_time={"minutes": train_cfg.max_minutes} if train_cfg.max_minutes > 0 else None,
@@ -394,24 +481,40 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         log_every_n_steps=max(1, min(10, len(datamodule.train_dataloader()))), enable_model_summary=False,
     )
     precision = str(trainer.precision)  # what Lightning runs: it turns 16-mixed on CPU into bf16-mixed
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if resume else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
 
     patient_scores: dict[str, float] = {}
     model_file = None
     if refit:
         final = Path(latest.best_model_path) if latest.best_model_path else None  # unmonitored: the newest
         if final is not None and final.exists() and trainer.is_global_zero:
-            model_file = model_file_from_checkpoint(final, run_dir / MODEL_FILE)
-        return TrainResult(run_dir, final, model_file, {}, (time.perf_counter() - started) / 60, refit=True)
+            remove_stale_checkpoints(last.parent, keep=None)
+            model_file = _write_model_file(final, run_dir / MODEL_FILE)
+        return TrainResult(run_dir, final, model_file, {}, (time.perf_counter() - started) / 60, refit=True,
+                           resumed_from=resumed_from)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    if trainer.is_global_zero and best is not None and best.exists():
+        remove_stale_checkpoints(last.parent, keep=best)
     if best is not None and best.exists():
         trainer.validate(module, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         patient_scores = module.last_patient_dice
         if trainer.is_global_zero:
-            model_file = model_file_from_checkpoint(best, run_dir / MODEL_FILE)
+            model_file = _write_model_file(best, run_dir / MODEL_FILE)
             _write_val_metrics(run_dir, best, patient_scores, val_table, precision, trainer)
     minutes = (time.perf_counter() - started) / 60
-    return TrainResult(run_dir, best, model_file, patient_scores, minutes)
+    return TrainResult(run_dir, best, model_file, patient_scores, minutes, resumed_from=resumed_from,
+                       unit=split.get("unit", "patient"))
+
+
+def _write_model_file(checkpoint: Path, path: Path) -> Path:
+    """model.pt from a checkpoint, written beside its place and renamed: a kill or a full disk leaves the
+    previous one (or none), never half a file."""
+    try:
+        with replacing(path) as partial:
+            model_file_from_checkpoint(checkpoint, partial)
+    except (OSError, RuntimeError) as error:
+        raise WriteError(path, error) from None
+    return path
 
 
 def weight_averaging(train_cfg: TrainConfig) -> list[Callback]:
@@ -423,12 +526,12 @@ def weight_averaging(train_cfg: TrainConfig) -> list[Callback]:
     return []
 
 
-def load_initial_weights(model: torch.nn.Module, source: str | Path) -> None:
+def load_initial_weights(model: torch.nn.Module, source: str | Path, normalisation: str) -> None:
     """Start `model` from a trained model's weights; the layers must match, the input size need not."""
     description, weights = load_model_file(source)
-    normalisation = description["preprocessing"].get("normalisation")
-    if normalisation != NORMALISATION:
-        raise BadInputError(source, f"its inputs were normalised as {normalisation!r}, not {NORMALISATION!r}")
+    theirs = description["preprocessing"].get("normalisation")
+    if theirs != normalisation:
+        raise BadInputError(source, f"its inputs were normalised as {theirs!r}, not {normalisation!r}")
     ours = model.state_dict()
     mismatched = sorted(set(ours) ^ set(weights)) or [k for k in ours if ours[k].shape != weights[k].shape]
     if mismatched:
@@ -445,7 +548,48 @@ def _logger(run_dir: Path):
 
         return TensorBoardLogger(run_dir, name="logs", version="")
     except ImportError:
-        return CSVLogger(run_dir, name="logs", version="")
+        return _AppendingCSVLogger(run_dir, name="logs", version="")
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run's writer
+    keeps it (its header too) and appends to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as file:
+                self.metrics_keys = sorted(csv.DictReader(file).fieldnames or [])
+
+
+class _AppendingCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def _trim_metrics(path: Path, epoch: int) -> None:
+    """Drop the rows of epochs after `epoch` from a metrics.csv: a resumed run logs them again."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        fields = reader.fieldnames or []
+        rows = [row for row in reader if not _float(row.get("epoch")) > epoch]
+    with replacing(path) as partial, partial.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("-inf")
 
 
 def _write_val_metrics(run_dir: Path, best: Path, scores: dict[str, float], val_table: pd.DataFrame,
@@ -472,7 +616,7 @@ def _write_val_metrics(run_dir: Path, best: Path, scores: dict[str, float], val_
 
 def run_training(out: str | Path, *, config_file: str | Path | None = None,
                  overrides: dict | None = None, resume: bool = False, refit: str | Path | None = None,
-                 progress: bool = True) -> TrainResult:
+                 progress: bool = True, echo=print) -> TrainResult:
     """The `brainseg train` job: defaults <- config file (or the run's own, when resuming `out` or
     refitting `refit`) <- overrides. A resumed or refit run has its own config, so a config file
     given with either is refused rather than ignored."""
@@ -489,7 +633,7 @@ def run_training(out: str | Path, *, config_file: str | Path | None = None,
     else:
         base = RunConfig()
     config = base.override({k: v for k, v in (overrides or {}).items() if v is not None})
-    result = train(config, out, resume=resume, progress=progress)
+    result = train(config, out, resume=resume, progress=progress, echo=echo)
     if refit and result.model_file is not None and (Path(refit) / MODEL_FILE).exists():
         # the run's tuned threshold and post-processing were chosen on its validation patients
         store_settings(result.model_file, tuned_settings(refit))

@@ -11,12 +11,18 @@ from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
 # Each channel of a volume is divided by its 99.5th percentile over the volume's non-zero voxels
 # and clipped to [0, 1]: scanners and institutions store FLAIR at very different brightness, and
 # dividing by 255 alone left whole patients unsegmented (see docs/training.md).
-NORMALISATION = "volume_p99.5"
+# data.normalize -> the name a model file records; "divide255" is the Keras seed notebooks' x / 255.
+NORMALISATIONS = {"percentile": "volume_p99.5", "divide255": "divide255"}
+NORMALISATION = NORMALISATIONS["percentile"]
 PERCENTILE = 99.5
 
 
-def channel_scales(images) -> np.ndarray:
-    """Per-channel 99.5th percentile of the non-zero values of uint8 images (H, W, C) of one volume."""
+def channel_scales(images, normalisation: str = NORMALISATION) -> np.ndarray:
+    """Per-channel divisors for uint8 images (H, W, C) of one volume: the 99.5th percentile of the
+    non-zero values, or 255 for "divide255"."""
+    if normalisation == NORMALISATIONS["divide255"]:
+        first = next(iter(images))
+        return np.full(first.shape[-1] if first.ndim == 3 else 1, 255.0, np.float32)
     histograms = None
     for image in images:
         image = image if image.ndim == 3 else image[..., None]
@@ -80,8 +86,9 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, table: pd.DataFrame, store, *, image_size: int = 256, context: int = 0,
-                 transform=None, keep_full_mask: bool = False) -> None:
+                 transform=None, keep_full_mask: bool = False, normalisation: str = NORMALISATION) -> None:
         self.table = table.reset_index(drop=True)
+        self.normalisation = normalisation
         self.store = store
         self.image_size = image_size
         self.context = context
@@ -103,7 +110,8 @@ class SliceDataset(Dataset):
         rows = []
         for patient in self.patients:
             keys = self.table.loc[self.table["patient"].astype(str) == patient, "image_path"]
-            rows.append(np.tile(channel_scales(self.store.image(k) for k in keys), 2 * self.context + 1))
+            scales = channel_scales((self.store.image(k) for k in keys), self.normalisation)
+            rows.append(np.tile(scales, 2 * self.context + 1))
         return np.stack(rows) if rows else np.zeros((0, 1), np.float32)
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.index import ensure_outside, scan
+from brainseg.data.splits import split_unit
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import paired_change
 from brainseg.evaluation.crossval import check_folds
@@ -72,6 +73,8 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tuning.csv", index=False)
     summary = _summary(table, scores, jobs[0][0].cutoff, "val out of fold" if folds else side, len(patients))
+    if split_unit(result.table) == "image":
+        summary.update(metric="mean Dice per image", unit="image")
     if folds:
         summary["runs"] = [str(run) for run in model]
     if store:
@@ -139,7 +142,7 @@ def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patie
     best = at(bool(best_row.tta_flip), bool(best_row.largest_component), float(best_row.min_fraction),
               int(best_row.min_size), float(best_row.threshold))
     return {
-        "side": side, "patients": patients, "metric": "mean Dice per patient volume",
+        "side": side, "patients": patients, "metric": "mean Dice per patient volume", "unit": "patient",
         "baseline": at(),
         "each_option_alone": {"largest_component": at(largest=True),
                               **{f"min_fraction_{f:g}": at(min_fraction=f) for _, f in COMPONENTS if f},
