@@ -63,3 +63,29 @@ def test_pretrained_exports_to_onnx_in_the_working_folder(tmp_path, monkeypatch)
     assert Path(result["path"]) == Path("pretrained.onnx") and (tmp_path / "pretrained.onnx").exists()
     assert result["input"] == [None, 3, 256, 256]
     assert not pretrained_path().with_suffix(".onnx").exists()
+
+
+def test_the_figshare_model_is_shipped_for_greyscale_slices():
+    predictor = brainseg.load_pretrained("figshare", precision="32")
+    assert predictor.identity["file"] == str(pretrained_path("pretrained:figshare"))
+    assert predictor.slice_channels == 1
+    image = np.full((512, 512), 30, np.uint8)
+    image[200:260, 220:300] = 200
+    assert predictor.predict(image).shape == (512, 512)
+
+
+def test_the_shipped_models_fit_the_package_limit():
+    total = sum(pretrained_path(f"pretrained:{name}").stat().st_size for name in ("lgg", "figshare"))
+    assert total <= 25 * 1024 * 1024
+
+
+@pytest.mark.shared
+def test_figshare_validation_dice_matches_the_model_card(shared_data, tmp_path):
+    """Its validation images (blocks of 16 indices of figshare256, from the split stored in it)."""
+    from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+
+    summary = evaluate("pretrained:figshare", shared_data / "figshare256", tmp_path / "eval", progress=False,
+                       options=EvaluateOptions(side="val", precision="32"))
+    assert summary["data"]["unit"] == "image" and summary["data"]["patients"] == 120
+    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(card_value("figshare_val_dice_mean"),
+                                                                    abs=0.01)
