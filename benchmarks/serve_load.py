@@ -11,26 +11,22 @@ were answered, and the process's peak RSS. Traffic never leaves loopback.
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import resource
 import socket
 import statistics
-import struct
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
-import nibabel as nib
 import numpy as np
 import uvicorn
 from PIL import Image
 
 from _common import machine_header, print_table
-from brainseg.data.synth import synthesize
+from brainseg.data.synth import nifti_declaring, png_declaring, synthesize, tiff_declaring
 from brainseg.serve import ServeSettings, create_app
 
 
@@ -49,35 +45,6 @@ def sample_png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
-        + chunk(b"IEND", b"")
-
-
-def tiff_declaring(width: int, height: int) -> bytes:
-    strip = zlib.compress(b"\0" * 1024)
-    entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, 0),
-               (277, 3, 1), (278, 4, height), (279, 4, len(strip))]
-    ifd = struct.pack("<H", len(entries))
-    for tag, kind, value in entries:
-        value = 8 + 2 + 12 * len(entries) + 4 if tag == 273 else value
-        ifd += struct.pack("<HHI", tag, kind, 1) + (struct.pack("<H", value) + b"\0\0" if kind == 3
-                                                     else struct.pack("<I", value))
-    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + strip
-
-
-def nifti_declaring(shape: tuple[int, ...]) -> bytes:
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(np.float32)
-    header["vox_offset"] = 352
-    return gzip.compress(header.binaryblock + b"\0" * 4)
 
 
 BOMBS = [("bomb.png", png_declaring(13000, 13000)), ("bomb.tif", tiff_declaring(16000, 16000)),

@@ -72,23 +72,29 @@ TINY_TRAINING = {"data.image_size": 64, "model.base_filters": 4, "model.depth": 
                  "train.precision": "32-true", "train.epochs": 2}
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """(data folder, run folder) of a 2-epoch model on 3 synthetic 64x64 patients, trained once."""
+def train_once(root: Path, data: Path, **overrides):
+    """A TINY_TRAINING run of `data` in root/run, with its own slice cache (session fixtures run
+    outside the per-test isolated cache)."""
     from brainseg.config import RunConfig
-    from brainseg.data.synth import synthesize
     from brainseg.training import train
 
-    root = tmp_path_factory.mktemp("tiny-run")
     previous = os.environ.get("BRAINSEG_CACHE")
     os.environ["BRAINSEG_CACHE"] = str(root / "cache")
     try:
-        data = synthesize(root / "data", patients=3, seed=1, size=64, slices=(6, 8))
-        config = RunConfig().override({**TINY_TRAINING, "data.root": str(data)})
-        result = train(config, root / "run", progress=False)
+        config = RunConfig().override({**TINY_TRAINING, "data.root": str(data), **overrides})
+        return train(config, root / "run", progress=False)
     finally:
         if previous is None:
             os.environ.pop("BRAINSEG_CACHE", None)
         else:
             os.environ["BRAINSEG_CACHE"] = previous
-    return data, result.run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(data folder, run folder) of a 2-epoch model on 3 synthetic 64x64 patients, trained once."""
+    from brainseg.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = synthesize(root / "data", patients=3, seed=1, size=64, slices=(6, 8))
+    return data, train_once(root, data).run_dir

@@ -4,7 +4,6 @@ whole, and files whose decoded size would exhaust memory are refused from their 
 from __future__ import annotations
 
 import errno
-import gzip
 import io
 import os
 import shutil
@@ -13,9 +12,7 @@ import subprocess
 import sys
 import time
 import zipfile
-import zlib
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,6 +20,7 @@ import tifffile
 import torch
 from PIL import Image
 
+from brainseg.data.synth import jpeg_declaring, nifti_declaring, png_declaring, tiff_declaring
 from brainseg.errors import BadInputError
 from brainseg.files import WriteError
 from brainseg.predict import predict_paths
@@ -199,48 +197,6 @@ def test_resume_with_no_checkpoint_that_loads_is_one_line_naming_it(two_epoch_ru
 
 
 # --- decoded-size limits, told from headers before decoding ------------------------------------------
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG of a few dozen bytes whose header declares width x height RGB pixels (and no pixel data)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
-        + chunk(b"IEND", b"")
-
-
-def jpeg_declaring(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="JPEG")
-    data = bytearray(buffer.getvalue())
-    start = data.index(b"\xff\xc0")
-    data[start + 5:start + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def tiff_declaring(width: int, height: int) -> bytes:
-    """A deflate-compressed greyscale TIFF with one strip of a few bytes declaring width x height."""
-    strip = zlib.compress(b"\0" * 1024)
-    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
-               (273, 4, 1, 0), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, len(strip))]
-    offset_of_strip = 8 + 2 + 12 * len(entries) + 4
-    ifd = struct.pack("<H", len(entries))
-    for tag, kind, count, value in entries:
-        value = offset_of_strip if tag == 273 else value
-        packed = struct.pack("<H", value) + b"\0\0" if kind == 3 else struct.pack("<I", value)
-        ifd += struct.pack("<HHI", tag, kind, count) + packed
-    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + strip
-
-
-def nifti_declaring(shape: tuple[int, ...], dtype=np.float32) -> bytes:
-    """A .nii.gz of a few hundred bytes: a header declaring `shape` and no voxels."""
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(dtype)
-    header["vox_offset"] = 352
-    return gzip.compress(header.binaryblock + b"\0" * 4)
-
 
 def test_small_images_declaring_huge_sizes_are_refused_from_their_headers(tmp_path):
     from brainseg.data.io import TooLargeError, read_image

@@ -4,7 +4,6 @@ on any labelled folder, channel hints between LGG and Figshare-style models."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ from brainseg.evaluation.compare import compare_runs
 from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
 from brainseg.inference import Predictor
 from brainseg.training import train
-from conftest import TINY_TRAINING, write_png
+from conftest import TINY_TRAINING, train_once, write_png
 
 TYPES = ("meningioma", "glioma")
 
@@ -44,20 +43,9 @@ def make_image_set(root, numbers, *, size=64, seed=0):
 def image_run(tmp_path_factory):
     """(training images, other images, run folder): a 2-epoch model on 24 greyscale images."""
     root = tmp_path_factory.mktemp("image-run")
-    previous = os.environ.get("BRAINSEG_CACHE")
-    os.environ["BRAINSEG_CACHE"] = str(root / "cache")
-    try:
-        data = make_image_set(root / "train", range(1, 25))
-        other = make_image_set(root / "other", range(101, 109), seed=1)
-        config = RunConfig().override({**TINY_TRAINING, "data.root": str(data),
-                                       "data.group_by": "index-block:4"})
-        result = train(config, root / "run", progress=False)
-    finally:
-        if previous is None:
-            os.environ.pop("BRAINSEG_CACHE", None)
-        else:
-            os.environ["BRAINSEG_CACHE"] = previous
-    return data, other, result.run_dir
+    data = make_image_set(root / "train", range(1, 25))
+    other = make_image_set(root / "other", range(101, 109), seed=1)
+    return data, other, train_once(root, data, **{"data.group_by": "index-block:4"}).run_dir
 
 
 def test_an_image_set_is_scored_per_image_with_types_and_size_bands(image_run, tmp_path):

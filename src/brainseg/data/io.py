@@ -9,6 +9,7 @@ import math
 import warnings
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -75,17 +76,12 @@ def _side(pixels: int) -> str:
     return f"{side}x{side}" if side * side == pixels else f"{pixels:,} pixels"
 
 
-def image_header(path: str | Path, limits: SizeLimits = DEFAULT_LIMITS) -> tuple[int, int]:
-    """(width, height) of an image read from its header only; refuses (TooLargeError) one whose decoded
-    pixels would pass `limits`, and a file that is not an image it can read (BadInputError)."""
-    path = Path(path)
+@contextmanager
+def decoding(path: Path, limits: SizeLimits):
+    """Turn what a decoder raises into one-line errors naming `path`: Pillow's bomb guard into
+    TooLargeError, anything else into 'unreadable or truncated image'."""
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            with tifffile.TiffFile(path) as tif:
-                return _tiff_size(path, tif, limits)
-        with Image.open(path) as image:
-            width, height = image.size
-            bands = len(image.getbands())
+        yield
     except BadInputError:
         raise
     except Image.DecompressionBombError:
@@ -93,6 +89,19 @@ def image_header(path: str | Path, limits: SizeLimits = DEFAULT_LIMITS) -> tuple
                                   f"({_side(limits.slice_pixels)})") from None
     except Exception as error:  # every decoder raises its own types for corrupt data
         raise BadInputError(path, f"unreadable or truncated image ({_reason(error)})") from None
+
+
+def image_header(path: str | Path, limits: SizeLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """(width, height) of an image read from its header only; refuses (TooLargeError) one whose decoded
+    pixels would pass `limits`, and a file that is not an image it can read (BadInputError)."""
+    path = Path(path)
+    with decoding(path, limits):
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                return _tiff_size(path, tif, limits)
+        with Image.open(path) as image:
+            width, height = image.size
+            bands = len(image.getbands())
     check_slice_size(path, width, height, limits)
     if bands > MAX_CHANNELS:
         raise BadInputError(path, f"has {bands} channels; expected 1, 3 or 4")
@@ -234,16 +243,9 @@ def read_image(path: str | Path, limits: SizeLimits = DEFAULT_LIMITS) -> np.ndar
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise BadInputError(path, f"unsupported file type {path.suffix or '(none)'!r}")
-    try:
+    with decoding(path, limits):
         reader = _read_tiff if path.suffix.lower() in TIFF_SUFFIXES else _read_pillow
         array = reader(path, limits)
-    except BadInputError:
-        raise
-    except Image.DecompressionBombError:
-        raise TooLargeError(path, f"more than the limit of {limits.slice_pixels:,} pixels per slice "
-                                  f"({_side(limits.slice_pixels)})") from None
-    except Exception as error:  # every decoder raises its own types for corrupt data
-        raise BadInputError(path, f"unreadable or truncated image ({_reason(error)})") from None
     return _to_uint8(path, array)
 
 

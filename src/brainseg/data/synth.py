@@ -9,10 +9,15 @@ Everything is drawn from one seeded generator, so the same arguments give byte-i
 
 from __future__ import annotations
 
+import gzip
+import io
+import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import tifffile
 from PIL import Image
@@ -401,3 +406,49 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     """Write an 8-bit greyscale PNG (Pillow writes no timestamp, so bytes are reproducible)."""
     path.parent.mkdir(exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(path, format="PNG")
+
+
+# Hostile inputs for tests and benchmarks: files of a few bytes whose headers declare huge images or
+# volumes, to check that readers refuse them from the header, before decoding.
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header declares width x height RGB pixels (and no pixel data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+        + chunk(b"IEND", b"")
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A tiny JPEG whose frame header declares width x height pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"\xff\xc0")
+    data[start + 5:start + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def tiff_declaring(width: int, height: int) -> bytes:
+    """A deflate-compressed greyscale TIFF with one strip of a few bytes declaring width x height."""
+    strip = zlib.compress(b"\0" * 1024)
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1),
+               (273, 4, 1, 0), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, len(strip))]
+    offset_of_strip = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = offset_of_strip if tag == 273 else value
+        packed = struct.pack("<H", value) + b"\0\0" if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + strip
+
+
+def nifti_declaring(shape: tuple[int, ...], dtype=np.float32) -> bytes:
+    """A .nii.gz of a few hundred bytes: a header declaring `shape` and no voxels."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    return gzip.compress(header.binaryblock + b"\0" * 4)
