@@ -221,3 +221,23 @@ def test_bad_serve_options_are_refused_before_the_model_loads(options, message, 
     with pytest.raises(OptionError) as error:
         serve("/no/such/model", **options)
     assert str(error.value) == message
+
+
+def test_a_request_picks_one_of_the_served_models(tiny_run, tmp_path):
+    _, run = tiny_run
+    app = create_app(ServeSettings(model=str(run), also=("pretrained:figshare",)))
+    client = TestClient(app)
+    models = client.get("/api/health").json()["models"]
+    assert [m["name"] for m in models] == [str(run), "pretrained:figshare"]
+    assert models[0]["default"] and models[0]["channels"] == 3 and "FLAIR" in models[0]["fits"]
+    assert models[1]["channels"] == 1 and "greyscale" in models[1]["fits"]
+    grey = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 40, np.uint8)).save(grey, format="PNG")
+    picked = client.post("/api/predict", files={"file": ("g.png", grey.getvalue(), "image/png")},
+                         data={"model": "pretrained:figshare"})
+    assert picked.status_code == 200 and picked.json()["model"]["model"] == "unet"
+    default = client.post("/api/predict", files={"file": ("g.png", grey.getvalue(), "image/png")})
+    assert default.status_code == 400 and "pretrained:figshare" in default.json()["detail"]  # names the fit
+    unknown = client.post("/api/predict", files={"file": ("g.png", grey.getvalue(), "image/png")},
+                          data={"model": "nope"})
+    assert unknown.status_code == 400 and "unknown model 'nope'" in unknown.json()["detail"]

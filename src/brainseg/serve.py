@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 import nibabel as nib
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
@@ -43,12 +43,16 @@ from brainseg.inference import Predictor
 from brainseg.plots import overlay
 from brainseg.predict import is_nifti, nifti_to_slices, patient_slices, stack_slices
 
+# What scans a model fits, told by its input channels (the page shows it beside the model picker).
+FITS = {3: "3-channel slices: pre-contrast, FLAIR, post-contrast (LGG, kaggle_3m)",
+        1: "greyscale slices, e.g. T1-weighted contrast-enhanced (Figshare)"}
 MULTIPART_ALLOWANCE = 64 * 1024  # the form's boundaries and headers around the file itself
 
 
 @dataclass
 class ServeSettings:
-    model: str = "pretrained"
+    model: str = "pretrained"  # the default model
+    also: tuple[str, ...] = ()  # more models a request may pick by name (form field `model`)
     max_upload_mb: float = 50.0
     max_slices: int = 200
     max_zip_files: int = 500
@@ -100,7 +104,9 @@ class Service:
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.predictor = Predictor.load(settings.model)
+        names = list(dict.fromkeys([settings.model, *settings.also]))
+        self.predictors = {name: Predictor.load(name) for name in names}
+        self.predictor = self.predictors[settings.model]  # the default
         self.loads = 1
         self._lock = threading.Lock()
         self._results: OrderedDict[str, dict[str, tuple[bytes, str]]] = OrderedDict()
@@ -110,35 +116,50 @@ class Service:
         self._working = threading.Lock()
         self._admitted = threading.BoundedSemaphore(settings.max_waiting + 1)
 
+    def models(self) -> list[dict]:
+        """Each model a request may pick: its name, what scans it fits (by its input channels)."""
+        return [{"name": name, "default": name == self.settings.model, "channels": p.slice_channels,
+                 "fits": FITS.get(p.slice_channels, f"{p.slice_channels}-channel slices"),
+                 "model": p.identity.get("model")} for name, p in self.predictors.items()]
+
+    def choose(self, name: str | None):
+        if not name:
+            return self.predictor
+        if name not in self.predictors:
+            raise UploadError(400, f"unknown model {name!r}; this server has: "
+                                   f"{', '.join(self.predictors)}")
+        return self.predictors[name]
+
     def health(self) -> dict:
         return {"status": "ok", "model": self.predictor.identity, "threshold": self.predictor.cutoff,
-                "postprocessing": self.predictor.postprocessing,
+                "postprocessing": self.predictor.postprocessing, "models": self.models(),
                 "limits": {"max_upload_mb": self.settings.max_upload_mb,
                            "max_slices": self.settings.max_slices, "max_pixels": self.settings.max_pixels}}
 
-    def predict_upload(self, filename: str, data: bytes) -> dict:
+    def predict_upload(self, filename: str, data: bytes, model: str | None = None) -> dict:
         if len(data) > self.settings.max_upload_mb * 1024 * 1024:
             raise UploadError(413, f"upload is larger than {self.settings.max_upload_mb:g} MB")
         if not self._admitted.acquire(blocking=False):
             raise UploadError(503, f"busy: {self.settings.max_waiting} uploads are waiting; try again "
                                    "shortly", headers={"Retry-After": "2"})
         try:
+            predictor = self.choose(model)
             with self._working:
-                return self._predict_upload(filename, data)
+                return self._predict_upload(predictor, filename, data)
         finally:
             self._admitted.release()
 
-    def _predict_upload(self, filename: str, data: bytes) -> dict:
+    def _predict_upload(self, predictor, filename: str, data: bytes) -> dict:
         name = PurePosixPath(filename or "upload").name.lower()
         with tempfile.TemporaryDirectory(prefix="brainseg-upload-") as folder:
             folder = Path(folder)
             try:
                 if is_nifti(Path(name)):
-                    return self._predict_nifti(folder, name, data)
+                    return self._predict_nifti(predictor, folder, name, data)
                 if name.endswith(".zip"):
-                    return self._predict_zip(folder, data)
+                    return self._predict_zip(predictor, folder, data)
                 if Path(name).suffix in IMAGE_SUFFIXES:
-                    return self._predict_image(folder, name, data)
+                    return self._predict_image(predictor, folder, name, data)
             except TooLargeError as error:  # told from the header: nothing was decoded
                 raise UploadError(413, error.problem) from None
             except VolumeShapeError as error:
@@ -150,23 +171,23 @@ class Service:
         raise UploadError(415, "unsupported file type: upload a TIFF/PNG/JPEG slice, a NIfTI volume "
                                "(.nii, .nii.gz) or a zip of a kaggle_3m patient folder")
 
-    def _predict_image(self, folder: Path, name: str, data: bytes) -> dict:
+    def _predict_image(self, predictor, folder: Path, name: str, data: bytes) -> dict:
         path = folder / ("upload" + Path(name).suffix)
         path.write_bytes(data)
         image = read_image(path, self.settings.limits)
-        image = self.predictor.check_image(image, name)
+        image = predictor.check_image(image, name)
         with self._lock:
-            probability = self.predictor.predict_volume(image[None])
-        return self._result("image", image[None], self.predictor.masks(probability), name)
+            probability = predictor.predict_volume(image[None])
+        return self._result(predictor, "image", image[None], predictor.masks(probability), name)
 
-    def _predict_nifti(self, folder: Path, name: str, data: bytes) -> dict:
+    def _predict_nifti(self, predictor, folder: Path, name: str, data: bytes) -> dict:
         path = folder / ("upload.nii.gz" if name.endswith(".gz") else "upload.nii")
         path.write_bytes(data)
         slices, volume = nifti_to_slices(path, axis=2, limits=self.settings.limits)
         self._check_slices(len(slices))
         with self._lock:
-            probability = self.predictor.predict_volume(slices)
-        masks = self.predictor.masks(probability)
+            probability = predictor.predict_volume(slices)
+        masks = predictor.masks(probability)
         header = volume.header.copy()
         header.set_data_dtype(np.uint8)
         buffer = io.BytesIO()
@@ -174,11 +195,11 @@ class Service:
         buffer.write(image.to_bytes())
         voxel_ml = float(np.prod(volume.header.get_zooms()[:3])) / 1000.0
         extra = {"mask.nii.gz": (_gzip(buffer.getvalue()), "application/gzip")}
-        result = self._result("nifti", slices, masks, name, extra)
+        result = self._result(predictor, "nifti", slices, masks, name, extra)
         result["tumour_volume_ml"] = round(int(masks.sum()) * voxel_ml, 3)
         return result
 
-    def _predict_zip(self, folder: Path, data: bytes) -> dict:
+    def _predict_zip(self, predictor, folder: Path, data: bytes) -> dict:
         patient = folder / "patient"
         patient.mkdir()
         limit = int(self.settings.max_zip_uncompressed_mb * 1024 * 1024)
@@ -192,17 +213,17 @@ class Service:
         if voxels > limits.voxels:  # from the headers, before any slice is decoded
             raise UploadError(413, f"the slices hold {voxels:,} pixels in all; the limit is "
                                    f"{limits.voxels:,}")
-        images = stack_slices([self.predictor.check_image(read_image(p, limits), p.name) for p in slices],
+        images = stack_slices([predictor.check_image(read_image(p, limits), p.name) for p in slices],
                               slices)
         with self._lock:
-            probability = self.predictor.predict_volume(images)
-        return self._result("patient", images, self.predictor.masks(probability), "patient")
+            probability = predictor.predict_volume(images)
+        return self._result(predictor, "patient", images, predictor.masks(probability), "patient")
 
     def _check_slices(self, count: int) -> None:
         if count > self.settings.max_slices:
             raise UploadError(413, f"{count} slices; the limit is {self.settings.max_slices}")
 
-    def _result(self, kind: str, images: np.ndarray, masks: np.ndarray, name: str,
+    def _result(self, predictor, kind: str, images: np.ndarray, masks: np.ndarray, name: str,
                 extra: dict | None = None) -> dict:
         identifier = uuid.uuid4().hex
         mask_pngs = [_png(m.astype(np.uint8) * 255) for m in masks]
@@ -223,8 +244,8 @@ class Service:
         return {"id": identifier, "kind": kind, "name": name, "slices": len(masks),
                 "height": int(masks.shape[1]), "width": int(masks.shape[2]),
                 "tumour_pixels": int(sum(areas)), "tumour_pixels_per_slice": areas,
-                "threshold": self.predictor.cutoff, "postprocessing": self.predictor.postprocessing,
-                "model": self.predictor.identity,
+                "threshold": predictor.cutoff, "postprocessing": predictor.postprocessing,
+                "model": predictor.identity,
                 "images": [base64.b64encode(p).decode() for p in image_pngs],
                 "masks": [base64.b64encode(p).decode() for p in mask_pngs],
                 "downloads": {file: f"/api/download/{identifier}/{file}" for file in files}}
@@ -321,10 +342,10 @@ def create_app(settings: ServeSettings | None = None, service: Service | None = 
         return service.health()
 
     @app.post("/api/predict")
-    def predict(file: UploadFile = File(...)) -> dict:
+    def predict(file: UploadFile = File(...), model: str | None = Form(None)) -> dict:
         limit = int(service.settings.max_upload_mb * 1024 * 1024)
         data = file.file.read(limit + 1)
-        return service.predict_upload(file.filename or "upload", data)
+        return service.predict_upload(file.filename or "upload", data, model)
 
     @app.get("/api/download/{identifier}/{file}")
     def download(identifier: str, file: str) -> Response:
@@ -336,7 +357,9 @@ def create_app(settings: ServeSettings | None = None, service: Service | None = 
 
 
 def serve(model: str = "pretrained", host: str = "127.0.0.1", port: int = 8000, **limits) -> None:
+    """Serve `model`; with the shipped LGG model, the shipped Figshare model is offered beside it."""
     if not 0 <= port <= 65535:  # before the model loads, not as a traceback from the socket
         raise OptionError(f"--port: must be 0 to 65535, not {port}")
-    settings = ServeSettings(model=model, **limits)
+    also = ("pretrained:figshare",) if model == "pretrained" else ()
+    settings = ServeSettings(model=model, also=also, **limits)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
