@@ -344,15 +344,16 @@ def test_results_are_kept_within_a_total_size_and_an_age(tiny_run, monkeypatch):
     monkeypatch.setattr(serve_module.time, "monotonic", lambda: clock["now"])
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     masks = np.zeros((1, 64, 64), np.uint8)
-    first = service._result("image", noise[None], masks, "a.png")["id"]  # ~12 KB of PNG each
-    second = service._result("image", noise[None], masks, "b.png")["id"]
+    # ~12 KB of PNG each
+    first = service._result(service.predictor, "image", noise[None], masks, "a.png")["id"]
+    second = service._result(service.predictor, "image", noise[None], masks, "b.png")["id"]
     assert service.download(first, "overlay.png") and service.download(second, "overlay.png")
     for name in "cdef":
-        service._result("image", noise[None], masks, f"{name}.png")
+        service._result(service.predictor, "image", noise[None], masks, f"{name}.png")
     with pytest.raises(UploadError):  # pushed out by size: 6 results would hold more than 50 KB
         service.download(first, "overlay.png")
     clock["now"] += 61
-    last = service._result("image", noise[None], masks, "g.png")["id"]
+    last = service._result(service.predictor, "image", noise[None], masks, "g.png")["id"]
     clock["now"] += 61
     with pytest.raises(UploadError):  # expired
         service.download(last, "overlay.png")
