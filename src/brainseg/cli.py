@@ -256,8 +256,9 @@ def train_command(
     scores = [v for v in result.val_patient_dice.values() if v == v]
     mean = f"{sum(scores) / len(scores):.4f}" if scores else "n/a"
     typer.echo(f"best checkpoint: {result.best_checkpoint}")
-    per = "per image" if result.unit == "image" else "per patient volume"
-    typer.echo(f"validation Dice {per}: mean {mean} over {len(scores)} {result.unit}s")
+    from brainseg.evaluation.evaluate import SCORED_PER
+
+    typer.echo(f"validation Dice {SCORED_PER[result.unit]}: mean {mean} over {len(scores)} {result.unit}s")
     typer.echo(f"run folder: {result.run_dir} ({result.minutes:.1f} min)")
 
 
@@ -285,7 +286,7 @@ def evaluate_command(
 
     Example: brainseg evaluate runs/unet --data ../shared/data/lgg --split test --out runs/unet/test
     """
-    from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
+    from brainseg.evaluation.evaluate import CASE_TABLES, SCORED_PER, EvaluateOptions, evaluate
 
     options = EvaluateOptions(side=split, split_file=str(split_file or ""), fold=fold, threshold=threshold,
                               largest_component=largest_component, min_size=min_size,
@@ -293,9 +294,8 @@ def evaluate_command(
                               precision=precision, flair_replaces=flair_replaces)
     summary = evaluate(model, data, out, layout=layout, options=options)
     dice, unit = summary["per_patient"]["dice"], summary["data"]["unit"]
-    per = "per image" if unit == "image" else "per patient volume"
     if dice["n"]:
-        typer.echo(f"Dice {per} over {summary['data']['patients']} {unit}s ({split}): "
+        typer.echo(f"Dice {SCORED_PER[unit]} over {summary['data']['patients']} {unit}s ({split}): "
                    f"mean {dice['mean']:.4f}, median {dice['median']:.4f}, min {dice['min']:.4f}")
     for key in ("by_class", "by_size_band"):
         for name, group in (summary.get(key) or {}).items():
@@ -305,8 +305,8 @@ def evaluate_command(
     detection = summary["detection"]
     typer.echo(f"tumour detection per slice: accuracy {detection['accuracy']:.4f}, "
                f"sensitivity {detection['sensitivity']:.4f}, specificity {detection['specificity']:.4f}")
-    cases = "per_image.csv" if unit == "image" else "per_patient.csv"
-    typer.echo(f"wrote {out}/summary.json, {cases}, per_slice.csv, {', '.join(summary['figures'])}")
+    figures = ", ".join(summary["figures"])
+    typer.echo(f"wrote {out}/summary.json, {CASE_TABLES[unit]}, per_slice.csv, {figures}")
 
 
 @app.command("tune")

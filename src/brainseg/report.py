@@ -13,7 +13,7 @@ import yaml
 
 from brainseg.data.index import detect_layout
 from brainseg.errors import BadInputError, BrainsegError
-from brainseg.evaluation.evaluate import cases_table
+from brainseg.evaluation.evaluate import SCORED_PER, cases_table
 from brainseg.predict import data_set_root
 from brainseg.runs.folder import CONFIG_FILE, HISTORY_FILE
 
@@ -149,7 +149,7 @@ def _evaluation_section(root: Path, folder: Path) -> str:
     where = folder.relative_to(root).as_posix()
     where = f" <code>{html.escape(where)}</code>" if where != "." else ""
     unit = summary["data"].get("unit", "patient")
-    per = "per image" if unit == "image" else "per patient volume"
+    per = SCORED_PER[unit]
     parts = [f"<h2>Evaluation: {html.escape(side)} {unit}s ({summary['data']['patients']}){where}</h2>",
              f"<p>Model <code>{html.escape(str(summary['model'].get('model')))}</code>, threshold "
              f"{summary['options']['threshold']:g}. Scores {per}:</p>",

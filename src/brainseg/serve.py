@@ -176,8 +176,7 @@ class Service:
         path.write_bytes(data)
         image = read_image(path, self.settings.limits)
         image = predictor.check_image(image, name)
-        with self._lock:
-            probability = predictor.predict_volume(image[None])
+        probability = predictor.predict_volume(image[None])  # one upload at a time: see _working
         return self._result(predictor, "image", image[None], predictor.masks(probability), name)
 
     def _predict_nifti(self, predictor, folder: Path, name: str, data: bytes) -> dict:
@@ -185,8 +184,7 @@ class Service:
         path.write_bytes(data)
         slices, volume = nifti_to_slices(path, axis=2, limits=self.settings.limits)
         self._check_slices(len(slices))
-        with self._lock:
-            probability = predictor.predict_volume(slices)
+        probability = predictor.predict_volume(slices)  # one upload at a time: see _working
         masks = predictor.masks(probability)
         header = volume.header.copy()
         header.set_data_dtype(np.uint8)
@@ -215,8 +213,7 @@ class Service:
                                    f"{limits.voxels:,}")
         images = stack_slices([predictor.check_image(read_image(p, limits), p.name) for p in slices],
                               slices)
-        with self._lock:
-            probability = predictor.predict_volume(images)
+        probability = predictor.predict_volume(images)  # one upload at a time: see _working
         return self._result(predictor, "patient", images, predictor.masks(probability), "patient")
 
     def _check_slices(self, count: int) -> None:

@@ -509,12 +509,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
 def _write_model_file(checkpoint: Path, path: Path) -> Path:
     """model.pt from a checkpoint, written beside its place and renamed: a kill or a full disk leaves the
     previous one (or none), never half a file."""
-    try:
-        with replacing(path) as partial:
-            model_file_from_checkpoint(checkpoint, partial)
-    except (OSError, RuntimeError) as error:
-        raise WriteError(path, error) from None
-    return path
+    return write_atomically(path, lambda file: model_file_from_checkpoint(checkpoint, file))
 
 
 def weight_averaging(train_cfg: TrainConfig) -> list[Callback]:

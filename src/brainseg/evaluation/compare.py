@@ -12,7 +12,7 @@ from brainseg.data.index import ensure_outside, scan
 from brainseg.data.splits import load_split, save_split, seen_patients, validate_split
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import paired_change
-from brainseg.evaluation.evaluate import EvaluateOptions, cases_table, evaluate
+from brainseg.evaluation.evaluate import SCORED_PER, EvaluateOptions, cases_table, evaluate
 from brainseg.runs.folder import HISTORY_FILE, SPLIT_FILE, resolve_model_path, split_file_beside
 from brainseg.runs.model_file import load_model_file
 from brainseg.runs.pretrained import is_pretrained
@@ -96,8 +96,8 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     table.to_csv(out / "compare.csv", index=False)
     unit = summary["data"]["unit"]
     (out / "compare.md").write_text(_markdown(table, side, len(patients), unit))
-    per = "per image" if unit == "image" else "per patient volume"
-    plots.compare_models(per_patient, out / "compare.png", f"Dice {per} ({side}, {len(patients)} {unit}s)")
+    plots.compare_models(per_patient, out / "compare.png",
+                         f"Dice {SCORED_PER[unit]} ({side}, {len(patients)} {unit}s)")
     return table
 
 

@@ -52,6 +52,7 @@ CONVENTIONS = {
 # Tumour size bands in voxels (pixels for an image), where small tumours are half-missed.
 SIZE_BANDS = ((0, "none"), (1, "<5k"), (5_000, "5k-20k"), (20_000, ">20k"))
 CASE_TABLES = {"patient": "per_patient.csv", "image": "per_image.csv"}
+SCORED_PER = {"patient": "per patient volume", "image": "per image"}  # how the headline Dice is taken
 
 
 def size_band(true_voxels: int) -> str:
@@ -165,11 +166,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
 
     per_patient = pd.DataFrame(patient_rows)
     per_slice = pd.DataFrame(slice_rows)
-    if unit == "image":  # an image is its own "volume": say image, and drop the one-slice count
-        per_patient = per_patient.rename(columns={"patient": "image"}).drop(columns="slices")
-    per_patient.to_csv(out / CASE_TABLES[unit], index=False)
+    # an image is its own "volume": say image, and drop the one-slice count
+    cases = per_patient.rename(columns={"patient": "image"}).drop(columns="slices") if unit == "image" \
+        else per_patient
+    cases.to_csv(out / CASE_TABLES[unit], index=False)
     per_slice.to_csv(out / "per_slice.csv", index=False)
-    per_patient = per_patient.rename(columns={"image": "patient"})
     summary = _summary(per_patient, per_slice, predictor, result, options, cutoff, unit)
     summary["figures"] = _figures(out, per_patient, grid, examples, options, cutoff, result, rows,
                                   packed_masks)
@@ -254,7 +255,7 @@ def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, pa
         row["title"] += f", patient Dice {dice_value:.3f}"
     if worst:
         names.append(plots.prediction_grid(worst, out / "worst_patients.png", cutoff).name)
-    title = "Dice per image" if result.layout == "images_masks" else "Dice per patient volume"
+    title = f"Dice {SCORED_PER[split_unit(result.table)]}"
     names.append(plots.patient_scores(per_patient["patient"].tolist(), per_patient["dice"].tolist(),
                                       out / "patient_dice.png", title).name)
     if not ranked.empty:  # the median patient shows typical behaviour better than the best or worst

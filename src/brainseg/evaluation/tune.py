@@ -122,19 +122,22 @@ def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patie
         return (bool(row["tta_flip"]), (bool(row["largest_component"]), float(row["min_fraction"])),
                 int(row["min_size"]), float(row["threshold"]))
 
-    def at(tta=False, largest=False, min_fraction=0.0, min_size=0, threshold=default) -> dict:
+    def find(tta=False, largest=False, min_fraction=0.0, min_size=0, threshold=default) -> dict:
         row = table[(table.tta_flip == tta) & (table.largest_component == largest)
                     & np.isclose(table.min_fraction, min_fraction) & (table.min_size == min_size)
                     & np.isclose(table.threshold, threshold)]
-        if not len(row):
-            return {}
-        found = row.iloc[0].to_dict()
-        # the change against the baseline, paired over patients, with its 95% bootstrap interval
-        return {**found, "change": paired_change(scores[key(found)], scores[baseline_key])} \
-            if baseline_key is not None else found
+        return row.iloc[0].to_dict() if len(row) else {}
 
-    baseline_key = None
-    baseline_key = key(at()) if at() else None
+    baseline = find()
+
+    def at(*args, **kwargs) -> dict:
+        """The row of a setting, with its change against the baseline paired over patients and its 95%
+        bootstrap interval."""
+        found = find(*args, **kwargs)
+        if not found or not baseline:
+            return found
+        return {**found, "change": paired_change(scores[key(found)], scores[key(baseline)])}
+
     base = table[(~table.tta_flip) & (~table.largest_component) & (table.min_fraction == 0)
                  & (table.min_size == 0)]
     tuned = at(threshold=float(base.loc[base["dice_mean"].idxmax(), "threshold"]))
