@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from brainseg.errors import BadInputError, BrainsegError, OptionError
 from brainseg.export import export_model
@@ -140,3 +144,25 @@ def test_report_leaves_out_a_malformed_file_with_a_warning_and_reports_the_rest(
     assert any("other/summary.json: KeyError" in w for w in warnings)
     text = report.read_text()
     assert "learning_curves.png" in text  # the rest of the run is still reported
+
+
+def test_report_shows_tumour_overlays_in_slice_order(tmp_path):
+    """A patient's overlays in the report are slices with predicted tumour, in numeric (not string) order."""
+
+    folder = tmp_path / "predictions"
+    tumour_slices = {2, 9, 10, 11, 12, 13, 14, 20}
+    for n in range(1, 25):
+        mask = np.zeros((8, 8), np.uint8)
+        if n in tumour_slices:
+            mask[2:4, 2:4] = 255
+        (folder / "masks" / "P1").mkdir(parents=True, exist_ok=True)
+        (folder / "overlays" / "P1").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(folder / "masks" / "P1" / f"P1_{n}_mask.png")
+        Image.fromarray(np.stack([mask] * 3, -1)).save(folder / "overlays" / "P1" / f"P1_{n}.png")
+    row = {"case": "P1", "kind": "patient", "slices": 24, "tumour_pixels": 32, "status": "ok"}
+    pd.DataFrame([row]).to_csv(folder / "predictions.csv", index=False)
+    text = write_report(folder).read_text()
+    shown = [int(n) for n in re.findall(r'src="overlays/P1/P1_(\d+)\.png"', text)]
+    assert shown == sorted(shown) and len(shown) == 6 and set(shown) <= tumour_slices
+    assert shown[0] == 2 and shown[-1] == 20  # spread over the tumour slices, ends included
+    assert "6 of the 8 overlays with predicted tumour" in text and "4 tumour pixels predicted" in text

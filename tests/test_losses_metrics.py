@@ -183,6 +183,21 @@ def test_bce_dice_is_the_sum_of_bce_and_dice():
     assert combined.item() == pytest.approx(create_loss("BCE-Dice")(logits, target).item())
 
 
+def test_dice_per_image_weighs_a_missed_small_tumour_as_much_as_a_found_large_one():
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, 0, :, :16] = 1  # a large tumour, found
+    target[1, 0, 5:7, 5:7] = 1  # a small one, missed
+    logits = torch.where(target.bool(), 20.0, -20.0)
+    logits[1] = -20.0
+    per_image = create_loss("bce_dice_image")(logits, target) - create_loss("bce")(logits, target)
+    batch = create_loss("bce_dice")(logits, target) - create_loss("bce")(logits, target)
+    assert per_image.item() == pytest.approx(0.5, abs=1e-3)  # one of two tumour images wholly missed
+    assert batch.item() < 0.01  # the batch Dice hardly notices: 4 of 516 tumour pixels missed
+    empty = torch.zeros(2, 1, 8, 8)  # no tumour image: the Dice term is 0, BCE alone remains
+    assert create_loss("bce_dice_image")(torch.full_like(empty, -3.0), empty).item() == pytest.approx(
+        create_loss("bce")(torch.full_like(empty, -3.0), empty).item())
+
+
 def test_loss_accepts_bf16_logits():
     target = _batch()
     logits = torch.randn(4, 1, 16, 16)

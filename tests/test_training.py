@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -206,6 +207,19 @@ def test_patient_dice_convention():
     counts = torch.tensor([[5.0, 0, 0], [0, 0, 0], [1, 2, 3]], dtype=torch.float64)
     dice = patient_dice(counts)
     assert dice[0] == 1 and torch.isnan(dice[1]) and dice[2] == pytest.approx(2 / 7)
+
+
+def test_sampler_draws_small_tumour_slices_more_often(synthetic):
+    result = scan(synthetic)
+    table = result.table
+    dataset = SliceDataset(table, result.store, image_size=64)
+    pixels = table["tumour_pixels"].to_numpy()
+    cut = int(np.median(pixels[pixels > 0]))  # half the tumour slices count as small
+    plain = np.asarray(dataset.sampler(3.0).weights)
+    small = np.asarray(dataset.sampler(3.0, small_weight=2.0, small_pixels=cut).weights)
+    assert set(plain[pixels == 0]) == {1.0} and set(plain[pixels > 0]) == {3.0}
+    assert set(small[(pixels > 0) & (pixels < cut)]) == {6.0} and set(small[pixels >= cut]) == {3.0}
+    assert set(small[pixels == 0]) == {1.0}
 
 
 def test_overfitting_four_slices_reaches_dice_above_0_9(synthetic):

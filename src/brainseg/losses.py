@@ -3,6 +3,10 @@
 All take logits ``(B, 1, H, W)`` and float 0/1 targets of the same shape. Soft Dice is computed over the
 whole batch (``batch=True``) with smooth terms of 1e-5, so a batch of empty slices gives a finite loss
 that is near 0 when nothing is predicted and near 1 otherwise.
+
+``bce_dice_image`` takes the soft Dice of each image that has tumour and averages them, so a small
+tumour weighs as much as a large one (a batch Dice is dominated by the large ones); empty images are
+left to the BCE term, where per-image Dice would give them a constant loss without a useful gradient.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from torch import nn
 
 from brainseg.errors import BrainsegError
 
-LOSS_NAMES = ("bce", "dice", "bce_dice")
+LOSS_NAMES = ("bce", "dice", "bce_dice", "bce_dice_image")
 _ALIASES = {"dice_bce": "bce_dice", "dicece": "bce_dice", "dice_ce": "bce_dice"}
 _SMOOTH = 1e-5
 
@@ -40,6 +44,32 @@ class SegmentationLoss(nn.Module):
         return f"name={self.name!r}"
 
 
+class DicePerImageLoss(nn.Module):
+    """Mean soft Dice loss over the images whose target has foreground (0 when none has)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = DiceLoss(sigmoid=True, batch=False, reduction="none", smooth_nr=_SMOOTH,
+                             smooth_dr=_SMOOTH)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_image = self.dice(logits, target).flatten()
+        present = target.flatten(1).amax(dim=1) > 0
+        if not bool(present.any()):
+            return logits.sum() * 0.0  # keeps the graph so backward still runs
+        return per_image[present].mean()
+
+
+class BCEPlusDicePerImage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss()
+        self.dice = DicePerImageLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.bce(logits, target) + self.dice(logits, target)
+
+
 def normalise_loss_name(name: str) -> str:
     """Lower-cases and maps '+', '-' and spaces to '_': ``"BCE+Dice"`` -> ``"bce_dice"``."""
     key = name.strip().lower()
@@ -52,11 +82,14 @@ def normalise_loss_name(name: str) -> str:
 
 
 def create_loss(name: str = "bce_dice") -> SegmentationLoss:
-    """``"bce"``, ``"dice"`` or ``"bce_dice"`` (BCE + Dice with equal weights), all on logits."""
+    """``"bce"``, ``"dice"``, ``"bce_dice"`` (BCE + batch Dice with equal weights) or ``"bce_dice_image"``
+    (BCE + the mean Dice of the images with tumour), all on logits."""
     key = normalise_loss_name(name)
     loss: nn.Module
     if key == "bce":
         loss = nn.BCEWithLogitsLoss()
+    elif key == "bce_dice_image":
+        loss = BCEPlusDicePerImage()
     elif key == "dice":
         loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=_SMOOTH, smooth_dr=_SMOOTH)
     else:

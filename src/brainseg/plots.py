@@ -7,7 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-OVERLAY_COLOUR = (1.0, 0.15, 0.1)
+OVERLAY_COLOUR = (1.0, 0.0, 0.0)
+# Outlines in the report's figures: named in every legend, and far apart for red-green colour blindness
+# too (magenta against a yellow-green that differs in lightness).
+PREDICTION_OUTLINE = ("red", "red")
+TRUTH_OUTLINE = ("#7CFC00", "green")
 
 
 def _pyplot():
@@ -34,6 +38,26 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
     return rgb
 
 
+def _outline(ax, mask: np.ndarray, colour: str, width: float = 1.0) -> None:
+    if np.asarray(mask).any():
+        ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors=[colour], linewidths=width)
+
+
+def outlined(ax, image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray,
+             width: float = 1.0) -> None:
+    """The image in grey with the truth's outline (green) and the prediction's outline (red) over it."""
+    picture = display_image(image)
+    ax.imshow(picture, cmap="gray", vmin=0, vmax=255 if picture.dtype == np.uint8 else 1)
+    if truth is not None:
+        _outline(ax, truth, TRUTH_OUTLINE[0], width)
+    _outline(ax, prediction, PREDICTION_OUTLINE[0], width)
+
+
+def outline_legend(with_truth: bool = True) -> str:
+    prediction = f"{PREDICTION_OUTLINE[1]}: prediction outline"
+    return f"{prediction}, {TRUTH_OUTLINE[1]}: truth outline" if with_truth else prediction
+
+
 def sample_grid(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], titles: Sequence[str],
                 path: Path) -> Path:
     """One row per slice: image | mask | overlay."""
@@ -47,7 +71,7 @@ def sample_grid(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], title
             ax = axes[row][col]
             ax.imshow(picture, cmap="gray", vmin=0, vmax=255 if picture.dtype == np.uint8 else 1)
             ax.set_axis_off()
-            ax.set_title(f"{title}\n{name}" if col == 0 else name, fontsize=8)
+            ax.set_title(title if col == 0 else name, fontsize=8)
     return _save(fig, path)
 
 
@@ -124,15 +148,28 @@ def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
         for ax in (loss_ax, dice_ax):
             ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1,
                        label=f"best epoch {best_epoch}")
+    _plain_epoch_axes(loss_ax, dice_ax)
     loss_ax.legend()
     dice_ax.legend(loc="lower right")
     return _save(fig, path)
 
 
+def _plain_epoch_axes(loss_ax, dice_ax) -> None:
+    """Whole epochs on x whatever their number, and loss ticks as plain numbers (not 1.461x10^0)."""
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
+    for ax in (loss_ax, dice_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    plain = FormatStrFormatter("%.3g")
+    loss_ax.yaxis.set_major_formatter(plain)
+    loss_ax.yaxis.set_minor_formatter(plain)
+
+
 def prediction_grid(rows: Sequence[dict], path: Path, threshold: float = 0.5) -> Path:
     """One row per slice: image | truth | probability | binary at the threshold.
 
-    Each row is a dict with image (H, W, C) uint8, truth and probability (H, W) and a title.
+    Each row is a dict with image (H, W, C) uint8, truth and probability (H, W) and a title; the last
+    panel outlines the binary prediction in red and the truth in green over the image.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)), squeeze=False)
@@ -141,12 +178,15 @@ def prediction_grid(rows: Sequence[dict], path: Path, threshold: float = 0.5) ->
         panels = [(display_image(row["image"]), "image", "gray", 255),
                   (row["truth"].astype(np.float32), "truth", "gray", 1),
                   (row["probability"], "probability", "magma", 1),
-                  (overlay(row["image"], binary), f"binary ≥ {threshold:g}", None, 1)]
+                  (None, f"≥ {threshold:g}: red prediction,\ngreen truth", None, 1)]
         for c, (picture, name, cmap, vmax) in enumerate(panels):
             ax = axes[r][c]
-            ax.imshow(picture, cmap=cmap, vmin=0, vmax=vmax)
+            if picture is None:
+                outlined(ax, row["image"], row["truth"], binary)
+            else:
+                ax.imshow(picture, cmap=cmap, vmin=0, vmax=vmax)
             ax.set_axis_off()
-            ax.set_title(f"{row['title']}\n{name}" if c == 0 else name, fontsize=8)
+            ax.set_title(row["title"] if c == 0 else name, fontsize=8)
     return _save(fig, path)
 
 
@@ -191,22 +231,24 @@ def patient_scores(names: Sequence[str], dice: Sequence[float], path: Path, titl
     return _save(fig, path)
 
 
-def volume_montage(images: np.ndarray, truth: np.ndarray, prediction: np.ndarray, path: Path, title: str,
-                   columns: int = 8) -> Path:
-    """Every slice of a volume: prediction in red, the truth's outline in green."""
+def volume_montage(images: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray, path: Path,
+                   title: str, columns: int = 8, numbers: Sequence[int] | None = None) -> Path:
+    """Slices of a volume with the prediction's outline in red and the truth's in green (None: no truth),
+    each labelled with its slice number (1-based; `numbers` when the slices are a selection)."""
     plt = _pyplot()
     count = len(images)
+    numbers = list(numbers) if numbers is not None else list(range(1, count + 1))
+    columns = max(1, min(columns, count))
     rows = int(np.ceil(count / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.7 * rows + 0.5), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.0 * rows + 0.6), squeeze=False)
     for i, ax in enumerate(axes.ravel()):
         ax.set_axis_off()
         if i >= count:
             continue
-        ax.imshow(overlay(images[i], prediction[i]))
-        if truth[i].any():
-            ax.contour(truth[i].astype(float), levels=[0.5], colors=["lime"], linewidths=0.6)
-        ax.set_title(str(i + 1), fontsize=6)
-    fig.suptitle(f"{title}  (red: prediction, green: truth outline)", fontsize=9)
+        outlined(ax, images[i], None if truth is None else truth[i], prediction[i], width=0.9)
+        ax.text(0.03, 0.97, f"slice {numbers[i]}", transform=ax.transAxes, ha="left", va="top", fontsize=9,
+                color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})
+    fig.suptitle(f"{title}\n{outline_legend(truth is not None)}", fontsize=11)
     return _save(fig, path)
 
 

@@ -8,10 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from brainseg.data.index import detect_layout
+from brainseg.data.index import detect_layout, natural_key
+from brainseg.data.io import read_mask
 from brainseg.errors import BadInputError, BrainsegError
 from brainseg.evaluation.evaluate import SCORED_PER, cases_table
 from brainseg.predict import data_set_root
@@ -187,12 +189,46 @@ def _num(value) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
+SHOWN_OVERLAYS = 6
+
+
+def _predicted_pixels(folder: Path, overlay: Path) -> int:
+    """Tumour pixels of the mask written beside an overlay (overlays/CASE/STEM.png or overlays/STEM.png)."""
+    relative = overlay.relative_to(folder / "overlays")
+    masks = folder / "masks"
+    for mask in (masks / relative.parent / f"{overlay.stem}_mask.png", masks / relative):
+        if mask.is_file():
+            return int(np.count_nonzero(read_mask(mask)))
+    return 0
+
+
+def _shown_overlays(folder: Path) -> tuple[list[tuple[Path, int]], str]:
+    """Up to six overlays with predicted tumour, spread evenly over them in slice order, and a sentence
+    saying which; with no tumour anywhere, the first six."""
+    if not (folder / "overlays").exists():
+        return [], ""
+    overlays = sorted((folder / "overlays").rglob("*.png"),
+                      key=lambda p: natural_key(p.relative_to(folder / "overlays").as_posix()))
+    counted = [(path, _predicted_pixels(folder, path)) for path in overlays]
+    with_tumour = [(path, pixels) for path, pixels in counted if pixels > 0]
+    if not with_tumour:
+        first = counted[:SHOWN_OVERLAYS]
+        return first, f"No tumour was predicted; the first {len(first)} of {len(counted)} overlays are shown."
+    picks = sorted({round(i * (len(with_tumour) - 1) / max(SHOWN_OVERLAYS - 1, 1))
+                    for i in range(min(SHOWN_OVERLAYS, len(with_tumour)))})
+    shown = [with_tumour[i] for i in picks]
+    return shown, (f"{len(shown)} of the {len(with_tumour)} overlays with predicted tumour, evenly spaced in "
+                   f"slice order ({len(counted)} overlays in all); the prediction is filled in red.")
+
+
 def _predictions_section(root: Path, folder: Path, title: str) -> str:
     table = pd.read_csv(folder / "predictions.csv")
     parts = [f"<h2>{html.escape(title)}</h2>", _table(table.drop(columns=["mask"], errors="ignore"))]
-    overlays = sorted((folder / "overlays").rglob("*.png"))[:6] if (folder / "overlays").exists() else []
-    parts += [_figure(root, path, f"overlay: {path.relative_to(folder / 'overlays').as_posix()}")
-              for path in overlays]
+    shown, sentence = _shown_overlays(folder)
+    if sentence:
+        parts.append(f"<p>{html.escape(sentence)}</p>")
+    parts += [_figure(root, path, f"{path.relative_to(folder / 'overlays').with_suffix('').as_posix()}: "
+                                  f"{pixels} tumour pixels predicted") for path, pixels in shown]
     return "\n".join(parts)
 
 

@@ -131,9 +131,13 @@ class SliceDataset(Dataset):
             sample["mask_full"] = torch.from_numpy(np.array(mask)).float()[None]
         return self.transform(sample) if self.transform is not None else sample
 
-    def sampler(self, tumour_weight: float, num_samples: int = 0, seed: int = 0) -> WeightedRandomSampler:
-        """Draw tumour slices `tumour_weight` times as often as slices without tumour."""
-        weights = np.where(self.table["has_tumour"].to_numpy(), tumour_weight, 1.0)
+    def sampler(self, tumour_weight: float, num_samples: int = 0, seed: int = 0, small_weight: float = 1.0,
+                small_pixels: int = 0) -> WeightedRandomSampler:
+        """Draw tumour slices `tumour_weight` times as often as slices without tumour, and those with
+        fewer than `small_pixels` tumour pixels `small_weight` times as often again."""
+        pixels = self.table["tumour_pixels"].to_numpy()
+        weights = np.where(pixels > 0, tumour_weight, 1.0)
+        weights = np.where((pixels > 0) & (pixels < small_pixels), weights * small_weight, weights)
         generator = torch.Generator().manual_seed(seed)
         return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
                                      num_samples or len(self), replacement=True, generator=generator)
