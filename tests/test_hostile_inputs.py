@@ -7,11 +7,9 @@ import errno
 import io
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
 import pandas as pd
@@ -20,7 +18,14 @@ import tifffile
 import torch
 from PIL import Image
 
-from brainseg.data.synth import jpeg_declaring, nifti_declaring, png_declaring, tiff_declaring
+from brainseg.data.synth import (
+    jpeg_declaring,
+    malformed_zips,
+    nifti_declaring,
+    png_declaring,
+    tiff_declaring,
+    zip_of,
+)
 from brainseg.errors import BadInputError
 from brainseg.files import WriteError
 from brainseg.predict import predict_paths
@@ -261,24 +266,6 @@ def _post(client, name: str, content: bytes):
     return response.status_code, detail
 
 
-def _zip_bytes(entries: dict[str, bytes], compression=zipfile.ZIP_STORED) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression) as archive:
-        for name, content in entries.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
-
-
-def _patch_central(data: bytes, offset: int, value: bytes, local_offset: int | None = None) -> bytes:
-    """Overwrite a field of the (first) central directory entry, and of the local header if given."""
-    data = bytearray(data)
-    central = data.index(b"PK\x01\x02")
-    data[central + offset:central + offset + len(value)] = value
-    if local_offset is not None:
-        data[local_offset:local_offset + len(value)] = value
-    return bytes(data)
-
-
 def _tif_bytes(size: int, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
@@ -287,9 +274,7 @@ def _tif_bytes(size: int, seed: int = 0) -> bytes:
 
 def test_bombs_and_malformed_containers_get_4xx_with_a_reason(client):
     slice_tif = _tif_bytes(64)
-    stored = _zip_bytes({"p/p_1.tif": slice_tif})
-    bad_crc = bytearray(stored)
-    bad_crc[stored.index(b"p/p_1.tif") + 9 + 200] ^= 0xFF  # a byte of the stored slice
+    broken = malformed_zips("p/p_1.tif", slice_tif)
     cases = {
         ("bomb.png", png_declaring(13000, 13000)): (413, "13000x13000 pixels is more than the limit"),
         ("bomb.tif", tiff_declaring(16000, 16000)): (413, "16000x16000 pixels is more than the limit"),
@@ -297,18 +282,16 @@ def test_bombs_and_malformed_containers_get_4xx_with_a_reason(client):
         ("bomb.nii.gz", nifti_declaring((2048, 2048, 256))): (413, "256 slices along axis 2; the limit is"),
         ("bomb4d.nii.gz", nifti_declaring((2048, 2048, 12, 3))): (413, "voxels; the limit is 67,108,864"),
         ("empty.nii.gz", nifti_declaring((64, 64, 0))): (422, "has no slices"),
-        ("crc.zip", bytes(bad_crc)): (400, "zip member 'p/p_1.tif' is damaged (Bad CRC-32"),
-        ("encrypted.zip", _patch_central(stored, 8, b"\x01\x00", local_offset=6)):
-            (400, "zip member 'p/p_1.tif' is encrypted"),
-        ("method99.zip", _patch_central(stored, 10, b"\x63\x00", local_offset=8)):
+        ("crc.zip", broken["bad_crc.zip"]): (400, "zip member 'p/p_1.tif' is damaged (Bad CRC-32"),
+        ("encrypted.zip", broken["encrypted.zip"]): (400, "zip member 'p/p_1.tif' is encrypted"),
+        ("method99.zip", broken["method99.zip"]):
             (400, "zip member 'p/p_1.tif' uses compression method 99, which is not supported"),
-        ("lying.zip", _patch_central(stored, 24, struct.pack("<I", 2**31))):
-            (413, "zip would unpack to 2048 MB; the limit is 400 MB"),
-        ("short.zip", _patch_central(stored, 24, struct.pack("<I", 100))): (400, "zip member 'p/p_1.tif'"),
-        ("bombs.zip", _zip_bytes({"p/p_1.tif": tiff_declaring(16000, 16000)})):
+        ("lying.zip", broken["lying.zip"]): (413, "zip would unpack to 2048 MB; the limit is 400 MB"),
+        ("short.zip", broken["short.zip"]): (400, "zip member 'p/p_1.tif'"),
+        ("bombs.zip", zip_of({"p/p_1.tif": tiff_declaring(16000, 16000)})):
             (413, "16000x16000 pixels is more than the limit"),
-        ("mixed.zip", _zip_bytes({"p/p_1.tif": slice_tif, "p/p_2.tif": _tif_bytes(48),
-                                  "p/p_3.tif": slice_tif})):
+        ("mixed.zip", zip_of({"p/p_1.tif": slice_tif, "p/p_2.tif": _tif_bytes(48),
+                              "p/p_3.tif": slice_tif})):
             (422, "slice p_2.tif is 48x48 pixels; the others are 64x64"),
     }
     for (name, content), (status, message) in cases.items():

@@ -56,7 +56,7 @@ def test_kaggle_layout_found_one_level_down(tmp_path):
 
 def test_images_masks_layout_pairs_by_stem(tmp_path):
     rng = np.random.default_rng(0)
-    write_png(tmp_path / "images" / "10.png", rng.integers(0, 255, (48, 40), dtype=np.uint8))
+    write_png(tmp_path / "images" / "10.png", rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
     write_png(tmp_path / "images" / "2.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     mask = np.zeros((48, 40), np.uint8)
     mask[5:10, 5:10] = 255
@@ -66,7 +66,7 @@ def test_images_masks_layout_pairs_by_stem(tmp_path):
     table = index_dataset(tmp_path)
     assert table.attrs["layout"] == "images_masks"
     assert table["patient"].tolist() == ["2", "10"]  # natural sort
-    assert table["channels"].tolist() == [3, 1]
+    assert table["channels"].tolist() == [3, 3]
     assert table[["height", "width"]].values.tolist() == [[32, 32], [48, 40]]
     assert table["tumour_pixels"].tolist() == [0, 25]
     assert table["label_name"].tolist() == ["meningioma", "pituitary"]
@@ -116,7 +116,7 @@ def test_every_broken_case_is_reported_and_left_out(tmp_path):
 
     result = scan(root)
     found = kinds(result)
-    assert set(found) == set(Kind)
+    assert set(found) == set(Kind) - {Kind.ODD_CHANNELS}  # that one has a test of its own
     assert found[Kind.MISSING_MASK][0].files == (f"{PATIENT_A}/{PATIENT_A}_2.tif",)
     assert found[Kind.MISSING_IMAGE][0].files == (f"{PATIENT_A}/{PATIENT_A}_3_mask.tif",)
     assert "image 32x32, mask 16x16" in found[Kind.SIZE_MISMATCH][0].detail
@@ -144,6 +144,22 @@ def test_broken_images_masks_pairs(tmp_path):
     assert found[Kind.MISSING_MASK][0].files == ("images/1.png",)
     assert found[Kind.MISSING_IMAGE][0].files == ("masks/3.png",)
     assert found[Kind.UNREADABLE][0].files == ("images/4.png",)
+
+
+def test_an_rgba_image_among_greyscale_ones_is_left_out_by_name_cached_or_not(tmp_path):
+    """check --strict and training see the same data set: the odd image is a problem, not a crash later."""
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        write_png(tmp_path / "images" / f"{i}.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
+        write_png(tmp_path / "masks" / f"{i}.png", np.pad(np.full((4, 4), 255, np.uint8), 6))
+    write_png(tmp_path / "images" / "2.png", rng.integers(0, 255, (16, 16, 4), dtype=np.uint8))  # RGBA
+    for _ in range(2):  # decoded, then from the cache
+        result = scan(tmp_path)
+        odd = kinds(result)[Kind.ODD_CHANNELS]
+        assert [p.files for p in odd] == [("images/2.png",)] and "3 channel(s) where 4 of 5" in odd[0].detail
+        names = sorted(result.table["image_path"].map(lambda p: p.split("/")[-1]))
+        assert names == ["0.png", "1.png", "3.png", "4.png"]
+        assert set(result.table["channels"]) == {1}
 
 
 def test_strict_cli_exits_non_zero_and_default_warns(tmp_path):

@@ -179,6 +179,21 @@ class Predictor:
         return postprocess(probability >= self.cutoff, largest=settings["largest_component"],
                            min_size=settings["min_size"], min_fraction=settings["min_fraction"])
 
+    def check_channels(self, channels: int, name: str = "image", maybe_grey: bool = True) -> None:
+        """Refuses a channel count the model cannot take, naming the shipped model that fits such scans;
+        known from a header, this spares decoding a volume the model would refuse. `maybe_grey`: 3 or
+        4 channels may still be equal, which a 1-channel model takes as greyscale (decided from pixels)."""
+        grey_rgb = maybe_grey and channels in (3, 4) and self.slice_channels == 1
+        if channels == self.slice_channels or grey_rgb:
+            return
+        hint = ""
+        if channels == 1 and self.slice_channels == 3:
+            hint = (" (pre-contrast, FLAIR, post-contrast, as in LGG); for greyscale T1-CE slices "
+                    "(Figshare) use --model pretrained:figshare")
+        elif self.slice_channels == 1:
+            hint = " (greyscale T1-CE, as in Figshare); for LGG's 3-channel slices use --model pretrained"
+        raise BadInputError(name, f"has {channels} channel(s); the model expects {self.slice_channels}{hint}")
+
     def check_image(self, image: np.ndarray, name: str = "image") -> np.ndarray:
         """(H, W) or (H, W, C) uint8 -> (H, W, C) with the channel count the model expects.
 
@@ -190,14 +205,7 @@ class Predictor:
         if channels in (3, 4) and self.slice_channels == 1 and _equal_channels(image[..., :3]):
             image = image[..., :1]
         elif channels != self.slice_channels:
-            hint = ""
-            if channels == 1 and self.slice_channels == 3:
-                hint = (" (pre-contrast, FLAIR, post-contrast, as in LGG); for greyscale T1-CE slices "
-                        "(Figshare) use --model pretrained:figshare")
-            elif self.slice_channels == 1:
-                hint = " (greyscale T1-CE, as in Figshare); for LGG's 3-channel slices use --model pretrained"
-            raise BadInputError(name, f"has {channels} channel(s); the model expects "
-                                      f"{self.slice_channels}{hint}")
+            self.check_channels(channels, name, maybe_grey=False)
         elif channels == 3 and not self.warned_single_sequence and _equal_channels(image):
             self.warned_single_sequence = True  # once: a volume's slices would each repeat it
             warnings.warn(f"{name}: its 3 channels are equal, so it looks like a single sequence; this "

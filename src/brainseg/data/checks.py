@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -25,6 +26,7 @@ class Kind(str, Enum):
     SLICE_GAP = "gaps in slice numbers"
     DUPLICATE_SLICE = "duplicate slice numbers"
     UNRECOGNISED = "unrecognised file name"
+    ODD_CHANNELS = "channel count unlike the rest of the data set"
 
     @property
     def excludes(self) -> bool:
@@ -112,6 +114,17 @@ def decode_pair(image_path: Path, mask_path: Path, root: Path) -> DecodedPair | 
     if image.ndim == 2:
         image = image[..., None]
     return DecodedPair(np.ascontiguousarray(image), binarise_mask(mask))
+
+
+def odd_channel_counts(channels: Sequence[int], images: Sequence[Path],
+                       root: Path) -> tuple[int, list[Problem]]:
+    """The usual channel count, and a problem for each image whose count differs (e.g. an RGB or RGBA
+    PNG among greyscale ones): a network takes one count, so such images are left out, by name."""
+    counts = Counter(int(c) for c in channels)
+    usual = max(counts, key=lambda c: (counts[c], c)) if counts else 0  # a tie keeps the larger count
+    return usual, [Problem(Kind.ODD_CHANNELS, (relative(Path(image), root),),
+                    f"{count} channel(s) where {counts[usual]} of {len(channels)} images have {usual}")
+            for count, image in zip(channels, images, strict=True) if int(count) != usual]
 
 
 def relative(path: Path, root: Path) -> str:

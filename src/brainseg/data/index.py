@@ -30,7 +30,15 @@ from brainseg.data.cache import (
     open_store,
     read_manifest,
 )
-from brainseg.data.checks import CheckReport, DecodedPair, Kind, Problem, decode_pair, relative
+from brainseg.data.checks import (
+    CheckReport,
+    DecodedPair,
+    Kind,
+    Problem,
+    decode_pair,
+    odd_channel_counts,
+    relative,
+)
 from brainseg.data.io import IMAGE_SUFFIXES, TIFF_SUFFIXES
 from brainseg.errors import BadInputError
 from brainseg.progress import progress as progress_bar
@@ -127,6 +135,10 @@ def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress
         table, store, content_problems = cached
     else:
         table, store, content_problems = _decode(found, directory, digest, progress, workers)
+    usual, odd = odd_channel_counts(table["channels"].tolist(), table["image_path"].tolist(), root)
+    if odd:  # left out here, cached or not; their decoded pixels stay in the store, unused
+        table = table[table["channels"] == usual].reset_index(drop=True)
+        content_problems = [*content_problems, *odd]
     table.attrs.update(layout=layout, root=str(root))
     report = CheckReport(found.problems + content_problems)
     if require_slices and table.empty:

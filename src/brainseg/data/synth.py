@@ -13,6 +13,7 @@ import gzip
 import io
 import struct
 import sys
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -452,3 +453,36 @@ def nifti_declaring(shape: tuple[int, ...], dtype=np.float32) -> bytes:
     header.set_data_dtype(dtype)
     header["vox_offset"] = 352
     return gzip.compress(header.binaryblock + b"\0" * 4)
+
+
+def zip_of(entries: dict[str, bytes]) -> bytes:
+    """A zip (stored, not compressed) of these members, for the malformed-container builders below."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def _patch_first_entry(data: bytes, central_offset: int, value: bytes,
+                       local_offset: int | None = None) -> bytes:
+    """Overwrite a field of the first central-directory entry, and of its local header if given."""
+    patched = bytearray(data)
+    central = patched.index(b"PK\x01\x02")
+    patched[central + central_offset:central + central_offset + len(value)] = value
+    if local_offset is not None:
+        patched[local_offset:local_offset + len(value)] = value
+    return bytes(patched)
+
+
+def malformed_zips(member: str, content: bytes) -> dict[str, bytes]:
+    """Zips of one member that each break the format a different way: a damaged byte (bad CRC), the
+    encryption flag, compression method 99, an uncompressed size claiming 2 GB, and one too short."""
+    stored = zip_of({member: content})
+    damaged = bytearray(stored)
+    damaged[stored.index(member.encode()) + len(member) + min(200, len(content) - 1)] ^= 0xFF
+    return {"bad_crc.zip": bytes(damaged),
+            "encrypted.zip": _patch_first_entry(stored, 8, b"\x01\x00", local_offset=6),
+            "method99.zip": _patch_first_entry(stored, 10, b"\x63\x00", local_offset=8),
+            "lying.zip": _patch_first_entry(stored, 24, struct.pack("<I", 2**31)),
+            "short.zip": _patch_first_entry(stored, 24, struct.pack("<I", 100))}
