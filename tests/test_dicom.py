@@ -3,8 +3,12 @@ tumour predicted to a SEG that is read back, and every kind of bad input as one 
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import highdicom as hd
@@ -14,6 +18,8 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -26,17 +32,28 @@ from pydicom.uid import (
 from torch import nn
 
 from brainseg import predict as predict_module
+from brainseg import serve as serve_module
 from brainseg.data.dicom import (
+    anonymize_dataset,
     find_series,
     read_dicom_series,
     read_series,
     supported_transfer_syntaxes,
     to_nifti_array,
 )
-from brainseg.errors import BadInputError
+from brainseg.errors import BadInputError, OptionError
 from brainseg.inference import Predictor
 from brainseg.predict import predict_paths
-from brainseg.predict_dicom import NIFTI_FILE, SEG_FILE, predict_dicom, write_dicom_outputs
+from brainseg.predict_dicom import (
+    NIFTI_FILE,
+    SEG_FILE,
+    channel_plan,
+    parse_channels,
+    predict_dicom,
+    select_series,
+    write_dicom_outputs,
+)
+from brainseg.serve import ServeSettings, create_app
 from test_explain import bright_spot_predictor
 
 PATIENT = "Secret^Patient"  # must never appear in a message
@@ -60,7 +77,7 @@ def disc_volume() -> tuple[np.ndarray, np.ndarray]:
 
 def slice_dataset(pixels: np.ndarray, k: int, *, series_uid: str, study_uid: str, frame_uid: str,
                   orientation=(1, 0, 0, 0, 1, 0), step: float = STEP, slope: float = 1.0,
-                  intercept: float = 0.0) -> Dataset:
+                  intercept: float = 0.0, description: str = "FLAIR", number: int = 3) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -73,7 +90,7 @@ def slice_dataset(pixels: np.ndarray, k: int, *, series_uid: str, study_uid: str
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
     ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "1", ""
     ds.ReferringPhysicianName = ""
-    ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "MR", 3, "FLAIR"
+    ds.Modality, ds.SeriesNumber, ds.SeriesDescription = "MR", number, description
     ds.InstanceNumber = SHAPE[0] - k  # reversed, so that sorting must use the positions
     normal = np.cross(orientation[:3], orientation[3:])
     ds.ImagePositionPatient = [float(v) for v in ORIGIN + normal * step * k]
@@ -82,9 +99,13 @@ def slice_dataset(pixels: np.ndarray, k: int, *, series_uid: str, study_uid: str
     ds.SliceThickness = step
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    if pixels.dtype == np.uint8:  # 8-bit slices, as PNG or TIFF slices converted to DICOM are
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = pixels.tobytes()
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = pixels.astype(np.int16).tobytes()
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = pixels.astype(np.int16).tobytes()
     return ds
 
 
@@ -399,3 +420,314 @@ def test_predict_verb_writes_seg_nifti_pngs_and_rows(tmp_path, monkeypatch):
     assert "truncated" in failed[str(tmp_path / "study" / "cut.dcm")] and len(failed) == 2
     assert all(PATIENT not in line and "SECRET" not in line for line in lines)
     assert len(lines) == 2 and all(line.startswith("error: ") and "\n" not in line for line in lines)
+
+
+def test_eight_bit_slices_are_used_as_stored(tmp_path):
+    """8-bit slices (PNG or TIFF slices made DICOM) reach the model as the same images would as PNG."""
+    values = np.random.default_rng(2).integers(0, 200, SHAPE).astype(np.uint8)
+    write_series(tmp_path / "s", values)
+    volume, _ = read_dicom_series(tmp_path / "s")
+    assert volume.dtype == np.uint8 and np.array_equal(volume, values)
+    write_series(tmp_path / "s16", values.astype(np.int16))
+    assert not np.array_equal(read_dicom_series(tmp_path / "s16")[0], values)  # 16-bit: percentiles
+
+
+# --- a study's series fed to a model's channels (--channels) ----------------------------------------
+
+def disc_at(row: int, col: int, radius: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """int16 noise with a bright disc at (row, col) on slices 2-5, and that disc as a mask."""
+    values = np.random.default_rng(row * 100 + col).integers(100, 300, SHAPE).astype(np.int16)
+    rows, cols = np.mgrid[:SHAPE[1], :SHAPE[2]]
+    mask = np.zeros(SHAPE, bool)
+    mask[2:6] = (rows - row) ** 2 + (cols - col) ** 2 <= radius ** 2
+    values[mask] = 2000
+    return values, mask
+
+
+def channel_predictor(channel: int) -> Predictor:
+    """A 3-channel model that sees only input channel `channel`: bright there is tumour."""
+    predictor = grey_predictor(3)
+    with torch.no_grad():
+        predictor.model[0].weight.zero_()
+        predictor.model[0].weight[0, channel] = 20.0
+    return predictor
+
+
+DISCS = {"pre": (16, 16), "flair": (32, 40), "post": (48, 20)}
+DESCRIPTIONS = {"pre": "T1 pre", "flair": "AX FLAIR", "post": "T1 post Gd"}
+
+
+def write_study(folder: Path, **options) -> dict[str, str]:
+    """Three series on one grid, a disc in a different place in each: {channel: SeriesInstanceUID}."""
+    uids = {}
+    for number, (channel, centre) in enumerate(DISCS.items(), start=2):
+        _, uids[channel] = write_series(folder / channel, disc_at(*centre)[0],
+                                        description=DESCRIPTIONS[channel], number=number,
+                                        **options.get(channel, {}))
+    return uids
+
+
+def test_channels_are_parsed_and_checked_against_the_model():
+    assert parse_channels("pre=T1 pre, FLAIR = AX FLAIR,post=1.2.3") == [
+        ("pre", "T1 pre"), ("flair", "AX FLAIR"), ("post", "1.2.3")]
+    assert channel_plan(parse_channels("post=b,pre=a"), 3) == {"pre": "a", "post": "b"}
+    assert channel_plan(parse_channels("a,b,c"), 3) == {"pre": "a", "flair": "b", "post": "c"}
+    assert channel_plan(parse_channels("FLAIR"), 1) == {"image": "FLAIR"}
+    for text, channels, message in [("pre=", 3, "expected NAME=SERIES"), ("=x", 3, "expected NAME=SERIES"),
+                                    ("pre=a,b", 3, "name every series"), ("pre=a,pre=b", 3, "given twice"),
+                                    ("t2=a", 3, "'t2' is not a channel of this model; it takes pre, flair"),
+                                    ("a,b", 3, "one per channel"), ("a,b", 1, "2 series for a model of 1")]:
+        with pytest.raises(OptionError) as caught:
+            channel_plan(parse_channels(text), channels)
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_series_are_picked_by_description_or_uid_start(tmp_path):
+    uids = write_study(tmp_path / "study")
+    study = [s for s in find_series(tmp_path / "study") if not isinstance(s, BadInputError)]
+    assert select_series(study, "ax flair", "flair", "study").series_uid == uids["flair"]
+    assert select_series(study, "Gd", "post", "study").series_uid == uids["post"]
+    assert select_series(study, uids["pre"][:-3], "pre", "study").series_uid == uids["pre"]
+    with pytest.raises(BadInputError) as caught:
+        select_series(study, "T1", "pre", "study")  # 'T1 pre' and 'T1 post Gd'
+    assert "'T1' for pre matches 2 series (series 2 'T1 pre'" in str(caught.value)
+    with pytest.raises(BadInputError) as caught:
+        select_series(study, "T2", "pre", "study")
+    message = str(caught.value)
+    assert message.startswith("study: no series matches 'T2' for pre")
+    assert "series 3 'AX FLAIR' (UID ..." in message
+    assert PATIENT not in message and "SECRET" not in message and "\n" not in message
+
+
+def test_a_study_feeds_the_models_channels_and_says_which_series_fed_which(tmp_path, monkeypatch):
+    uids = write_study(tmp_path / "study")
+    for channel, index in (("pre", 0), ("flair", 1), ("post", 2)):
+        monkeypatch.setattr(predict_module.Predictor, "load",
+                            classmethod(lambda cls, *a, _k=index, **k: channel_predictor(_k)))
+        lines = []
+        out = tmp_path / f"out_{channel}"
+        table = predict_paths("model", [tmp_path / "study"], out, progress=False, echo=lines.append,
+                              channels="pre=T1 pre,flair=flair,post=T1 post")
+        assert list(table["case"]) == ["study"] and list(table["status"]) == ["ok"]
+        mask = np.stack([np.asarray(Image.open(p)) > 0 for p in sorted((out / "masks" / "study").glob(
+            "slice_*_mask.png"))])
+        assert (mask == disc_at(*DISCS[channel])[1]).mean() > 0.99  # the channel's series, in its place
+        assert len(lines) == 1 and lines[0].startswith("study: pre=series 2 'T1 pre' (UID ...")
+        assert "flair=series 3 'AX FLAIR'" in lines[0] and "post=series 4 'T1 post Gd'" in lines[0]
+        seg = pydicom.dcmread(out / "masks" / "study" / SEG_FILE)  # over the FLAIR series
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["flair"]
+        assert json.loads((out / "predictions.json").read_text())["channels"]["flair"] == "flair"
+
+
+def test_a_channel_left_out_gets_flair_with_a_note(tmp_path, monkeypatch):
+    write_study(tmp_path / "study")
+    use(monkeypatch, channel_predictor(2))
+    lines = []
+    table = predict_paths("model", [tmp_path / "study"], tmp_path / "out", progress=False, echo=lines.append,
+                          channels="flair=FLAIR")
+    assert list(table["status"]) == ["ok"]
+    assert lines[0] == (f"study: pre=(the flair series), flair=series 3 'AX FLAIR' (UID ..."
+                        f"{find_uid(tmp_path / 'study' / 'flair')[-8:]}), post=(the flair series)")
+    assert lines[1].startswith("warning: study: pre, post given no series: the flair series is copied in")
+    flair_disc = disc_at(*DISCS["flair"])[1]
+    assert int(table["tumour_pixels"].iloc[0]) == pytest.approx(flair_disc.sum(), rel=0.05)
+
+
+def use(monkeypatch, predictor: Predictor) -> None:
+    monkeypatch.setattr(predict_module.Predictor, "load", classmethod(lambda cls, *a, **k: predictor))
+
+
+def find_uid(folder: Path) -> str:
+    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_a_one_channel_model_takes_the_series_channels_names(tmp_path, monkeypatch):
+    write_study(tmp_path / "study")
+    monkeypatch.setattr(predict_module.Predictor, "load", classmethod(lambda cls, *a, **k: grey_predictor()))
+    lines = []
+    table = predict_paths("model", [tmp_path / "study"], tmp_path / "out", progress=False, echo=lines.append,
+                          channels="Gd")
+    assert list(table["status"]) == ["ok"] and lines[0].startswith("study: image=series 4 'T1 post Gd'")
+    assert int(table["tumour_pixels"].iloc[0]) == pytest.approx(disc_at(*DISCS["post"])[1].sum(), rel=0.05)
+    with pytest.raises(OptionError, match="'flair' is not a channel of this model; it takes image"):
+        predict_paths("model", [tmp_path / "study"], tmp_path / "out2", progress=False, channels="flair=x")
+    assert not (tmp_path / "out2").exists()  # refused before anything is written
+
+
+def test_series_on_different_grids_are_one_line_and_the_batch_goes_on(tmp_path, monkeypatch):
+    use(monkeypatch, channel_predictor(1))
+    write_study(tmp_path / "shifted", post={"step": 2.5})  # the same size, other slice positions
+    small = tmp_path / "small"
+    write_study(small)
+    shutil.rmtree(small / "pre")
+    write_series(small / "pre", disc_at(16, 16)[0][:, :32, :32], description="T1 pre", number=2)
+    write_study(tmp_path / "good")
+    lines = []
+    table = predict_paths("model", [tmp_path / "shifted", small, tmp_path / "good"], tmp_path / "out",
+                          progress=False, echo=lines.append, channels="pre=pre,flair=flair,post=post")
+    status = table.set_index("case")["status"]
+    assert status["good"] == "ok"
+    assert "series 4 'T1 post Gd'" in status["shifted"] and "mm off series 3 'AX FLAIR'" in status["shifted"]
+    assert "share one grid" in status["shifted"]
+    assert "(pre) is 8 slices of 32x32" in status["small"] and "is 8 of 64x64" in status["small"]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 2 and all("\n" not in line and PATIENT not in line for line in errors)
+    assert errors[0].startswith(f"error: {tmp_path / 'shifted' / 'post'}/IM") and \
+        errors[1].startswith(f"error: {small / 'pre'}/IM")
+
+
+def test_anonymize_strips_patient_attributes_from_the_seg(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict_module.Predictor, "load", classmethod(lambda cls, *a, **k: grey_predictor()))
+    _, series_uid = write_series(tmp_path / "series")
+    plain = predict_paths("model", [tmp_path / "series"], tmp_path / "plain", progress=False, echo=print)
+    anonymous = predict_paths("model", [tmp_path / "series"], tmp_path / "anon", progress=False,
+                              anonymize=True, echo=print)
+    kept = (Path(plain["mask"].iloc[0]) / SEG_FILE).read_bytes()
+    stripped_file = Path(anonymous["mask"].iloc[0]) / SEG_FILE
+    stripped = stripped_file.read_bytes()
+    for value in (b"Secret^Patient", b"SECRET-ID-42", b"19700101"):
+        assert value in kept and value not in stripped  # the SEG copies them unless --anonymize
+    seg = pydicom.dcmread(stripped_file)
+    assert seg.PatientName == seg.PatientID == seg.PatientBirthDate == seg.StudyDate == ""
+    assert seg.PatientIdentityRemoved == "YES"
+    assert [item.CodeValue for item in seg.DeidentificationMethodCodeSequence] == ["113100", "113110"]
+    assert seg.SeriesDescription == "brainseg tumour"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid  # still over its series
+    read = hd.seg.segread(stripped_file)
+    assert read.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(pydicom.dcmread(p).SOPInstanceUID) for p in sorted(
+            (tmp_path / "series").iterdir())][:1], segment_numbers=[1]).shape[0] == 1
+
+
+def test_anonymize_dataset_reaches_nested_and_private_attributes():
+    ds = Dataset()
+    ds.PatientName, ds.PatientAge, ds.InstitutionName = PATIENT, "054Y", "St Elsewhere"
+    item = Dataset()
+    item.PatientID, item.OtherPatientIDs = "SECRET-ID-42", "OTHER"
+    ds.ReferencedImageSequence = [item]
+    ds.add_new(0x00091001, "LO", "private note")
+    anonymize_dataset(ds)
+    assert ds.PatientName == "" and "PatientAge" not in ds and "InstitutionName" not in ds
+    nested = ds.ReferencedImageSequence[0]
+    assert nested.PatientID == "" and "OtherPatientIDs" not in nested
+    assert 0x00091001 not in ds and ds.PatientIdentityRemoved == "YES"
+
+
+def test_each_bad_input_of_a_batch_is_one_line_and_the_rest_is_predicted(tmp_path, monkeypatch):
+    """Mixed series, a gap, another size, another orientation, SR and RT objects and a truncated file in
+    one batch: a line each, naming the file, and the good series predicted."""
+    monkeypatch.setattr(predict_module.Predictor, "load", classmethod(lambda cls, *a, **k: grey_predictor()))
+    study = tmp_path / "study"
+    write_series(study / "good", description="AX FLAIR", number=5)
+    gap, _ = write_series(study / "gap", description="T2", number=6)
+    gap[4].unlink()
+    sized, _ = write_series(study / "sized", description="T1", number=7)
+    ds = pydicom.dcmread(sized[3])
+    ds.Rows = ds.Columns = 32
+    ds.PixelData = np.zeros((32, 32), np.int16).tobytes()
+    ds.save_as(sized[3])
+    turned, _ = write_series(study / "turned", description="DWI", number=8)
+    ds = pydicom.dcmread(turned[5])
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.save_as(turned[5])
+    for name in ("test-SR.dcm", "rtstruct.dcm", "rtplan.dcm", "MR_truncated.dcm"):
+        shutil.copy(get_testdata_file(name), study / name)
+    lines = []
+    table = predict_paths("model", [study], tmp_path / "out", progress=False, echo=lines.append)
+    ok = table[table["status"] == "ok"]
+    assert list(ok["case"]) == ["study_s5_AX_FLAIR"]
+    failed = table[table["status"] != "ok"]
+    problems = {Path(row["input"]).name if Path(row["input"]).is_file() else row["case"]: row["status"]
+                for _, row in failed.iterrows()}
+    assert "missing slice(s)" in problems["study_s6_T2"]
+    assert "32x32 pixels" in problems["study_s7_T1"] and "one size" in problems["study_s7_T1"]
+    assert "another orientation" in problems["study_s8_DWI"]
+    assert "structured report (SR)" in problems["test-SR.dcm"]
+    assert "RT structure set (RTSTRUCT)" in problems["rtstruct.dcm"]
+    assert "RT plan (RTPLAN)" in problems["rtplan.dcm"]
+    assert "truncated" in problems["MR_truncated.dcm"]
+    assert len(lines) == 7 and all(line.startswith("error: ") and "\n" not in line for line in lines)
+    assert all(PATIENT not in line and "SECRET" not in line for line in lines)
+    named = {gap[5], sized[3], turned[5], *(study / n for n in ("test-SR.dcm", "rtstruct.dcm", "rtplan.dcm",
+                                                                   "MR_truncated.dcm"))}
+    assert {Path(line[len("error: "):].split(": ")[0]) for line in lines} == named
+
+
+# --- serve: a zipped DICOM series in, its SEG out ----------------------------------------------------
+
+def zipped(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                archive.write(path, path.relative_to(folder).as_posix())
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def dicom_client(monkeypatch):
+    predictors = {"grey": grey_predictor(), "lgg": channel_predictor(1)}
+    monkeypatch.setattr(serve_module.Predictor, "load", classmethod(lambda cls, name, **k: predictors[name]))
+    return TestClient(create_app(ServeSettings(model="grey", also=("lgg",), max_upload_mb=5)))
+
+
+def test_serve_takes_a_zipped_series_and_gives_its_seg(tmp_path, dicom_client, caplog):
+    caplog.set_level(logging.DEBUG)
+    _, disc = disc_volume()
+    paths, series_uid = write_series(tmp_path / "series")
+    response = dicom_client.post("/api/predict", files={"file": ("series.zip", zipped(tmp_path / "series"))})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["kind"] == "dicom" and result["slices"] == SHAPE[0]
+    assert result["series"] == f"image=series 3 'FLAIR' (UID ...{series_uid[-8:]})"
+    assert result["tumour_area_mm2"] == pytest.approx(result["tumour_pixels"] * PIXEL[0] * PIXEL[1], abs=0.01)
+    assert result["tumour_pixels"] == pytest.approx(disc.sum(), rel=0.05)
+    assert set(result["downloads"]) >= {"seg.dcm", "mask.nii.gz"}
+    seg_bytes = dicom_client.get(result["downloads"]["seg.dcm"]).content
+    seg = hd.seg.segread(io.BytesIO(seg_bytes))
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(pydicom.dcmread(p).SOPInstanceUID) for p in paths], segment_numbers=[1])
+    assert frames[..., 0].astype(bool).sum() == result["tumour_pixels"]
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    assert b"Secret^Patient" in seg_bytes  # the SEG belongs with the patient's study...
+    assert PATIENT not in response.text and "SECRET" not in response.text  # ...but the page never shows it
+    anonymous = dicom_client.post("/api/predict", files={"file": ("series.zip", zipped(tmp_path / "series"))},
+                                  data={"anonymize": "true"}).json()
+    stripped = dicom_client.get(anonymous["downloads"]["seg.dcm"]).content
+    assert b"Secret" not in stripped and b"SECRET-ID-42" not in stripped and anonymous["anonymized"]
+    one = dicom_client.post("/api/predict", files={"file": ("IM.dcm", paths[3].read_bytes())})
+    assert one.status_code == 200 and one.json()["slices"] == 1
+    assert all(PATIENT not in record.getMessage() and "SECRET" not in record.getMessage()
+               for record in caplog.records)
+
+
+def test_serve_maps_a_zipped_study_and_refuses_bad_series_in_one_line(tmp_path, dicom_client):
+    uids = write_study(tmp_path / "study")
+    upload = {"file": ("study.zip", zipped(tmp_path / "study"))}
+    several = dicom_client.post("/api/predict", files=upload, data={"model": "lgg"})
+    assert several.status_code == 400
+    detail = several.json()["detail"]
+    assert detail.startswith("the upload holds 3 series (series 2 'T1 pre' (UID ...")
+    assert "channels field (pre=...,flair=...,post=...)" in detail and "SECRET" not in detail
+    mapped = dicom_client.post("/api/predict", files=upload,
+                               data={"model": "lgg", "channels": "pre=pre,flair=flair,post=post"})
+    assert mapped.status_code == 200, mapped.text
+    result = mapped.json()
+    assert result["series"].startswith("pre=series 2 'T1 pre'") and result["note"] == ""
+    assert result["tumour_pixels"] == pytest.approx(disc_at(*DISCS["flair"])[1].sum(), rel=0.05)
+    seg = pydicom.dcmread(io.BytesIO(dicom_client.get(result["downloads"]["seg.dcm"]).content))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["flair"]
+    unknown = dicom_client.post("/api/predict", files=upload, data={"model": "lgg", "channels": "t2=x"})
+    assert unknown.status_code == 400 and "'t2' is not a channel" in unknown.json()["detail"]
+    paths, _ = write_series(tmp_path / "gap")
+    paths[4].unlink()
+    gap = dicom_client.post("/api/predict", files={"file": ("gap.zip", zipped(tmp_path / "gap"))})
+    assert gap.status_code == 400
+    assert gap.json()["detail"].startswith(f"{paths[5].name}: missing slice(s) in series 3 'FLAIR'")
+    assert str(tmp_path) not in gap.json()["detail"] and "brainseg-upload" not in gap.json()["detail"]
+    report = dicom_client.post("/api/predict", files={"file": ("sr.dcm", Path(get_testdata_file(
+        "test-SR.dcm")).read_bytes())})
+    assert report.status_code == 400
+    assert report.json()["detail"] == "upload.dcm: is a DICOM structured report (SR), not an image"
+    png = dicom_client.post("/api/predict", files={"file": ("x.png", b"png")}, data={"channels": "a"})
+    assert png.status_code == 400 and "not DICOM" in png.json()["detail"]

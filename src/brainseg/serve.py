@@ -5,6 +5,11 @@ and a mask file) are kept in memory for download, oldest first out, within a cou
 an age. Every file's decoded size is checked from its header before decoding (brainseg.data.io), a
 body over the upload limit is refused as it streams in, zips are read member by member in chunks with
 caps on count and unpacked size, and member names never become paths.
+
+A zipped DICOM series (or a .dcm file) comes back with its DICOM SEG and NIfTI mask to download; a
+zipped study with the form field `channels` has the series it names fed to the model's channels. Series
+are named by number, description and a shortened UID: no patient attribute reaches a message, the page
+or the log, and the form field `anonymize` takes them out of the SEG too.
 """
 
 
@@ -28,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from brainseg import __version__
+from brainseg.data.dicom import DicomSeries, find_series, holds_dicom, read_series, write_nifti, write_seg
 from brainseg.data.io import (
     IMAGE_SUFFIXES,
     MAX_SLICE_PIXELS,
@@ -42,6 +48,14 @@ from brainseg.errors import BadInputError, BrainsegError, OptionError
 from brainseg.inference import Predictor
 from brainseg.plots import overlay
 from brainseg.predict import is_nifti, nifti_to_slices, patient_slices, stack_slices
+from brainseg.predict_dicom import (
+    DicomPrediction,
+    channel_names,
+    channel_plan,
+    parse_channels,
+    predict_series,
+    predict_study,
+)
 
 # What scans a model fits, told by its input channels (the page shows it beside the model picker).
 FITS = {3: "3-channel slices: pre-contrast, FLAIR, post-contrast (LGG, kaggle_3m)",
@@ -136,7 +150,8 @@ class Service:
                 "limits": {"max_upload_mb": self.settings.max_upload_mb,
                            "max_slices": self.settings.max_slices, "max_pixels": self.settings.max_pixels}}
 
-    def predict_upload(self, filename: str, data: bytes, model: str | None = None) -> dict:
+    def predict_upload(self, filename: str, data: bytes, model: str | None = None, *,
+                       channels: str | None = None, anonymize: bool = False) -> dict:
         if len(data) > self.settings.max_upload_mb * 1024 * 1024:
             raise UploadError(413, f"upload is larger than {self.settings.max_upload_mb:g} MB")
         if not self._admitted.acquire(blocking=False):
@@ -145,19 +160,27 @@ class Service:
         try:
             predictor = self.choose(model)
             with self._working:
-                return self._predict_upload(predictor, filename, data)
+                return self._predict_upload(predictor, filename, data, channels or None, anonymize)
         finally:
             self._admitted.release()
 
-    def _predict_upload(self, predictor, filename: str, data: bytes) -> dict:
+    def _predict_upload(self, predictor, filename: str, data: bytes, channels: str | None = None,
+                        anonymize: bool = False) -> dict:
         name = PurePosixPath(filename or "upload").name.lower()
         with tempfile.TemporaryDirectory(prefix="brainseg-upload-") as folder:
             folder = Path(folder)
             try:
+                if name.endswith(".zip"):
+                    return self._predict_zip(predictor, folder, data, channels, anonymize)
+                if name.endswith((".dcm", ".dicom")):
+                    (folder / "dicom").mkdir()
+                    (folder / "dicom" / "upload.dcm").write_bytes(data)
+                    return self._predict_dicom(predictor, folder, channels, anonymize)
+                if channels:
+                    raise UploadError(400, "the channels field maps the series of a DICOM upload (a zip of "
+                                           "DICOM files); this upload is not DICOM")
                 if is_nifti(Path(name)):
                     return self._predict_nifti(predictor, folder, name, data)
-                if name.endswith(".zip"):
-                    return self._predict_zip(predictor, folder, data)
                 if Path(name).suffix in IMAGE_SUFFIXES:
                     return self._predict_image(predictor, folder, name, data)
             except TooLargeError as error:  # told from the header: nothing was decoded
@@ -169,7 +192,8 @@ class Service:
             except BrainsegError as error:
                 raise UploadError(400, str(error)) from None
         raise UploadError(415, "unsupported file type: upload a TIFF/PNG/JPEG slice, a NIfTI volume "
-                               "(.nii, .nii.gz) or a zip of a kaggle_3m patient folder")
+                               "(.nii, .nii.gz), a zip of a kaggle_3m patient folder or of a DICOM series, "
+                               "or a .dcm file")
 
     def _predict_image(self, predictor, folder: Path, name: str, data: bytes) -> dict:
         path = folder / ("upload" + Path(name).suffix)
@@ -182,7 +206,11 @@ class Service:
     def _predict_nifti(self, predictor, folder: Path, name: str, data: bytes) -> dict:
         path = folder / ("upload.nii.gz" if name.endswith(".gz") else "upload.nii")
         path.write_bytes(data)
-        slices, volume = nifti_to_slices(path, axis=2, limits=self.settings.limits)
+        def check_channels(count: int, _: str) -> None:
+            predictor.check_channels(count, name)  # the upload's name, not the temp file's
+
+        slices, volume = nifti_to_slices(path, axis=2, limits=self.settings.limits,
+                                         check_channels=check_channels)
         self._check_slices(len(slices))
         probability = predictor.predict_volume(slices)  # one upload at a time: see _working
         masks = predictor.masks(probability)
@@ -197,14 +225,22 @@ class Service:
         result["tumour_volume_ml"] = round(int(masks.sum()) * voxel_ml, 3)
         return result
 
-    def _predict_zip(self, predictor, folder: Path, data: bytes) -> dict:
+    def _predict_zip(self, predictor, folder: Path, data: bytes, channels: str | None = None,
+                     anonymize: bool = False) -> dict:
         patient = folder / "patient"
         patient.mkdir()
         limit = int(self.settings.max_zip_uncompressed_mb * 1024 * 1024)
         extract_zip(io.BytesIO(data), patient, max_files=self.settings.max_zip_files, max_bytes=limit)
         slices = patient_slices(patient)
+        if not slices and holds_dicom(patient):
+            patient.rename(folder / "dicom")
+            return self._predict_dicom(predictor, folder, channels, anonymize)
+        if channels:
+            raise UploadError(400, "the channels field maps the series of a DICOM upload; this zip holds "
+                                   "no DICOM files")
         if not slices:
-            raise UploadError(400, "the zip holds no kaggle_3m patient folder (<name>_<n>.tif slices)")
+            raise UploadError(400, "the zip holds no kaggle_3m patient folder (<name>_<n>.tif slices) and "
+                                   "no DICOM series")
         self._check_slices(len(slices))
         limits = self.settings.limits
         voxels = sum(width * height for width, height in (image_header(p, limits) for p in slices))
@@ -215,6 +251,50 @@ class Service:
                               slices)
         probability = predictor.predict_volume(images)  # one upload at a time: see _working
         return self._result(predictor, "patient", images, predictor.masks(probability), "patient")
+
+    def _predict_dicom(self, predictor, folder: Path, channels: str | None, anonymize: bool) -> dict:
+        """The DICOM files in `folder`/dicom: one series, or with `channels` the series it maps to the
+        model's channels -> the result, with seg.dcm (anonymised with `anonymize`) and mask.nii.gz.
+        Problems name a file by its name in the upload, and series by their labels."""
+        found = find_series(folder / "dicom")
+        series = [item for item in found if isinstance(item, DicomSeries)]
+        skipped = [f"{item.path.name}: {item.problem}" for item in found if isinstance(item, BadInputError)]
+        try:
+            prediction = self._dicom_prediction(predictor, series, skipped, channels)
+            model = str(predictor.identity.get("model", "brainseg"))
+            seg = write_seg(prediction.mask, prediction.geometry, folder / "result" / "seg.dcm", model=model,
+                            anonymize=anonymize)
+            nifti = write_nifti(prediction.mask.astype(np.uint8), prediction.geometry,
+                                folder / "result" / "mask.nii.gz")
+        except OptionError as error:
+            raise UploadError(400, str(error)) from None
+        except TooLargeError as error:
+            raise UploadError(413, error.problem) from None
+        except BadInputError as error:
+            raise UploadError(400, f"{_upload_name(error.path, folder)}: {error.problem}") from None
+        extra = {"seg.dcm": (seg.read_bytes(), "application/dicom"),
+                 "mask.nii.gz": (nifti.read_bytes(), "application/gzip")}
+        result = self._result(predictor, "dicom", prediction.volume, prediction.mask,
+                              prediction.geometry.label, extra)
+        result.update(series=prediction.series, note=prediction.note, skipped=skipped,
+                      tumour_area_mm2=prediction.tumour_area_mm2,
+                      tumour_volume_ml=prediction.tumour_volume_ml, anonymized=anonymize)
+        return result
+
+    def _dicom_prediction(self, predictor, series: list[DicomSeries], skipped: list[str],
+                          channels: str | None) -> DicomPrediction:
+        limits = self.settings.limits
+        if channels:
+            plan = channel_plan(parse_channels(channels), predictor.slice_channels)
+            return predict_study(predictor, series, plan, "upload", limits)
+        if not series:
+            raise UploadError(400, skipped[0] if skipped else "the upload holds no DICOM image series")
+        if len(series) > 1:
+            example = ",".join(f"{name}=..." for name in channel_names(predictor.slice_channels))
+            labels = "; ".join(s.label for s in series)
+            raise UploadError(400, f"the upload holds {len(series)} series ({labels}); upload one, or name "
+                                   f"those to use in the channels field ({example})")
+        return predict_series(predictor, *read_series(series[0], limits))
 
     def _check_slices(self, count: int) -> None:
         if count > self.settings.max_slices:
@@ -268,6 +348,12 @@ class Service:
         if not files or file not in files:
             raise UploadError(404, "no such result (results are kept for the last few uploads only)")
         return files[file]
+
+
+def _upload_name(path: Path, folder: Path) -> str:
+    """A path in an upload's temporary folder as the user knows it: the file's name, never the folder."""
+    inside = folder / "dicom"
+    return path.name if path != inside and path.is_relative_to(inside) else "upload"
 
 
 def _gzip(data: bytes) -> bytes:
@@ -339,10 +425,12 @@ def create_app(settings: ServeSettings | None = None, service: Service | None = 
         return service.health()
 
     @app.post("/api/predict")
-    def predict(file: UploadFile = File(...), model: str | None = Form(None)) -> dict:
+    def predict(file: UploadFile = File(...), model: str | None = Form(None),
+                channels: str | None = Form(None), anonymize: bool = Form(False)) -> dict:
         limit = int(service.settings.max_upload_mb * 1024 * 1024)
         data = file.file.read(limit + 1)
-        return service.predict_upload(file.filename or "upload", data, model)
+        return service.predict_upload(file.filename or "upload", data, model, channels=channels,
+                                      anonymize=anonymize)
 
     @app.get("/api/download/{identifier}/{file}")
     def download(identifier: str, file: str) -> Response:

@@ -5,8 +5,10 @@ written back as DICOM SEG (highdicom) and as NIfTI with the affine of the DICOM 
 becomes one `DicomSeries` per SeriesInstanceUID, and each file that cannot be used (truncated, not
 DICOM, a structured report or an RT object) a `BadInputError`. `read_series(series)` decodes one
 series: rescale slope/intercept, MONOCHROME1 inverted, multi-frame files, slices sorted along the
-slice normal (by InstanceNumber where positions are missing), and checks it is one regular volume.
-`read_dicom_series(path)` does both for a path that holds one series.
+slice normal (by InstanceNumber where positions are missing), and checks it is one regular volume;
+8-bit slices are used as stored, others scaled to 0..255 by the series' percentiles.
+`read_dicom_series(path)` does both for a path that holds one series. `write_seg(..., anonymize=True)`
+writes a SEG without the patient-identifying attributes (`anonymize_dataset`).
 
 Patient-identifying tags are never put into a message: errors name the file and the problem, and a
 series is named by its number, description and a shortened UID.
@@ -48,6 +50,37 @@ NON_IMAGE_MODALITIES = {"SR": "structured report", "RTSTRUCT": "RT structure set
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines that differ by less are the same orientation
 SPACING_TOLERANCE = 0.1  # slice gaps more than 10% off the typical one are missing or uneven slices
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM patient space is LPS, NIfTI's world space RAS
+# Attributes that identify the patient, the visit or the staff, from DICOM PS3.15 Table E.1-1 (Basic
+# Application Level Confidentiality Profile), as far as a SEG can carry them: those its modules require
+# (type 2) are emptied, the rest removed. UIDs are kept (the profile's Retain UIDs Option), so that an
+# anonymised SEG still lies over its series.
+EMPTIED_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber", "ContentCreatorName")
+REMOVED_TAGS = (
+    "PatientBirthTime", "PatientAge", "PatientSize", "PatientWeight", "PatientAddress",
+    "PatientTelephoneNumbers", "PatientMotherBirthName", "PatientBirthName", "OtherPatientIDs",
+    "OtherPatientNames", "OtherPatientIDsSequence", "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "MedicalRecordLocator", "MilitaryRank", "BranchOfService",
+    "EthnicGroup", "Occupation", "PatientReligiousPreference", "CountryOfResidence", "RegionOfResidence",
+    "PatientInsurancePlanCodeSequence",
+    "MedicalAlerts", "Allergies", "SmokingStatus", "PregnancyStatus", "LastMenstrualDate", "PatientState",
+    "AdditionalPatientHistory", "PatientComments", "ResponsiblePerson", "ResponsibleOrganization",
+    "PatientSpeciesDescription", "PatientBreedDescription", "ReferencedPatientSequence",
+    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName", "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "PerformingPhysicianName",
+    "PerformingPhysicianIdentificationSequence", "RequestingPhysician", "OperatorsName",
+    "OperatorIdentificationSequence", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
+    "InstitutionCodeSequence", "StationName", "AdmissionID", "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence", "ServiceEpisodeID", "ServiceEpisodeDescription", "StudyDescription",
+    "RequestAttributesSequence", "RequestedProcedureDescription", "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID", "ScheduledProcedureStepDescription", "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID", "ClinicalTrialProtocolName", "ClinicalTrialSiteID", "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription", "ClinicalTrialCoordinatingCenterName", "ImageComments",
+    "AcquisitionComments", "StudyComments", "VisitComments", "CurrentPatientLocation",
+)
 
 
 @dataclass
@@ -371,7 +404,16 @@ def read_series(series: DicomSeries, limits: SizeLimits = DEFAULT_LIMITS) -> tup
         if str(frame.dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1":
             values[k] = -values[k]  # MONOCHROME1: low values are bright; negate so bright is high
     geometry = _geometry(series, frames, sorted_by, slice_step)
-    return to_uint8(values), geometry
+    return (values.astype(np.uint8) if stored_as_uint8(frames) else to_uint8(values)), geometry
+
+
+def stored_as_uint8(frames: list[_Frame]) -> bool:
+    """Whether the slices are 8-bit unsigned MONOCHROME2 values without rescaling: already the 0..255
+    images the model takes, used as stored (as the same slices saved as PNG or TIFF would be) rather
+    than stretched by percentiles."""
+    return all(int(f.dataset.get("BitsStored") or f.dataset.get("BitsAllocated") or 16) <= 8
+               and int(f.dataset.get("PixelRepresentation") or 0) == 0 and f.slope == 1 and f.intercept == 0
+               and str(f.dataset.get("PhotometricInterpretation", "")) == "MONOCHROME2" for f in frames)
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
@@ -505,9 +547,12 @@ def write_nifti(volume: np.ndarray, geometry: DicomGeometry, path: Path) -> Path
     return path
 
 
-def write_seg(mask: np.ndarray, geometry: DicomGeometry, path: Path, *, model: str = "brainseg") -> Path:
+def write_seg(mask: np.ndarray, geometry: DicomGeometry, path: Path, *, model: str = "brainseg",
+              anonymize: bool = False) -> Path:
     """A binary (N, H, W) mask as a DICOM Segmentation with one segment, "tumour", referencing the
-    source series' instances (frame by frame), so a viewer shows it over the series."""
+    source series' instances (frame by frame), so a viewer shows it over the series. The SEG copies the
+    source's patient and study attributes, as DICOM requires; `anonymize` empties or removes the
+    identifying ones (`anonymize_dataset`)."""
     mask = np.asarray(mask).astype(bool)
     if len(geometry.datasets) == 1 and len(mask) > 1:
         # One multi-frame source: SEG frames follow the source's own frame order.
@@ -539,7 +584,41 @@ def write_seg(mask: np.ndarray, geometry: DicomGeometry, path: Path, *, model: s
     except (ValueError, TypeError, AttributeError, KeyError) as error:
         detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise BadInputError(geometry.files[0], f"cannot be referenced by a DICOM SEG: {detail}") from None
+    if anonymize:
+        anonymize_dataset(seg)
+        seg.SeriesDescription = "brainseg tumour"  # the source's description could name the patient
     path.parent.mkdir(parents=True, exist_ok=True)
     with writing(path):
         seg.save_as(path)
     return path
+
+
+def anonymize_dataset(ds: Dataset) -> Dataset:
+    """Empty or remove the patient-, visit- and staff-identifying attributes (`EMPTIED_TAGS`,
+    `REMOVED_TAGS`) at any depth, and private ones, keeping UIDs; record that this was done
+    (PatientIdentityRemoved, DeidentificationMethod and its codes: PS3.15 basic profile, Retain UIDs)."""
+
+    def clean(dataset: Dataset) -> None:
+        for keyword in REMOVED_TAGS:
+            if keyword in dataset:
+                del dataset[keyword]
+        for keyword in EMPTIED_TAGS:
+            if keyword in dataset:
+                dataset[keyword].value = ""
+        for element in dataset:
+            if element.VR == "SQ":
+                for item in element.value:
+                    clean(item)
+
+    ds.remove_private_tags()
+    clean(ds)
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "brainseg: PS3.15 basic profile subset, UIDs kept"
+    methods = []
+    for code in (codes.DCM.BasicApplicationConfidentialityProfile, codes.DCM.RetainUidsOption):
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, \
+            code.meaning
+        methods.append(item)
+    ds.DeidentificationMethodCodeSequence = methods
+    return ds

@@ -155,7 +155,8 @@ def nifti_header(path: str | Path, axis: int, limits: SizeLimits = DEFAULT_LIMIT
 def extract_zip(source: BinaryIO, folder: Path, *, max_files: int, max_bytes: int,
                 name: str = "zip") -> list[Path]:
     """Unpack the files of a zip archive into `folder` under their base names (a member's path never
-    becomes one), skipping hidden files and __MACOSX. Refused with a one-line BadInputError naming the
+    becomes one; a name already taken gets the member's number in front), skipping hidden files and
+    __MACOSX. Refused with a one-line BadInputError naming the
     member: too many files, unsafe paths, encryption, unknown compression, a bad CRC or lying sizes;
     more than `max_bytes` in all, by the declared sizes or while unpacking in chunks, is a TooLargeError.
     Messages name members, never `folder`."""
@@ -177,6 +178,9 @@ def extract_zip(source: BinaryIO, folder: Path, *, max_files: int, max_bytes: in
             if base is None:
                 continue
             target = folder / base
+            number = len(paths)
+            while target.exists():  # the same name in two of the zip's folders (IM0001 of two series)
+                target, number = folder / f"{number}_{base}", number + 1
             written += _extract_member(archive, member, target, max_bytes - written, name)
             paths.append(target)
     return paths
