@@ -74,8 +74,8 @@ def test_run_folder_names_are_written_in_one_module(literal):
     assert homes == ["brainseg.runs.folder"]
 
 
-@pytest.mark.parametrize("module", ["brainseg.inference", "brainseg.predict", "brainseg.serve",
-                                    "brainseg.export", "brainseg.evaluation.evaluate"])
+@pytest.mark.parametrize("module", ["brainseg.inference", "brainseg.predict", "brainseg.predict_merge",
+                                    "brainseg.serve", "brainseg.export", "brainseg.evaluation.evaluate"])
 def test_inference_and_serving_do_not_import_lightning(module):
     code = f"import sys, {module}; print('lightning' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

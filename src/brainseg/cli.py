@@ -209,9 +209,14 @@ def train_command(
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Slices per batch.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    loss: Annotated[str | None, typer.Option(help="bce, dice or bce_dice.")] = None,
+    loss: Annotated[str | None, typer.Option(
+        help="bce, dice, bce_dice or bce_dice_image (Dice per tumour image).")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, 32-true, bf16-mixed or 16-mixed.")] = None,
-    devices: Annotated[int | None, typer.Option(help="Devices (processes); more than 1 uses DDP.")] = None,
+    devices: Annotated[int | None, typer.Option(help="Devices (processes) per node; more than 1 uses DDP.")]
+    = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Nodes (machines) under torchrun or SLURM, each "
+                                                       "running --devices processes; see docs/scaling.md.")]
+    = None,
     accelerator: Annotated[str | None, typer.Option(help="auto, cpu or gpu.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this much time.")] = None,
     split: Annotated[Path | None, typer.Option(help="Split JSON to use (default: make one).")] = None,
@@ -238,7 +243,8 @@ def train_command(
         "data.split": str(split) if split else None, "data.fold": fold,
         "model.name": model, "model.base_filters": base_filters, "model.depth": depth,
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.loss": loss,
-        "train.precision": precision, "train.devices": devices, "train.accelerator": accelerator,
+        "train.precision": precision, "train.devices": devices, "train.num_nodes": num_nodes,
+        "train.accelerator": accelerator,
         "train.max_minutes": max_minutes, "train.seed": seed,
         "train.init_weights": str(init) if init else None,
     }
@@ -425,12 +431,23 @@ def predict_command(
     threshold: Annotated[float | None, typer.Option(help="Probability cut (default: model's).")] = None,
     axis: Annotated[int, typer.Option(help="NIfTI slicing axis (0, 1 or 2).")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace the predictions already in --out.")] = False,
+    channels: Annotated[str | None, typer.Option(
+        help="DICOM: series of each study fed to the model's channels, by part of the SeriesDescription "
+             "or start of the SeriesInstanceUID: 'pre=T1,flair=FLAIR,post=T1 post' (a 1-channel model: "
+             "'FLAIR').")] = None,
+    anonymize: Annotated[bool, typer.Option(
+        help="DICOM: write SEGs without patient-identifying attributes (PS3.15 basic profile, UIDs "
+             "kept).")] = False,
+    shard: Annotated[str | None, typer.Option(
+        help="K/N: predict only the K-th of N shares of the cases (dealt in order of case name), so that "
+             "N machines or a SLURM array split a batch; join them with brainseg merge.")] = None,
 ) -> None:
     """Predict tumour masks for new images and volumes; masks keep each input's size.
 
     Patient folders (kaggle_3m) are predicted as one volume, so 3D post-processing applies; NIfTI
     masks keep the input's affine. A DICOM series (one per SeriesInstanceUID in a folder) gets a DICOM
-    SEG (seg.dcm) and mask.nii.gz with its geometry, and areas in mm² and volumes in ml.
+    SEG (seg.dcm) and mask.nii.gz with its geometry, and areas in mm² and volumes in ml; with
+    --channels, the series of each DICOM study named there feed the model's channels as one case.
     Bad files are reported and skipped; the exit code is 1 if any failed.
     --out must not hold any input, nor earlier predictions unless --overwrite.
 
@@ -442,12 +459,40 @@ def predict_command(
                           save_probabilities=probabilities, overlays=overlays,
                           largest_component=largest_component, min_size=min_size,
                           min_fraction=min_fraction, tta_flip=tta,
-                          threshold=threshold, axis=axis, overwrite=overwrite,
-                          echo=lambda line: typer.echo(line, err=True))
+                          threshold=threshold, axis=axis, overwrite=overwrite, channels=channels,
+                          anonymize=anonymize, shard=shard, echo=lambda line: typer.echo(line, err=True))
     failed = int((table["status"] != "ok").sum())
     typer.echo(f"{len(table) - failed} cases predicted, {failed} failed; wrote {out}/predictions.csv")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("merge")
+def merge_command(
+    folders: Annotated[list[Path], typer.Argument(help="The --out folders of brainseg predict --shard K/N, "
+                                                       "one per shard.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged predictions.csv and "
+                                                          "predictions.json.")],
+    allow_missing: Annotated[bool, typer.Option(help="Merge the shards given even if some of 1..N are "
+                                                     "missing (listed in predictions.json).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the predictions already in --out.")] = False,
+) -> None:
+    """Join the shards of one prediction batch into one predictions.csv and predictions.json.
+
+    The masks stay in the shards' folders; the merged table lists where each one is. Refused, naming
+    what: shards of different batches or settings, a case in two shards, a missing shard.
+
+    Example: brainseg merge preds/shard1 preds/shard2 preds/shard3 --out preds/all
+    """
+    from brainseg.predict_merge import merge_predictions
+
+    summary = merge_predictions(folders, out, allow_missing=allow_missing, overwrite=overwrite)
+    for note in summary.get("notes", []):
+        typer.echo(f"warning: {note}", err=True)
+    if summary["missing_shards"]:
+        typer.echo(f"warning: shards {', '.join(summary['missing_shards'])} missing", err=True)
+    typer.echo(f"{summary['cases']} cases ({summary['failed']} failed) from {len(summary['shards'])} shards; "
+               f"wrote {out}/predictions.csv")
 
 
 @app.command("ensemble")

@@ -83,6 +83,10 @@ class DataConfig:
     context: int = 0  # 2.5D: neighbouring slices stacked on each side (0 = plain 2D)
     normalize: str = "percentile"  # percentile (each channel / its 99.5th percentile per volume) or divide255
     tumour_weight: float = 3.0  # how much more often a tumour slice is drawn than another
+    # Slices with a little tumour (fewer than small_tumour_pixels at the original size) are drawn
+    # small_tumour_weight times as often again: small and edge lesions are where the misses are.
+    small_tumour_weight: float = 1.0
+    small_tumour_pixels: int = 1000
     samples_per_epoch: int = 0  # 0: as many draws as training slices
     num_workers: int = -1  # data loader workers; -1 picks from the core count
     cache: bool = True
@@ -91,6 +95,7 @@ class DataConfig:
         # val and test are checked with the split itself (splits.split_patients)
         check_ranges("data", self, {
             "image_size": f"[{MIN_IMAGE_SIZE}, inf)", "context": "[0, inf)", "tumour_weight": "(0, inf)",
+            "small_tumour_weight": "(0, inf)", "small_tumour_pixels": "[0, inf)",
             "samples_per_epoch": "[0, inf)", "num_workers": "[-1, inf)", "folds": "[0, inf)",
             "fold": "[-1, inf)"})
         if self.normalize not in ("percentile", "divide255"):
@@ -163,7 +168,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    loss: str = "bce_dice"  # bce, dice or bce_dice
+    loss: str = "bce_dice"  # bce, dice, bce_dice or bce_dice_image (Dice per tumour image, see losses)
     early_stopping_patience: int = 10  # epochs without a better validation patient Dice
     lr_patience: int = 4  # ReduceLROnPlateau patience, in epochs
     lr_factor: float = 0.5
@@ -173,6 +178,7 @@ class TrainConfig:
     channels_last: bool = True
     accelerator: str = "auto"  # auto, cpu or gpu
     devices: int = 1  # > 1 trains with DDP
+    num_nodes: int = 1  # machines, each running `devices` processes (torchrun, SLURM); > 1 trains with DDP
     max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
     threshold: float = 0.5
     seed: int = 0
@@ -187,7 +193,8 @@ class TrainConfig:
         check_ranges("train", self, {
             "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
             "early_stopping_patience": "[1, inf)", "lr_patience": "[0, inf)", "lr_factor": "(0, 1)",
-            "min_lr": "[0, inf)", "devices": "[1, inf)", "max_minutes": "[0, inf)", "val_every": "[1, inf)"})
+            "min_lr": "[0, inf)", "devices": "[1, inf)", "num_nodes": "[1, inf)",
+            "max_minutes": "[0, inf)", "val_every": "[1, inf)"})
         check_seed(self.seed, "train.seed")
         for name, allowed in (("weight_average", WEIGHT_AVERAGES), ("precision", PRECISIONS),
                               ("accelerator", ACCELERATORS)):

@@ -156,11 +156,10 @@ def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
 
 def _plain_epoch_axes(loss_ax, dice_ax) -> None:
     """Whole epochs on x whatever their number, and loss ticks as plain numbers (not 1.461x10^0)."""
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
-
+    plt = _pyplot()  # pyplot re-exports the tickers
     for ax in (loss_ax, dice_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    plain = FormatStrFormatter("%.3g")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    plain = plt.FormatStrFormatter("%.3g")
     loss_ax.yaxis.set_major_formatter(plain)
     loss_ax.yaxis.set_minor_formatter(plain)
 

@@ -6,8 +6,10 @@ however many files there are. A bad file is reported and skipped; the rest are w
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,11 +33,11 @@ from brainseg.data.io import (
     nifti_header,
     read_image,
 )
-from brainseg.errors import BadInputError, BrainsegError
+from brainseg.errors import BadInputError, BrainsegError, OptionError
 from brainseg.files import WriteError, writing
 from brainseg.inference import Predictor
 from brainseg.plots import overlay
-from brainseg.predict_dicom import dicom_case_row
+from brainseg.predict_dicom import channel_plan, dicom_case_row, parse_channels
 from brainseg.progress import progress as progress_bar
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -54,6 +56,7 @@ class Case:
     paths: list[Path]
     series: DicomSeries | None = None  # a DICOM case's series (headers only)
     source: Path | None = None  # a DICOM case's input: the file or folder given
+    study: list[DicomSeries] | None = None  # with --channels: the series of a DICOM input, one case
 
 
 def is_nifti(path: Path) -> bool:
@@ -79,8 +82,9 @@ def patient_slices(folder: Path) -> list[Path] | None:
     return [path for _, path in sorted(slices)]
 
 
-def discover(inputs: list[Path]) -> Iterator[Case | BadInputError]:
-    """Cases from the inputs in order; an unusable input yields its error instead."""
+def discover(inputs: list[Path], *, studies: bool = False) -> Iterator[Case | BadInputError]:
+    """Cases from the inputs in order; an unusable input yields its error instead. With `studies`
+    (--channels), the DICOM series of an input are one case, whose series feed the model's channels."""
     for item in inputs:
         if not item.exists():
             yield BadInputError(item, "does not exist")
@@ -88,16 +92,16 @@ def discover(inputs: list[Path]) -> Iterator[Case | BadInputError]:
             if is_nifti(item):
                 yield Case("nifti", _nifti_stem(item), [item])
             elif item.suffix.lower() not in IMAGE_SUFFIXES and is_dicom_file(item):
-                yield from discover_dicom(item)
+                yield from discover_dicom(item, studies=studies)
             elif item.suffix.lower() in IMAGE_SUFFIXES:
                 yield Case("image", item.stem, [item])
             else:
                 yield BadInputError(item, f"unsupported file type {item.suffix or '(none)'!r}")
         else:
-            yield from _discover_folder(item)
+            yield from _discover_folder(item, studies)
 
 
-def _discover_folder(folder: Path) -> Iterator[Case | BadInputError]:
+def _discover_folder(folder: Path, studies: bool = False) -> Iterator[Case | BadInputError]:
     slices = patient_slices(folder)
     if slices:
         yield Case("patient", folder.name, slices)
@@ -108,7 +112,7 @@ def _discover_folder(folder: Path) -> Iterator[Case | BadInputError]:
              and (p.suffix.lower() in IMAGE_SUFFIXES or is_nifti(p))]
     if not subfolders and not files:
         if holds_dicom(folder):
-            yield from discover_dicom(folder)
+            yield from discover_dicom(folder, studies=studies)
             return
         yield BadInputError(folder, "empty folder: no images, NIfTI volumes, DICOM or patient folders")
         return
@@ -118,13 +122,16 @@ def _discover_folder(folder: Path) -> Iterator[Case | BadInputError]:
         yield Case("nifti", _nifti_stem(path), [path]) if is_nifti(path) else Case("image", path.stem, [path])
 
 
-def discover_dicom(path: Path) -> Iterator[Case | BadInputError]:
+def discover_dicom(path: Path, *, studies: bool = False) -> Iterator[Case | BadInputError]:
     """A case per DICOM series under `path` (a .dcm file or a folder), named after the file or folder,
     with the series' number and description where the folder holds several; each unusable file is an
-    error."""
+    error. With `studies`, all the series under `path` are one case named after it."""
     found = find_series(path)
     series = [item for item in found if isinstance(item, DicomSeries)]
     base = path.stem if path.is_file() else path.name
+    if studies and series:
+        yield Case("dicom", base, [file for item in series for file in item.files], source=path, study=series)
+        series = []
     slugs = Counter(item.slug for item in series)
     for item in series:
         name = base if len(series) == 1 else f"{base}_{item.slug}"
@@ -196,12 +203,18 @@ def data_folders(item: Path) -> list[Path]:
     return [*folders, root] if root else folders
 
 
-def nifti_to_slices(path: Path, axis: int, limits: SizeLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, object]:
+def nifti_to_slices(path: Path, axis: int, limits: SizeLimits = DEFAULT_LIMITS,
+                    check_channels=None) -> tuple[np.ndarray, object]:
     """A NIfTI volume as (N, H, W, C) uint8 slices along `axis`, scaled by its 0.5-99.5 percentiles.
-    Its header is checked against `limits` before any voxel is decoded."""
+    Its header is checked against `limits`, and its channel count with `check_channels(count, name)`
+    (e.g. Predictor.check_channels), before any voxel is decoded. Scaled in place: the peak is about
+    two float32 copies of the volume."""
     if not 0 <= axis <= 2:
         raise BadInputError("--axis", "must be 0, 1 or 2")
     volume = nifti_header(path, axis, limits)
+    shape = volume.header.get_data_shape()
+    if check_channels is not None:
+        check_channels(int(shape[3]) if len(shape) == 4 else 1, str(path.name))
     try:
         data = np.asarray(volume.dataobj, dtype=np.float32)
     except Exception as error:  # nibabel raises many types for corrupt files
@@ -211,10 +224,17 @@ def nifti_to_slices(path: Path, axis: int, limits: SizeLimits = DEFAULT_LIMITS) 
     if data.ndim not in (3, 4):
         raise BadInputError(path, f"expected a 3D volume (or 4D with channels last), got shape {data.shape}")
     data = np.moveaxis(data, axis, 0)
-    finite = data[np.isfinite(data)]
-    low, high = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
-    scaled = np.clip((np.nan_to_num(data) - low) / max(high - low, 1e-6), 0, 1) * 255
-    slices = scaled.round().astype(np.uint8)
+    if np.isfinite(data).all():
+        low, high = np.percentile(data, [0.5, 99.5])
+    else:
+        finite = data[np.isfinite(data)]
+        low, high = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
+        del finite
+        np.nan_to_num(data, copy=False)
+    data -= low
+    data *= 255 / max(high - low, 1e-6)
+    np.clip(data, 0, 255, out=data)
+    slices = np.rint(data, out=data).astype(np.uint8)
     return (slices[..., None] if slices.ndim == 3 else slices), volume
 
 
@@ -285,18 +305,30 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                   overlays: bool = True, largest_component: bool | None = None, min_size: int | None = None,
                   min_fraction: float | None = None,
                   tta_flip: bool = False, threshold: float | None = None, axis: int = 2,
-                  progress: bool = True, overwrite: bool = False, echo=print) -> pd.DataFrame:
+                  progress: bool = True, overwrite: bool = False, channels: str | None = None,
+                  anonymize: bool = False, shard: str | None = None, echo=print) -> pd.DataFrame:
     """Predict every case found in `inputs`, write masks/overlays under `out`, and predictions.csv (a
     row per case as it is done) and predictions.json.
+
+    `shard` ("K/N") predicts only the K-th of N shares of the cases (see :func:`take_shard`) and records
+    it in predictions.json, for `brainseg merge` (predict_merge) to join the N folders.
+
+    `channels` ("pre=T1,flair=FLAIR,post=T1 post", see `predict_dicom.parse_channels`) makes the DICOM
+    series of each input one case, the series it names feeding the model's channels; `anonymize`
+    writes DICOM SEGs without patient-identifying attributes.
 
     Refused before anything is written: see :func:`check_outputs`. A case that fails is a row with its
     problem and the batch goes on; a file that cannot be written (a full disk) stops it with an error
     naming that file, the table of the cases done already on disk."""
     out = Path(out)
+    share = parse_shard(shard) if shard is not None else None
+    entries = parse_channels(channels) if channels is not None else None
     check_outputs([Path(p) for p in inputs], out, overwrite=overwrite)
     predictor = Predictor.load(model, backend=backend, device=device, batch_size=batch_size,
                                tta_flip=tta_flip, threshold=threshold, largest_component=largest_component,
                                min_size=min_size, min_fraction=min_fraction)
+    plan = channel_plan(entries, predictor.slice_channels) if entries is not None else None
+    dicom = {"channels": plan, "anonymize": anonymize}
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         (out / SETTINGS_FILE).unlink(missing_ok=True)  # an earlier run's, until this one's is written
@@ -308,8 +340,11 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
             table.add(row)
         pending.clear()
 
-    found = list(discover([Path(p) for p in inputs]))
+    found = list(discover([Path(p) for p in inputs], studies=plan is not None))
     name_uniquely([case for case in found if isinstance(case, Case)])
+    total, batch = len(found), batch_id(found)  # of all the shards together
+    if share is not None:
+        found = take_shard(found, *share)
     for case in progress_bar(found, desc="predicting", unit="case", enabled=progress):
         if isinstance(case, BadInputError):
             echo(f"error: {case}")
@@ -321,7 +356,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                 flush()
             continue
         try:
-            row = _predict_volume_case(predictor, case, out, save_probabilities, overlays, axis)
+            row = _predict_volume_case(predictor, case, out, save_probabilities, overlays, axis, **dicom)
         except WriteError:
             raise
         except BrainsegError as error:
@@ -332,16 +367,51 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
         if row.get("equal_channels"):
             echo(f"note: {case.name}: channels {row['equal_channels']} are identical in every "
                  "slice (a sequence replaced by FLAIR?); the model may miss tumour on such scans")
+        if row.get("series"):
+            echo(f"{case.name}: {row['series']}")
         if row.get("note"):
             echo(f"warning: {case.name}: {row['note']}")
     flush()
     frame = table.frame()
     failed = int((frame["status"] != "ok").sum())
     settings = {"model": predictor.identity, "threshold": predictor.cutoff, **predictor.postprocessing,
-                "tta_flip": predictor.tta_flip, "cases": len(frame), "failed": failed}
+                "tta_flip": predictor.tta_flip, "cases": len(frame), "failed": failed,
+                **({"channels": plan} if plan else {}), **({"anonymize": True} if anonymize else {})}
+    if share is not None:  # what merge checks: which share, of how many cases, masks written under `out`
+        settings |= {"shard": f"{share[0]}/{share[1]}", "shard_of": total, "batch": batch, "out": str(out)}
     with writing(out / SETTINGS_FILE):
         (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return frame
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """A shard given as K/N (whole numbers, 1 <= K <= N) as (K, N); else a one-line OptionError."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise OptionError(f"--shard must be K/N with whole numbers 1 <= K <= N, e.g. 2/4; got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_key(item: Case | BadInputError) -> tuple[str, str]:
+    """What shares are dealt by: the case's name (unique in a batch), then its input."""
+    if isinstance(item, Case):
+        return item.name, str(_case_input(item))
+    return item.path.name, str(item.path)
+
+
+def take_shard(items: list, k: int, n: int) -> list:
+    """The K-th of N shares of the cases (and unusable inputs) found: in order of :func:`shard_key`,
+    every N-th from the K-th on, so that N runs over the same inputs, on any machines, each take a share
+    of their own (sizes differ by one at most) and together take every case once. Kept in the order
+    found."""
+    chosen = {id(item) for item in sorted(items, key=shard_key)[k - 1::n]}
+    return [item for item in items if id(item) in chosen]
+
+
+def batch_id(items: list) -> str:
+    """A digest of the names of every case of a batch, the same for all its shards wherever they ran."""
+    names = "\n".join(sorted(shard_key(item)[0] for item in items))
+    return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
 def _case_input(case: Case) -> Path:
@@ -390,10 +460,11 @@ def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities:
 
 
 def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
-                         axis: int) -> dict:
+                         axis: int, channels: dict[str, str] | None = None, anonymize: bool = False) -> dict:
     if case.kind == "dicom":
         return dicom_case_row(predictor, case.series, case.name, _case_input(case), out,
-                              save_probabilities=save_probabilities, overlays=overlays)
+                              save_probabilities=save_probabilities, overlays=overlays, study=case.study,
+                              channels=channels, anonymize=anonymize)
     if case.kind == "nifti":
         return _predict_nifti(predictor, case, out, save_probabilities, overlays, axis)
     images = stack_slices([_checked(predictor, path) for path in case.paths], case.paths)
@@ -434,7 +505,7 @@ def _checked(predictor, path: Path) -> np.ndarray:
 def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
                    axis: int) -> dict:
     path = case.paths[0]
-    slices, volume = nifti_to_slices(path, axis)
+    slices, volume = nifti_to_slices(path, axis, check_channels=predictor.check_channels)
     predictor.check_image(slices[0], str(path))
     probability = predictor.predict_volume(slices)
     masks = predictor.masks(probability)
@@ -459,8 +530,8 @@ def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, o
         shown = shown[np.linspace(0, len(shown) - 1, min(len(shown), 32)).round().astype(int)]
         montage = out / "overlays" / f"{case.name}.png"
         with writing(montage):
-            plots.volume_montage(slices[shown], np.zeros_like(masks[shown]), masks[shown], montage,
-                                 f"{case.name} (slices with tumour)")
+            plots.volume_montage(slices[shown], None, masks[shown], montage,
+                                 f"{case.name} (slices with tumour)", numbers=(shown + 1).tolist())
     zooms = volume.header.get_zooms()[:3]
     voxel_ml = float(np.prod(zooms)) / 1000.0
     return {"case": case.name, "kind": "nifti", "input": str(path), "slices": len(slices),

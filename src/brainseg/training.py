@@ -35,6 +35,8 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
@@ -56,6 +58,7 @@ from brainseg.runs.folder import (
     CONFIG_FILE,
     HISTORY_FILE,
     MODEL_FILE,
+    RUN_INFO_FILE,
     SPLIT_FILE,
     last_checkpoint,
     load_run_config,
@@ -238,12 +241,35 @@ class SliceDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.config.train.batch_size, num_workers=self.workers,
                           collate_fn=collate, **extra, **options)
 
+    def _rank(self) -> tuple[int, int]:
+        """(this process's rank, the number of processes) once a Trainer runs the module; (0, 1) before."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        data = self.config.data
-        sampler = self.train_set.sampler(data.tumour_weight, data.samples_per_epoch, self.config.train.seed)
-        return self._loader(self.train_set, sampler=sampler, drop_last=len(self.train_set) > 1)
+        data, seed = self.config.data, self.config.train.seed
+        # Every process draws the same weighted sample (the run's seed) and Lightning's
+        # DistributedSamplerWrapper deals each process its own share of it; augmentation and loader
+        # workers get a random stream per process, so that processes do not repeat each other's.
+        sampler = self.train_set.sampler(data.tumour_weight, data.samples_per_epoch, seed,
+                                         data.small_tumour_weight, data.small_tumour_pixels)
+        rank, processes = self._rank()
+        extra = {}
+        if processes > 1:
+            stream = (seed + rank) % 2**32
+            if hasattr(self.train_set.transform, "set_random_state"):
+                self.train_set.transform.set_random_state(seed=stream)
+            extra["generator"] = torch.Generator().manual_seed(stream)
+        return self._loader(self.train_set, sampler=sampler, drop_last=len(self.train_set) > 1, **extra)
 
     def val_dataloader(self) -> DataLoader:
+        rank, processes = self._rank()
+        if 1 < processes <= len(self.val_set):
+            # Each process scores slices of its own and none twice: Lightning's default sampler pads the
+            # shares to one length with repeated slices, which would count in the patients' Dice.
+            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=processes, rank=rank,
+                                                   shuffle=False)
+            return self._loader(self.val_set, sampler=sampler)
         return self._loader(self.val_set, shuffle=False)
 
 
@@ -291,6 +317,66 @@ def write_learning_curves(run_dir: Path) -> Path | None:
     return plots.learning_curves(history, run_dir / "learning_curves.png", best)
 
 
+LR_SCALING = "none: train.lr is used as set, whatever the effective batch size"
+
+
+class RunInfoCallback(Callback):
+    """How the run is spread over processes. Refuses, on every process at once, a run folder that some
+    process cannot see; says on the console (several processes) and in run_info.json (a session per
+    start or resume) how many processes on how many nodes train, the batch one optimiser step sees, and
+    that the learning rate is not scaled with it."""
+
+    def __init__(self, run_dir: Path, resumed_from: Path | None, echo, samples_per_epoch: int) -> None:
+        self.run_dir, self.resumed_from, self.echo = run_dir, resumed_from, echo
+        self.samples_per_epoch = samples_per_epoch
+
+    def setup(self, trainer, module, stage: str) -> None:
+        if stage != "fit" or trainer.world_size == 1:
+            return
+        # Rank 0 alone writes the run folder, but every process reads checkpoints back from it (resume,
+        # the best epoch's validation), so it must be one folder that every node mounts.
+        if not trainer.strategy.reduce_boolean_decision((self.run_dir / CONFIG_FILE).exists(), all=True):
+            raise OptionError(f"not every process sees the run folder {self.run_dir} (a disk of each node's "
+                              "own?); put --out on a filesystem that every node mounts")
+
+    def on_train_start(self, trainer, module) -> None:
+        if not trainer.is_global_zero:
+            return
+        train_cfg = module.run_config.train
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        session = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "first_epoch": trainer.current_epoch,
+            "nodes": trainer.num_nodes,
+            "processes_per_node": trainer.num_devices,
+            "processes": trainer.world_size,
+            "launcher": type(environment).__name__ if environment is not None else "none (one process)",
+            "accelerator": type(trainer.accelerator).__name__,
+            "batch_size_per_process": train_cfg.batch_size,
+            "effective_batch_size": train_cfg.batch_size * trainer.world_size,
+            "samples_per_epoch": self.samples_per_epoch,  # all processes together
+            "steps_per_epoch": int(trainer.num_training_batches),  # each process
+            "lr": train_cfg.lr,
+            "lr_scaling": LR_SCALING,
+        }
+        if trainer.world_size > 1:
+            self.echo(f"{trainer.world_size} processes on {trainer.num_nodes} node(s) "
+                      f"({session['launcher']}): "
+                      f"effective batch size {train_cfg.batch_size} x {trainer.world_size} = "
+                      f"{session['effective_batch_size']}, {session['steps_per_epoch']} steps per epoch; "
+                      f"learning rate {train_cfg.lr} as set (not scaled with the batch size)")
+        path = self.run_dir / RUN_INFO_FILE
+        sessions = []
+        if self.resumed_from is not None and path.exists():
+            try:
+                sessions = list(json.loads(path.read_text()).get("sessions", []))
+            except (ValueError, AttributeError):  # a damaged file: this session starts it again
+                sessions = []
+        text = json.dumps({**session, "sessions": [*sessions, session]}, indent=2) + "\n"
+        write_atomically(path, lambda file: file.write(text.encode()))
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -303,8 +389,41 @@ class TrainResult:
     unit: str = "patient"  # what the split divides: patients, or images for an image set
 
 
+# The ranks a launcher gives the processes it starts: torchrun (RANK, LOCAL_RANK, GROUP_RANK), SLURM's
+# srun (SLURM_PROCID) and Lightning's own launcher for --devices N (LOCAL_RANK, NODE_RANK).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
 def _is_rank_zero() -> bool:
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    """Whether this process writes the run folder, told before Lightning sets up the process group: no
+    rank a launcher set is other than 0. Every other process (another GPU, another node) reruns the
+    same command and only reads."""
+    return all(os.environ.get(name, "0").strip() == "0" for name in RANK_VARIABLES)
+
+
+def check_launch(train_cfg: TrainConfig) -> None:
+    """Refuse, before anything is written, --devices and --num-nodes that do not match the processes
+    torchrun or SLURM started (Lightning would find out only once the run folder is written), and a run
+    for one process in a process that a launcher started several of (each would train a model of its
+    own into the same folder)."""
+    devices, nodes = train_cfg.devices, train_cfg.num_nodes
+    hint = "--devices is the processes on each node, --num-nodes the number of nodes"
+    if TorchElasticEnvironment.detect():
+        started, per_node = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        if devices * nodes != started:
+            raise OptionError(f"torchrun started {started} processes ({per_node} per node) but --devices "
+                              f"{devices} x --num-nodes {nodes} is {devices * nodes}; {hint} (here "
+                              f"--devices {per_node} --num-nodes {max(1, started // per_node)})")
+        return
+    if devices * nodes > 1 and SLURMEnvironment.detect():
+        for variable, value, option in (("SLURM_NTASKS_PER_NODE", devices, "--devices"),
+                                        ("SLURM_NNODES", nodes, "--num-nodes")):
+            if variable in os.environ and os.environ[variable].strip() != str(value):
+                raise OptionError(f"SLURM runs {variable}={os.environ[variable]} but {option} is {value}; "
+                                  f"{hint}")
+    if devices * nodes == 1 and not _is_rank_zero():
+        raise OptionError(f"this is one of several processes that a launcher (torchrun, srun) started, "
+                          f"but the run is for one process; {hint}")
 
 
 def prepare_split(config: RunConfig, table: pd.DataFrame) -> dict:
@@ -410,6 +529,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
           echo=print) -> TrainResult:
     """Train one model as `config` says and write the run folder `out`. Resuming continues from the
     newest checkpoint that loads (see :func:`resume_checkpoint`) and says which through `echo`."""
+    check_launch(config.train)
     run_dir = Path(out)
     last = last_checkpoint(run_dir)
     resumed_from = None
@@ -469,18 +589,26 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         callbacks += [checkpoint,
                       EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
     train_cfg = config.train
-    callbacks += weight_averaging(train_cfg)
+    samples = config.data.samples_per_epoch or len(datamodule.train_set)
+    processes = train_cfg.devices * train_cfg.num_nodes  # each steps through its share of the samples
+    callbacks += [*weight_averaging(train_cfg), RunInfoCallback(run_dir, resumed_from, echo, samples)]
     trainer = L.Trainer(
-        accelerator=accelerator, devices=train_cfg.devices, plugins=[AtomicCheckpointIO()],
-        strategy="ddp" if train_cfg.devices > 1 else "auto",
+        accelerator=accelerator, devices=train_cfg.devices, num_nodes=train_cfg.num_nodes,
+        plugins=[AtomicCheckpointIO()], strategy="ddp" if processes > 1 else "auto",
         precision=precision, max_epochs=train_cfg.epochs,
         max_time={"minutes": train_cfg.max_minutes} if train_cfg.max_minutes > 0 else None,
         check_val_every_n_epoch=train_cfg.val_every, limit_val_batches=0 if refit else None,
         callbacks=callbacks, logger=_logger(run_dir),
         default_root_dir=run_dir, enable_progress_bar=progress, num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(10, len(datamodule.train_dataloader()))), enable_model_summary=False,
+        log_every_n_steps=max(1, min(10, len(datamodule.train_dataloader()) // processes)),
+        enable_model_summary=False,
     )
     precision = str(trainer.precision)  # what Lightning runs: it turns 16-mixed on CPU into bf16-mixed
+    if train_cfg.num_nodes > 1 and _is_rank_zero():
+        where = f" at {os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '')}".rstrip(":") \
+            if os.environ.get("MASTER_ADDR") else ""
+        echo(f"waiting for {train_cfg.num_nodes} nodes of {train_cfg.devices} process(es) each to "
+             f"join{where}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
 
     patient_scores: dict[str, float] = {}
@@ -493,9 +621,12 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         return TrainResult(run_dir, final, model_file, {}, (time.perf_counter() - started) / 60, refit=True,
                            resumed_from=resumed_from)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-    if trainer.is_global_zero and best is not None and best.exists():
+    found = best is not None and best.exists()
+    if trainer.world_size > 1:  # rank 0's view decides, so that every process validates or none does
+        found = trainer.strategy.broadcast(found)
+    if trainer.is_global_zero and found:
         remove_stale_checkpoints(last.parent, keep=best)
-    if best is not None and best.exists():
+    if found:
         trainer.validate(module, datamodule=datamodule, ckpt_path=str(best), verbose=False)
         patient_scores = module.last_patient_dice
         if trainer.is_global_zero:

@@ -1,8 +1,9 @@
 """The run folder: its file names, its config and split, and which patients a model has seen.
 
 A run folder holds config.yaml, split.json, history.csv, learning_curves.png, checkpoints/ (best and
-last, for resuming), model.pt (the best weights with everything needed to predict) and
-val_metrics.json / val_patients.csv. Every other module asks this one for those names and lookups.
+last, for resuming), model.pt (the best weights with everything needed to predict),
+val_metrics.json / val_patients.csv and run_info.json (processes, nodes and effective batch size of
+each training session). Every other module asks this one for those names and lookups.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.json"
 MODEL_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
+# How each training session ran: processes, nodes, effective batch size, LR policy (appended on resume).
+RUN_INFO_FILE = "run_info.json"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 ONNX_FILE = "model.onnx"
