@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Out-of-fold comparison of LGG training recipes over the 68 non-test patients (5 folds), as
+# pre-registered in docs/experiments.md ("Small tumours, out of fold").
+#   scripts/lgg_oof.sh DATA OUT        e.g. scripts/lgg_oof.sh ../shared/data/lgg runs/lgg_oof
+# Every arm trains the same fixed schedule (no early stopping, last epoch kept), so the scores do
+# not depend on machine load and no fold's validation patients choose anything for themselves.
+set -euo pipefail
+DATA=${1:?data folder}; OUT=${2:?output folder}
+EPOCHS=${EPOCHS:-16}
+mkdir -p "$OUT"
+TEST=TCGA_DU_6404_19850629,TCGA_CS_6667_20011105,TCGA_DU_5851_19950428,TCGA_HT_7879_19981009,TCGA_HT_7692_19960724,TCGA_CS_4944_20010208,TCGA_HT_7616_19940813
+[ -f "$OUT/split5.json" ] || brainseg split "$DATA" --folds 5 --seed 0 --test-patients "$TEST" --out "$OUT/split5.json"
+SCHEDULE=(--config src/brainseg/configs/lgg_cpu.yaml --epochs "$EPOCHS" --split "$OUT/split5.json"
+          --set train.early_stopping_patience=1000 --set "train.lr_milestones=[10,14]"
+          --set train.val_every=4 --set train.max_minutes=0)
+declare -A ARMS=(
+  [A_baseline]=""
+  [B_small]="--loss bce_dice_image --set data.small_tumour_weight=3"
+)
+for fold in 0 1 2 3 4; do
+  for arm in A_baseline B_small; do
+    run="$OUT/$arm/fold$fold"
+    [ -f "$run/model.pt" ] && continue
+    rm -rf "$run"
+    # shellcheck disable=SC2086
+    brainseg train --data "$DATA" --out "$run" --fold "$fold" "${SCHEDULE[@]}" ${ARMS[$arm]}
+  done
+done
+for arm in A_baseline B_small; do
+  brainseg crossval "$OUT"/$arm/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" --out "$OUT/$arm/crossval" \
+    --threshold 0.5 --min-fraction 0
+done
