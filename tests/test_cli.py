@@ -5,7 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import click
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from brainseg import __version__
@@ -22,12 +24,44 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_version_and_help():
     assert runner.invoke(app, ["--version"]).output.strip() == f"brainseg {__version__}"
-    help_text = runner.invoke(app, ["--help"]).output
-    for verb in ("index", "check", "split", "explore", "synth", "demo"):
-        assert verb in help_text
-    for verb in ("index", "check", "split", "explore", "synth", "demo"):
-        result = runner.invoke(app, [verb, "--help"])
-        assert result.exit_code == 0 and "Example:" in result.output
+    help_text = runner.invoke(app, ["--help"], terminal_width=80).output
+    verbs = [command.name for command in typer.main.get_command(app).commands.values()]
+    assert {"train", "evaluate", "predict", "serve", "merge", "demo"} <= set(verbs)
+    for verb in verbs:  # every verb listed with a whole summary, never cut with "..."
+        line = next(line for line in help_text.splitlines() if line.strip().startswith(verb + " "))
+        assert "..." not in line and "…" not in line, line
+        result = runner.invoke(app, [verb, "--help"], terminal_width=100)
+        assert result.exit_code == 0 and "Example:" in result.output, verb
+
+
+def test_every_option_of_every_verb_shows_its_default():
+    """A value option shows its default, says where it comes from, or is required; flags show both."""
+    for command in typer.main.get_command(app).commands.values():
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.name == "help" or (param.is_flag and
+                                                                                param.secondary_opts):
+                continue
+            described = param.help or ""
+            shown = (param.show_default and param.default is not None) or "default" in described.lower() \
+                or param.required or param.is_flag or param.multiple
+            assert shown, f"{command.name} {param.opts[0]}: no default in its help"
+
+
+def test_one_vocabulary_for_precision_and_device():
+    from brainseg.devices import inference_precision, normalise_device, normalise_precision, resolve_precision
+
+    for spelling in ("32", "32-true", "fp32"):
+        assert normalise_precision(spelling) == "32" and resolve_precision(spelling, "cpu") == "32-true"
+    assert resolve_precision("bf16", "cpu") == resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert inference_precision("bf16-mixed", "cpu") == "bf16"
+    assert inference_precision("32-true", "cpu") == "32"
+    assert normalise_device("gpu") == "cuda" and normalise_device("GPU:1") == "cuda:1"
+    for bad, message in ((["train", "--out", "/tmp/x", "--precision", "64"],
+                          "train.precision: must be auto, 32, bf16 or 16, not '64'"),
+                         (["predict", "x.png", "--device", "tpu"],
+                          "--device: must be auto, cpu, cuda or cuda:N")):
+        result = run_cli(*bad)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_help_does_not_import_heavy_libraries():

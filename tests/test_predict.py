@@ -72,6 +72,20 @@ def test_predict_every_input_kind(tiny_run, inputs, tmp_path):
     assert len(saved) == len(table)
 
 
+def test_progress_counts_slices_and_names_the_case(tiny_run, inputs, tmp_path, capsys):
+    """The bar counts slices (a patient folder is many), shows the case, and ends at the total; errors
+    print on lines of their own."""
+    _, run = tiny_run
+    slices = len(list(inputs["patient"].glob("*_[0-9]*.tif"))) // 2
+    predict_paths(run, [inputs["patient"], inputs["files"]], tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    total = slices + len([p for p in inputs["files"].iterdir() if p.is_file()])
+    final = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("predicting:")][-1]
+    assert f"{total}/{total}" in final and "slice/s" in final
+    assert inputs["patient"].name in err
+    assert any(line.startswith("error: ") and "predicting" not in line for line in err.splitlines())
+
+
 def test_a_patient_with_flair_copied_into_a_sequence_gets_a_note(tiny_run, inputs, tmp_path):
     import tifffile
 
@@ -213,7 +227,7 @@ def test_an_output_inside_the_folder_of_a_data_set_file_is_refused(tiny_run, tmp
 @pytest.mark.parametrize("options, message", [
     ({"batch_size": 0}, "--batch-size: must be 1 or more, not 0"),
     ({"batch_size": -1}, "--batch-size: must be 1 or more, not -1"),
-    ({"device": "foo"}, "--device: must be cpu, cuda or cuda:N, not 'foo'"),
+    ({"device": "foo"}, "--device: must be auto, cpu, cuda or cuda:N, not 'foo'"),
     ({"threshold": float("nan")}, "--threshold: must be between 0 and 1 (exclusive), not nan"),
     ({"threshold": -1.0}, "--threshold: must be between 0 and 1 (exclusive), not -1"),
     ({"threshold": 2.0}, "--threshold: must be between 0 and 1 (exclusive), not 2"),

@@ -5,6 +5,7 @@ Heavy modules are imported inside the verbs so that `brainseg --help` starts qui
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +17,8 @@ from brainseg.errors import BadInputError, BrainsegError
 
 app = typer.Typer(
     name="brainseg",
-    help="Brain tumour segmentation in MRI: check and explore data, split it by patient, train models.",
+    help="Brain tumour segmentation in MRI: check and explore data, split it by patient, train, evaluate "
+         "and predict, on the command line or as a web service.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -33,9 +35,24 @@ LargestComponent = Annotated[bool | None, typer.Option(
     help="Keep only the largest 3D component (default: as the model file recommends).", show_default=False)]
 MinSize = Annotated[int | None, typer.Option(
     help="Drop 3D components smaller than this, in voxels (default: the model file's).", show_default=False)]
+THRESHOLD_HELP = "Probability cut (default: the threshold stored in the model file, else 0.5)."
 MinFraction = Annotated[float | None, typer.Option(
     help="Drop 3D components smaller than this fraction of the largest, e.g. 0.25; 0 keeps all "
          "(default: the model file's).", show_default=False)]
+
+
+@functools.cache
+def _built_in_config():
+    from brainseg.config import RunConfig
+
+    return RunConfig()
+
+
+def _configured(text: str, key: str) -> str:
+    """Help for a train option that overrides config key `key`, with its built-in default."""
+    section, name = key.split(".")
+    default = getattr(getattr(_built_in_config(), section), name)
+    return f"{text} [default: {default}, or the --config file's {key}]"
 
 
 def _version(value: bool) -> None:
@@ -65,7 +82,7 @@ def _echo_scan(result, per_kind: int = 5) -> None:
             typer.echo(f"  {line}", err=True)
 
 
-@app.command("index")
+@app.command("index", short_help="Index a data set: one CSV row per slice, problems listed.")
 def index_command(
     data_dir: DataDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Index CSV to write.")] = Path("index.csv"),
@@ -89,7 +106,7 @@ def index_command(
         raise typer.Exit(1)
 
 
-@app.command("check")
+@app.command("check", short_help="Check every image/mask pair and say what is broken.")
 def check_command(
     data_dir: DataDir,
     layout: Layout = "auto",
@@ -111,7 +128,7 @@ def check_command(
         raise typer.Exit(1)
 
 
-@app.command("split")
+@app.command("split", short_help="Split patients (never slices) into train/val/test or k folds.")
 def split_command(
     data_dir: DataDir,
     out: Annotated[Path | None, typer.Option(
@@ -150,7 +167,7 @@ def split_command(
     typer.echo(f"wrote {out}")
 
 
-@app.command("explore")
+@app.command("explore", short_help="Summarise a data set in tables and figures.")
 def explore_command(
     data_dir: DataDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for summary.json and PNGs.")]
@@ -171,7 +188,7 @@ def explore_command(
     typer.echo(f"wrote {out}/summary.json and {', '.join(summary['figures'])}")
 
 
-@app.command("synth")
+@app.command("synth", short_help="Write a synthetic data set to try brainseg on.")
 def synth_command(
     out: Annotated[Path, typer.Argument(help="New folder for the synthetic data set.",
                                         show_default=False)],
@@ -191,7 +208,7 @@ def synth_command(
     typer.echo(f"wrote {folder}")
 
 
-@app.command("train")
+@app.command("train", short_help="Train a U-Net-family model into a run folder.")
 def train_command(
     data: Annotated[Path | None, typer.Option(help="Data set folder.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="New run folder.")] = None,
@@ -201,27 +218,36 @@ def train_command(
     refit: Annotated[Path | None, typer.Option(help="Refit this validated run on its train and val "
                                                     "patients: same config, its best epoch count and "
                                                     "LR drops, no validation.")] = None,
-    model: Annotated[str | None, typer.Option(help="unet, resunet, attention_unet or monai_unet.")] = None,
-    base_filters: Annotated[int | None, typer.Option(help="Filters of the first level.")] = None,
-    depth: Annotated[int | None, typer.Option(help="Down-sampling steps.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Network input side (128 or 256).")] = None,
-    context: Annotated[int | None, typer.Option(help="2.5D: neighbouring slices on each side.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Slices per batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    loss: Annotated[str | None, typer.Option(
-        help="bce, dice, bce_dice or bce_dice_image (Dice per tumour image).")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, 32-true, bf16-mixed or 16-mixed.")] = None,
-    devices: Annotated[int | None, typer.Option(help="Devices (processes) per node; more than 1 uses DDP.")]
-    = None,
-    num_nodes: Annotated[int | None, typer.Option(help="Nodes (machines) under torchrun or SLURM, each "
-                                                       "running --devices processes; see docs/scaling.md.")]
-    = None,
-    accelerator: Annotated[str | None, typer.Option(help="auto, cpu or gpu.")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Stop after this much time.")] = None,
+    model: Annotated[str | None, typer.Option(help=_configured(
+        "unet, resunet, attention_unet or monai_unet.", "model.name"))] = None,
+    base_filters: Annotated[int | None, typer.Option(help=_configured(
+        "Filters of the first level.", "model.base_filters"))] = None,
+    depth: Annotated[int | None, typer.Option(help=_configured(
+        "Down-sampling steps.", "model.depth"))] = None,
+    image_size: Annotated[int | None, typer.Option(help=_configured(
+        "Network input side, e.g. 128 or 256.", "data.image_size"))] = None,
+    context: Annotated[int | None, typer.Option(help=_configured(
+        "2.5D: neighbouring slices on each side.", "data.context"))] = None,
+    epochs: Annotated[int | None, typer.Option(help=_configured("Maximum epochs.", "train.epochs"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_configured(
+        "Slices per batch (per process).", "train.batch_size"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_configured("Learning rate.", "train.lr"))] = None,
+    loss: Annotated[str | None, typer.Option(help=_configured(
+        "bce, dice, bce_dice or bce_dice_image (Dice per tumour image).", "train.loss"))] = None,
+    precision: Annotated[str | None, typer.Option(help=_configured(
+        "auto (bf16 where native), 32, bf16 or 16.", "train.precision"))] = None,
+    devices: Annotated[int | None, typer.Option(help=_configured(
+        "Processes per node; more than 1 uses DDP.", "train.devices"))] = None,
+    num_nodes: Annotated[int | None, typer.Option(help=_configured(
+        "Nodes (machines) under torchrun or SLURM, each running --devices processes; see "
+        "docs/scaling.md.", "train.num_nodes"))] = None,
+    accelerator: Annotated[str | None, typer.Option("--device", "--accelerator", help=_configured(
+        "auto, cpu or cuda (gpu).", "train.accelerator"))] = None,
+    max_minutes: Annotated[float | None, typer.Option(help=_configured(
+        "Stop after this much time (0: no limit).", "train.max_minutes"))] = None,
     split: Annotated[Path | None, typer.Option(help="Split JSON to use (default: make one).")] = None,
     fold: Annotated[int | None, typer.Option(help="Fold of a k-fold split to train.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help=_configured("Random seed.", "train.seed"))] = None,
     init: Annotated[Path | None, typer.Option(help="Start from this model file's or run folder's "
                                                    "weights (fine-tuning, e.g. at a larger size).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
@@ -268,7 +294,7 @@ def train_command(
     typer.echo(f"run folder: {result.run_dir} ({result.minutes:.1f} min)")
 
 
-@app.command("evaluate")
+@app.command("evaluate", short_help="Score a model per patient volume and per slice.")
 def evaluate_command(
     model: Annotated[Path, typer.Argument(help="Run folder, model.pt or checkpoint.", show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
@@ -276,7 +302,7 @@ def evaluate_command(
     split: Annotated[str, typer.Option(help="Which patients: test, val, train or all.")] = "test",
     split_file: Annotated[Path | None, typer.Option(help="Split JSON (default: the run's).")] = None,
     fold: Annotated[int, typer.Option(help="Fold, for a k-fold split's train/val.")] = -1,
-    threshold: Annotated[float | None, typer.Option(help="Probability cut (default: checkpoint's).")] = None,
+    threshold: Annotated[float | None, typer.Option(help=THRESHOLD_HELP)] = None,
     largest_component: LargestComponent = None,
     min_size: MinSize = None,
     min_fraction: MinFraction = None,
@@ -315,7 +341,7 @@ def evaluate_command(
     typer.echo(f"wrote {out}/summary.json, {CASE_TABLES[unit]}, per_slice.csv, {figures}")
 
 
-@app.command("tune")
+@app.command("tune", short_help="Choose threshold and post-processing on validation or out of fold.")
 def tune_command(
     models: Annotated[list[Path], typer.Argument(
         help="Run folder or model.pt; or the run folders (or checkpoints inside them) of a k-fold "
@@ -358,7 +384,7 @@ def _settings_text(row: dict) -> str:
             f"min fraction {row['min_fraction']:g}, min size {row['min_size']}, flip TTA {row['tta_flip']}")
 
 
-@app.command("compare")
+@app.command("compare", short_help="Score several models on the same patients, side by side.")
 def compare_command(
     runs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
@@ -381,14 +407,14 @@ def compare_command(
     typer.echo(f"wrote {out}/compare.csv, compare.md, compare.png ({len(table)} runs)")
 
 
-@app.command("crossval")
+@app.command("crossval", short_help="Pool k fold runs into out-of-fold scores.")
 def crossval_command(
     runs: Annotated[list[Path], typer.Argument(
         help="One run folder per fold of a k-fold split, or a model file or checkpoint inside one "
              "(RUN/checkpoints/last.ckpt scores the last epoch).", show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("crossval"),
-    threshold: Annotated[float | None, typer.Option(help="Probability cut (default: each model's).")] = None,
+    threshold: Annotated[float | None, typer.Option(help=THRESHOLD_HELP)] = None,
     largest_component: LargestComponent = None,
     min_fraction: MinFraction = None,
     flair_replaces: Annotated[str, typer.Option(
@@ -410,7 +436,7 @@ def crossval_command(
     typer.echo(f"wrote {out}/out_of_fold.csv, crossval.json, crossval.md, crossval.png, one folder per fold")
 
 
-@app.command("predict")
+@app.command("predict", short_help="Predict tumour masks for images, patient folders, NIfTI and DICOM.")
 def predict_command(
     inputs: Annotated[list[Path], typer.Argument(help="Image files, folders of images, kaggle_3m patient "
                                                       "folders, NIfTI volumes, DICOM files or DICOM study/"
@@ -420,7 +446,8 @@ def predict_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for masks, overlays, predictions.csv.")]
     = Path("predictions"),
     backend: Annotated[str, typer.Option(help="torch or onnx (ONNX Runtime).")] = "torch",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(
+        help="auto (cuda where there is a GPU), cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Slices per network call.")] = 16,
     probabilities: Annotated[bool, typer.Option(help="Also write probability maps.")] = False,
     overlays: Annotated[bool, typer.Option(help="Write overlay PNGs.")] = True,
@@ -428,7 +455,7 @@ def predict_command(
     min_size: MinSize = None,
     min_fraction: MinFraction = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
-    threshold: Annotated[float | None, typer.Option(help="Probability cut (default: model's).")] = None,
+    threshold: Annotated[float | None, typer.Option(help=THRESHOLD_HELP)] = None,
     axis: Annotated[int, typer.Option(help="NIfTI slicing axis (0, 1 or 2).")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace the predictions already in --out.")] = False,
     channels: Annotated[str | None, typer.Option(
@@ -467,7 +494,7 @@ def predict_command(
         raise typer.Exit(1)
 
 
-@app.command("merge")
+@app.command("merge", short_help="Join the shards of one sharded prediction batch.")
 def merge_command(
     folders: Annotated[list[Path], typer.Argument(help="The --out folders of brainseg predict --shard K/N, "
                                                        "one per shard.", show_default=False)],
@@ -495,7 +522,7 @@ def merge_command(
                f"wrote {out}/predictions.csv")
 
 
-@app.command("ensemble")
+@app.command("ensemble", short_help="Combine trained models into one averaging model file.")
 def ensemble_command(
     models: Annotated[list[Path], typer.Argument(help="Run folders or model files (two or more).",
                                                  show_default=False)],
@@ -529,7 +556,7 @@ def ensemble_command(
                f"threshold {summary['threshold']:g}; split: {summary['split']})")
 
 
-@app.command("export")
+@app.command("export", short_help="Export a model to ONNX, checked against torch.")
 def export_command(
     model: Annotated[str, typer.Argument(help="Run folder, model.pt, checkpoint or 'pretrained'.",
                                          show_default=False)],
@@ -550,7 +577,7 @@ def export_command(
                f"max |logit difference| vs torch: {result['max_abs_logit_difference']:.2e}")
 
 
-@app.command("explain")
+@app.command("explain", short_help="Saliency maps (gradient x input, Grad-CAM) of predictions.")
 def explain_command(
     model: Annotated[str, typer.Argument(help="Run folder, model.pt, checkpoint, 'pretrained' or "
                                               "'pretrained:figshare'.", show_default=False)],
@@ -568,7 +595,7 @@ def explain_command(
     typer.echo(f"wrote {table} and one *_saliency.png per image in {out}")
 
 
-@app.command("serve")
+@app.command("serve", short_help="Serve the web viewer and JSON API on this machine.")
 def serve_command(
     model: Annotated[str, typer.Option(help="Run folder, model.pt, or 'pretrained'.")] = "pretrained",
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
@@ -588,7 +615,7 @@ def serve_command(
           max_pixels=max_pixels)
 
 
-@app.command("demo")
+@app.command("demo", short_help="Run the whole pipeline on synthetic data, with an HTML report.")
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")]
     = Path("demo-out"),
@@ -608,7 +635,7 @@ def demo_command(
     run_demo(out, patients=patients, seed=seed, quick=quick, echo=typer.echo)
 
 
-@app.command("report")
+@app.command("report", short_help="Write an HTML report of every result in a folder.")
 def report_command(
     folder: Annotated[Path, typer.Argument(help="A run folder (or any folder of brainseg results).",
                                            show_default=False)],

@@ -158,8 +158,29 @@ class AugmentConfig:
 
 
 WEIGHT_AVERAGES = ("none", "swa", "ema")
-PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")  # what Lightning runs
-ACCELERATORS = ("auto", "cpu", "gpu")
+# One vocabulary for every verb (devices.py resolves it): precision auto, 32, bf16 or 16, with
+# Lightning's 32-true, bf16-mixed and 16-mixed accepted; device auto, cpu or cuda, with gpu as cuda.
+PRECISION_SPELLINGS = {"auto": "auto", "32": "32", "32-true": "32", "fp32": "32", "bf16": "bf16",
+                       "bf16-mixed": "bf16", "16": "16", "16-mixed": "16", "fp16": "16"}
+DEVICE_SPELLINGS = {"auto": "auto", "cpu": "cpu", "cuda": "cuda", "gpu": "cuda"}
+
+
+def normalise_precision(precision: str, option: str = "--precision",
+                        allowed: tuple[str, ...] = ("auto", "32", "bf16", "16")) -> str:
+    """auto, 32, bf16 or 16 from any accepted spelling, else a one-line error naming `option`."""
+    short = PRECISION_SPELLINGS.get(str(precision).strip().lower())
+    if short not in allowed:
+        raise OptionError(f"{option}: must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {precision!r}")
+    return short
+
+
+def normalise_device(device: str, option: str = "--device") -> str:
+    """auto, cpu, cuda or cuda:N from any accepted spelling (gpu means cuda), else a one-line error."""
+    text = str(device).strip().lower()
+    kind, _, index = text.partition(":")
+    if kind not in DEVICE_SPELLINGS or (index and (kind not in ("cuda", "gpu") or not index.isdigit())):
+        raise OptionError(f"{option}: must be auto, cpu, cuda or cuda:N, not {device!r}")
+    return DEVICE_SPELLINGS[kind] + (f":{index}" if index else "")
 
 
 @dataclass
@@ -174,9 +195,9 @@ class TrainConfig:
     lr_factor: float = 0.5
     lr_milestones: list[int] = field(default_factory=list)  # epochs where LR *= lr_factor (else on plateau)
     min_lr: float = 1e-6
-    precision: str = "auto"  # auto, 32 (= 32-true), bf16-mixed or 16-mixed
+    precision: str = "auto"  # auto, 32, bf16 or 16 (see devices.py)
     channels_last: bool = True
-    accelerator: str = "auto"  # auto, cpu or gpu
+    accelerator: str = "auto"  # auto, cpu or cuda (gpu)
     devices: int = 1  # > 1 trains with DDP
     num_nodes: int = 1  # machines, each running `devices` processes (torchrun, SLURM); > 1 trains with DDP
     max_minutes: float = 0.0  # stop after this much wall time (0: no limit)
@@ -196,8 +217,9 @@ class TrainConfig:
             "min_lr": "[0, inf)", "devices": "[1, inf)", "num_nodes": "[1, inf)",
             "max_minutes": "[0, inf)", "val_every": "[1, inf)"})
         check_seed(self.seed, "train.seed")
-        for name, allowed in (("weight_average", WEIGHT_AVERAGES), ("precision", PRECISIONS),
-                              ("accelerator", ACCELERATORS)):
+        normalise_precision(self.precision, "train.precision")
+        normalise_device(self.accelerator, "train.accelerator")
+        for name, allowed in (("weight_average", WEIGHT_AVERAGES),):
             if getattr(self, name) not in allowed:
                 raise OptionError(f"train.{name} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")

@@ -1,7 +1,9 @@
 """Accelerator, device and precision choice for training and inference, free of Lightning.
 
-Training speaks Lightning's precision names (32-true, bf16-mixed); inference speaks 32 or bf16.
-Both come from one rule: bf16 where the hardware runs it natively, else fp32 (fp16 on older GPUs).
+Every verb takes one vocabulary: precision auto, 32, bf16 or 16 (Lightning's 32-true, bf16-mixed and
+16-mixed are accepted too), device auto, cpu or cuda (gpu is accepted as cuda). Lightning's names are
+made here, for the Trainer only. 'auto' is one rule: bf16 where the hardware runs it natively, else
+fp32 (fp16 on older GPUs).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 
 import torch
 
+from brainseg.config import normalise_device, normalise_precision
 from brainseg.errors import OptionError
 
 
@@ -21,30 +24,38 @@ def native_bf16_cpu() -> bool:
         or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+_LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """Training precision: 'auto' is bf16 where the hardware runs it natively, fp16 on older GPUs,
-    else fp32."""
-    if precision != "auto":
-        return precision
-    if accelerator == "gpu":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if native_bf16_cpu() else "32-true"
+    """Lightning's precision name for training: 'auto' is bf16 where the hardware runs it natively,
+    fp16 on older GPUs, else fp32."""
+    short = normalise_precision(precision, "train.precision")
+    if short == "auto":
+        if accelerator == "gpu":
+            short = "bf16" if torch.cuda.is_bf16_supported() else "16"
+        else:
+            short = "bf16" if native_bf16_cpu() else "32"
+    return _LIGHTNING_PRECISION[short]
 
 
 def inference_precision(precision: str, device: str) -> str:
     """Inference precision: 32 or bf16; 'auto' follows the training rule for the device."""
-    if precision != "auto":
-        return precision
+    short = normalise_precision(precision, allowed=("auto", "32", "bf16"))
+    if short != "auto":
+        return short
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
     return "bf16" if resolve_precision("auto", accelerator).startswith("bf16") else "32"
 
 
 def resolve_accelerator(accelerator: str) -> str:
-    if accelerator == "auto":  # the others (cpu, gpu) are checked by TrainConfig
+    """Lightning's accelerator (cpu or gpu) for a device name; auto picks a CUDA GPU if there is one."""
+    device = normalise_device(accelerator, "train.accelerator")
+    if device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise OptionError("train.accelerator is gpu but no CUDA GPU is available")
-    return accelerator
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OptionError("train.accelerator is cuda (gpu) but no CUDA GPU is available")
+    return "gpu" if device.startswith("cuda") else "cpu"
 
 
 def default_workers(accelerator: str) -> int:
@@ -56,7 +67,11 @@ def default_workers(accelerator: str) -> int:
 
 
 def check_device(device: str) -> str:
-    """`device` if this torch can run on it (cpu, cuda or cuda:N), else a one-line error."""
+    """`device` if this torch can run on it (cpu, cuda or cuda:N; auto picks cuda where there is a GPU),
+    else a one-line error."""
+    device = normalise_device(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from brainseg.config import check_threshold
 from brainseg.data.dataset import NORMALISATIONS, channel_scales, to_input
-from brainseg.devices import check_device, inference_precision
+from brainseg.devices import check_device, inference_precision, normalise_device, normalise_precision
 from brainseg.errors import BadInputError, OptionError
 from brainseg.evaluation.postprocess import check_min_fraction, check_min_size, postprocess
 from brainseg.export import OnnxNetwork, export_model, exported_from
@@ -49,6 +50,7 @@ class Predictor:
     source: str = ""
     identity: dict = field(default_factory=dict)
     warned_single_sequence: bool = field(default=False, repr=False)
+    on_slices: Callable[[int], None] | None = field(default=None, repr=False)  # told of each batch done
 
     def __post_init__(self) -> None:
         if self.min_fraction is not None:
@@ -65,9 +67,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", precision: str = "auto",
                         **options) -> Predictor:
-        if precision not in PRECISIONS:  # before the model loads
-            raise OptionError(f"--precision: must be auto, 32 or bf16, not {precision!r}")
-        check_device(device)
+        precision = normalise_precision(precision, allowed=PRECISIONS)  # before the model loads
+        device = check_device(device)
         description, weights = load_model_file(path)
         spec = description["model"]
         resolved = model_file(path)
@@ -92,7 +93,7 @@ class Predictor:
             return cls.from_checkpoint(path, device=device, precision=precision, **options)
         if backend != "onnx":
             raise BadInputError("--backend", f"must be torch or onnx, not {backend!r}")
-        if device != "cpu":
+        if normalise_device(device) not in ("auto", "cpu"):
             raise OptionError(f"--device {device}: the onnx backend runs on the CPU; use --device cpu "
                               "or --backend torch")
         if Path(path).suffix == ".onnx":
@@ -248,6 +249,8 @@ class Predictor:
                 if tuple(logit.shape[-2:]) != tuple(size):
                     logit = F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0]
                 out.append(torch.sigmoid(logit[0]).numpy())
+            if self.on_slices is not None:
+                self.on_slices(len(chunk))
         return out
 
     def predict_volume(self, slices: np.ndarray, names: list[str] | None = None) -> np.ndarray:

@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from brainseg import plots
+from brainseg.config import normalise_device
 from brainseg.data.dicom import DicomSeries, find_series, holds_dicom, is_dicom_file
 from brainseg.data.index import SLICE_NAME, ensure_outside
 from brainseg.data.io import (
@@ -38,7 +39,7 @@ from brainseg.files import WriteError, writing
 from brainseg.inference import Predictor
 from brainseg.plots import overlay
 from brainseg.predict_dicom import channel_plan, dicom_case_row, parse_channels
-from brainseg.progress import progress as progress_bar
+from brainseg.progress import counter
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TABLE_FILE = "predictions.csv"
@@ -301,7 +302,7 @@ def _cell(value):
 
 
 def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, *, backend: str = "torch",
-                  device: str = "cpu", batch_size: int = 16, save_probabilities: bool = False,
+                  device: str = "auto", batch_size: int = 16, save_probabilities: bool = False,
                   overlays: bool = True, largest_component: bool | None = None, min_size: int | None = None,
                   min_fraction: float | None = None,
                   tta_flip: bool = False, threshold: float | None = None, axis: int = 2,
@@ -321,6 +322,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
     problem and the batch goes on; a file that cannot be written (a full disk) stops it with an error
     naming that file, the table of the cases done already on disk."""
     out = Path(out)
+    normalise_device(device)  # option errors before any input is looked at
     share = parse_shard(shard) if shard is not None else None
     entries = parse_channels(channels) if channels is not None else None
     check_outputs([Path(p) for p in inputs], out, overwrite=overwrite)
@@ -336,8 +338,10 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
     pending: list[Case] = []  # single images wait here to go through the network as one batch
 
     def flush() -> None:
+        start = bar.n
         for row in _predict_images(predictor, pending, out, save_probabilities, overlays, echo):
             table.add(row)
+        bar.update(max(0, start + len(pending) - bar.n))  # images refused before the network
         pending.clear()
 
     found = list(discover([Path(p) for p in inputs], studies=plan is not None))
@@ -345,8 +349,14 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
     total, batch = len(found), batch_id(found)  # of all the shards together
     if share is not None:
         found = take_shard(found, *share)
-    for case in progress_bar(found, desc="predicting", unit="case", enabled=progress):
+    expected = [_slices_in(case, axis) for case in found]
+    bar = counter(sum(expected), desc="predicting", unit="slice", enabled=progress, echo=echo)
+    echo, predictor.on_slices = bar.say, bar.update  # messages on their own line above the bar
+    for case, slices in zip(found, expected, strict=True):
+        bar.set_postfix_str(case.name if isinstance(case, Case) else case.path.name)
+        start = bar.n
         if isinstance(case, BadInputError):
+            bar.update(slices)
             echo(f"error: {case}")
             table.add({"case": case.path.name, "input": str(case.path), "status": case.problem})
             continue
@@ -364,6 +374,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
             row = {"case": case.name, "kind": case.kind, "input": str(_case_input(case)),
                    "status": _problem(error)}
         table.add(row)
+        bar.update(max(0, start + slices - bar.n))  # a volume that failed, or held fewer slices
         if row.get("equal_channels"):
             echo(f"note: {case.name}: channels {row['equal_channels']} are identical in every "
                  "slice (a sequence replaced by FLAIR?); the model may miss tumour on such scans")
@@ -372,6 +383,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
         if row.get("note"):
             echo(f"warning: {case.name}: {row['note']}")
     flush()
+    bar.close()
     frame = table.frame()
     failed = int((frame["status"] != "ok").sum())
     settings = {"model": predictor.identity, "threshold": predictor.cutoff, **predictor.postprocessing,
@@ -382,6 +394,22 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
     with writing(out / SETTINGS_FILE):
         (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return frame
+
+
+def _slices_in(case: Case | BadInputError, axis: int) -> int:
+    """Slices a case holds, from its file list or a header (1 where a header cannot tell)."""
+    if isinstance(case, BadInputError):
+        return 1
+    if case.kind == "nifti":
+        try:
+            shape = nifti_header(case.paths[0], axis).shape
+            return int(shape[axis]) if len(shape) > axis else 1
+        except BrainsegError:
+            return 1
+    if case.kind == "dicom":
+        series = case.study[0] if case.study else case.series
+        return len(series.files) if series is not None else 1
+    return len(case.paths)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
