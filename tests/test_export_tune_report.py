@@ -166,3 +166,16 @@ def test_report_shows_tumour_overlays_in_slice_order(tmp_path):
     assert shown == sorted(shown) and len(shown) == 6 and set(shown) <= tumour_slices
     assert shown[0] == 2 and shown[-1] == 20  # spread over the tumour slices, ends included
     assert "6 of the 8 overlays with predicted tumour" in text and "4 tumour pixels predicted" in text
+
+
+def test_overlay_outlines_the_mask_in_pure_red_and_keeps_the_rest():
+    from brainseg.plots import overlay
+
+    image = np.full((32, 32, 3), 120, np.uint8)
+    mask = np.zeros((32, 32), bool)
+    mask[8:24, 8:24] = True
+    rgb = overlay(image, mask)
+    assert (rgb[8, 8:24] == [1, 0, 0]).all() and (rgb[23, 8:24] == [1, 0, 0]).all()  # the edge
+    inside = rgb[16, 16]
+    assert inside[0] > inside[1] == inside[2] > 0.3  # tinted, the scan still visible
+    assert np.allclose(rgb[~mask], 120 / 255)

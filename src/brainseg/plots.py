@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 OVERLAY_COLOUR = (1.0, 0.0, 0.0)
 # Outlines in the report's figures: named in every legend, and far apart for red-green colour blindness
@@ -28,13 +29,16 @@ def display_image(image: np.ndarray) -> np.ndarray:
     return image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend a binary mask in red over an image; returns float RGB in [0, 1]."""
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.25) -> np.ndarray:
+    """The mask over an image in red: a light fill and a solid 2-pixel outline, so it reads as red over
+    any colour scan; returns float RGB in [0, 1]."""
     rgb = image.astype(np.float32) / 255.0
     if rgb.ndim == 2 or rgb.shape[-1] == 1:
         rgb = np.repeat(rgb.reshape(*rgb.shape[:2], 1), 3, axis=-1)
     where = mask.astype(bool)
-    rgb[where] = (1 - alpha) * rgb[where] + alpha * np.asarray(OVERLAY_COLOUR, np.float32)
+    colour = np.asarray(OVERLAY_COLOUR, np.float32)
+    rgb[where] = (1 - alpha) * rgb[where] + alpha * colour
+    rgb[where & ~ndimage.binary_erosion(where, iterations=2)] = colour
     return rgb
 
 

@@ -30,6 +30,9 @@ td:first-child, th:first-child { text-align: left; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #555; font-size: 0.9em; }
+.gallery { display: flex; flex-wrap: wrap; gap: 0 1.5em; }
+.gallery figure { width: 30%; min-width: 220px; }
+.gallery figcaption { overflow-wrap: anywhere; }
 .note { background: #fff7e0; border-left: 4px solid #e0a800; padding: .5em 1em; }
 code { background: #f3f3f3; padding: 1px 4px; }
 """
@@ -218,7 +221,7 @@ def _shown_overlays(folder: Path) -> tuple[list[tuple[Path, int]], str]:
                     for i in range(min(SHOWN_OVERLAYS, len(with_tumour)))})
     shown = [with_tumour[i] for i in picks]
     return shown, (f"{len(shown)} of the {len(with_tumour)} overlays with predicted tumour, evenly spaced in "
-                   f"slice order ({len(counted)} overlays in all); the prediction is filled in red.")
+                   f"slice order ({len(counted)} overlays in all); the prediction is outlined in red.")
 
 
 def _predictions_section(root: Path, folder: Path, title: str) -> str:
@@ -227,8 +230,9 @@ def _predictions_section(root: Path, folder: Path, title: str) -> str:
     shown, sentence = _shown_overlays(folder)
     if sentence:
         parts.append(f"<p>{html.escape(sentence)}</p>")
-    parts += [_figure(root, path, f"{path.relative_to(folder / 'overlays').with_suffix('').as_posix()}: "
-                                  f"{pixels} tumour pixels predicted") for path, pixels in shown]
+    figures = [_figure(root, path, f"{path.stem}: {pixels} tumour pixels predicted")
+               for path, pixels in shown]
+    parts.append(f'<div class="gallery">{"".join(figures)}</div>')
     return "\n".join(parts)
 
 
@@ -321,7 +325,7 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, title: st
     for predictions in sorted(root.rglob("predictions.csv")):
         name = predictions.parent.relative_to(root).as_posix()
         sections.append(parts.build(predictions, _predictions_section, root, predictions.parent,
-                                    f"Predictions: {name}"))
+                                    "Predictions" if name == "." else f"Predictions: {name}"))
     sections = [section for section in sections if section]
     lines = [parts.build(path, _crossval_line, root, path) for path in crossvals]
     lines += [parts.build(path, _evaluation_line, root, path) for path in summaries]
