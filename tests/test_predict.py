@@ -244,6 +244,20 @@ def test_bad_options_are_one_line_option_errors(tiny_run, options, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_max_pixels_refuses_larger_images_by_row_and_bad_values_in_one_line(tiny_run, tmp_path):
+    from brainseg.errors import OptionError
+
+    _, run = tiny_run
+    write_png(tmp_path / "scans" / "small.png", np.zeros((64, 64, 3), np.uint8))
+    write_png(tmp_path / "scans" / "large.png", np.zeros((128, 128, 3), np.uint8))
+    table = predict_paths(run, [tmp_path / "scans"], tmp_path / "out", progress=False, max_pixels=64 * 64)
+    status = table.set_index("case")["status"]
+    assert status["small"] == "ok" and "128x128 pixels is more than the limit of 4,096" in status["large"]
+    with pytest.raises(OptionError, match=r"^--max-pixels: must be a whole number of at least 1, not 0$"):
+        predict_paths(run, [tmp_path / "scans"], tmp_path / "out2", progress=False, max_pixels=0)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_cuda_on_a_torch_without_cuda_is_an_option_error(tiny_run, monkeypatch):
     import torch
 

@@ -468,6 +468,9 @@ def predict_command(
     shard: Annotated[str | None, typer.Option(
         help="K/N: predict only the K-th of N shares of the cases (dealt in order of case name), so that "
              "N machines or a SLURM array split a batch; join them with brainseg merge.")] = None,
+    max_pixels: Annotated[int, typer.Option(
+        help="Most pixels in one decoded slice; larger files are refused from their headers.")]
+    = 4096 * 4096,
 ) -> None:
     """Predict tumour masks for new images and volumes; masks keep each input's size.
 
@@ -487,7 +490,8 @@ def predict_command(
                           largest_component=largest_component, min_size=min_size,
                           min_fraction=min_fraction, tta_flip=tta,
                           threshold=threshold, axis=axis, overwrite=overwrite, channels=channels,
-                          anonymize=anonymize, shard=shard, echo=lambda line: typer.echo(line, err=True))
+                          anonymize=anonymize, shard=shard, max_pixels=max_pixels,
+                          echo=lambda line: typer.echo(line, err=True))
     failed = int((table["status"] != "ok").sum())
     typer.echo(f"{len(table) - failed} cases predicted, {failed} failed; wrote {out}/predictions.csv")
     if failed:

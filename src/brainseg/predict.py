@@ -12,7 +12,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -40,6 +40,7 @@ from brainseg.inference import Predictor
 from brainseg.plots import overlay
 from brainseg.predict_dicom import channel_plan, dicom_case_row, parse_channels
 from brainseg.progress import counter
+from brainseg.runs.model_file import whole
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TABLE_FILE = "predictions.csv"
@@ -307,7 +308,8 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                   min_fraction: float | None = None,
                   tta_flip: bool = False, threshold: float | None = None, axis: int = 2,
                   progress: bool = True, overwrite: bool = False, channels: str | None = None,
-                  anonymize: bool = False, shard: str | None = None, echo=print) -> pd.DataFrame:
+                  anonymize: bool = False, shard: str | None = None,
+                  max_pixels: int = DEFAULT_LIMITS.slice_pixels, echo=print) -> pd.DataFrame:
     """Predict every case found in `inputs`, write masks/overlays under `out`, and predictions.csv (a
     row per case as it is done) and predictions.json.
 
@@ -323,6 +325,9 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
     naming that file, the table of the cases done already on disk."""
     out = Path(out)
     normalise_device(device)  # option errors before any input is looked at
+    if not whole(max_pixels, 1):
+        raise OptionError(f"--max-pixels: must be a whole number of at least 1, not {max_pixels}")
+    limits = replace(DEFAULT_LIMITS, slice_pixels=int(max_pixels))
     share = parse_shard(shard) if shard is not None else None
     entries = parse_channels(channels) if channels is not None else None
     check_outputs([Path(p) for p in inputs], out, overwrite=overwrite)
@@ -339,7 +344,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
 
     def flush() -> None:
         start = bar.n
-        for row in _predict_images(predictor, pending, out, save_probabilities, overlays, echo):
+        for row in _predict_images(predictor, pending, out, save_probabilities, overlays, echo, limits):
             table.add(row)
         bar.update(max(0, start + len(pending) - bar.n))  # images refused before the network
         pending.clear()
@@ -366,7 +371,8 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
                 flush()
             continue
         try:
-            row = _predict_volume_case(predictor, case, out, save_probabilities, overlays, axis, **dicom)
+            row = _predict_volume_case(predictor, case, out, save_probabilities, overlays, axis, limits,
+                                       **dicom)
         except WriteError:
             raise
         except BrainsegError as error:
@@ -457,12 +463,12 @@ def _probability_png(probability: np.ndarray) -> np.ndarray:
 
 
 def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities: bool, overlays: bool,
-                    echo) -> list[dict]:
+                    echo, limits: SizeLimits = DEFAULT_LIMITS) -> list[dict]:
     """Single images, read, checked and predicted as one batch; each bad one becomes an error row."""
     rows, good, images = [], [], []
     for case in cases:
         try:
-            images.append(predictor.check_image(read_image(case.paths[0]), str(case.paths[0])))
+            images.append(predictor.check_image(read_image(case.paths[0], limits), str(case.paths[0])))
             good.append(case)
         except WriteError:
             raise
@@ -488,14 +494,15 @@ def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities:
 
 
 def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
-                         axis: int, channels: dict[str, str] | None = None, anonymize: bool = False) -> dict:
+                         axis: int, limits: SizeLimits = DEFAULT_LIMITS,
+                         channels: dict[str, str] | None = None, anonymize: bool = False) -> dict:
     if case.kind == "dicom":
         return dicom_case_row(predictor, case.series, case.name, _case_input(case), out,
                               save_probabilities=save_probabilities, overlays=overlays, study=case.study,
-                              channels=channels, anonymize=anonymize)
+                              channels=channels, anonymize=anonymize, limits=limits)
     if case.kind == "nifti":
-        return _predict_nifti(predictor, case, out, save_probabilities, overlays, axis)
-    images = stack_slices([_checked(predictor, path) for path in case.paths], case.paths)
+        return _predict_nifti(predictor, case, out, save_probabilities, overlays, axis, limits)
+    images = stack_slices([_checked(predictor, path, limits) for path in case.paths], case.paths)
     probability = predictor.predict_volume(images)
     masks = predictor.masks(probability)  # post-processed in 3D
     folder = out / "masks" / case.name
@@ -526,14 +533,14 @@ def stack_slices(images: list[np.ndarray], paths: list[Path]) -> np.ndarray:
     return np.stack(images)
 
 
-def _checked(predictor, path: Path) -> np.ndarray:
-    return predictor.check_image(read_image(path), str(path))
+def _checked(predictor, path: Path, limits: SizeLimits = DEFAULT_LIMITS) -> np.ndarray:
+    return predictor.check_image(read_image(path, limits), str(path))
 
 
 def _predict_nifti(predictor, case: Case, out: Path, save_probabilities: bool, overlays: bool,
-                   axis: int) -> dict:
+                   axis: int, limits: SizeLimits = DEFAULT_LIMITS) -> dict:
     path = case.paths[0]
-    slices, volume = nifti_to_slices(path, axis, check_channels=predictor.check_channels)
+    slices, volume = nifti_to_slices(path, axis, limits, check_channels=predictor.check_channels)
     predictor.check_image(slices[0], str(path))
     probability = predictor.predict_volume(slices)
     masks = predictor.masks(probability)

@@ -277,15 +277,16 @@ def write_dicom_outputs(prediction: DicomPrediction, folder: Path, *, overlays: 
 def dicom_case_row(predictor: Predictor, series: DicomSeries | None, name: str, source: Path, out: Path, *,
                    save_probabilities: bool = False, overlays: bool = True,
                    study: list[DicomSeries] | None = None, channels: dict[str, str] | None = None,
-                   anonymize: bool = False) -> dict:
+                   anonymize: bool = False, limits: SizeLimits = DEFAULT_LIMITS) -> dict:
     """`brainseg predict` on one series, or with `channels` (a `channel_plan`) on the series of `study`
     it maps to the model's channels: outputs under `out`/masks/`name`/ (overlays under
     `out`/overlays/`name`/) and its row of predictions.csv; `note` says how it fed the model, and
     `series` which series fed which channel where they were mapped."""
     if channels is not None:
-        prediction = predict_study(predictor, study if study is not None else [series], channels, source)
+        prediction = predict_study(predictor, study if study is not None else [series], channels, source,
+                                   limits)
     else:
-        prediction = predict_series(predictor, *read_series(series))
+        prediction = predict_series(predictor, *read_series(series, limits))
     folder = out / "masks" / name
     model = str(predictor.identity.get("model", "brainseg"))
     write_dicom_outputs(prediction, folder, overlays=out / "overlays" / name if overlays else None,
