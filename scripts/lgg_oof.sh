@@ -26,7 +26,8 @@ for fold in 0 1 2 3 4; do
     brainseg train --data "$DATA" --out "$run" --fold "$fold" "${SCHEDULE[@]}" ${ARMS[$arm]}
   done
 done
-for arm in A_baseline B_small; do
-  brainseg crossval "$OUT"/$arm/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" --out "$OUT/$arm/crossval" \
-    --threshold 0.5 --min-fraction 0
-done
+brainseg crossval "$OUT"/A_baseline/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" \
+  --out "$OUT/A_baseline/crossval" --threshold 0.5 --min-fraction 0
+# The decision: B's paired change against A, per patient, with 95% bootstrap intervals.
+brainseg crossval "$OUT"/B_small/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" \
+  --out "$OUT/B_small/crossval" --threshold 0.5 --min-fraction 0 --against "$OUT/A_baseline/crossval"

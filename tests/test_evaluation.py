@@ -309,6 +309,17 @@ def test_crossval_takes_a_checkpoint_inside_each_fold_run(tiny_run, tmp_path):
     assert files["per_fold"]["0"] != folders["per_fold"]["0"]  # the given file, not the folder's model
     pooled = pd.read_csv(tmp_path / "cv_files" / "out_of_fold.csv")
     assert sorted(pooled.loc[pooled["fold"] == 0, "patient"]) == split["folds"][0]["val"]
+    # Against another recipe on the same folds: the paired change per patient, with its interval.
+    against = cross_validate(runs, data, tmp_path / "cv_against", options=options, progress=False,
+                             against=tmp_path / "cv_files")["against"]
+    new, old = (pd.read_csv(tmp_path / f, dtype={"patient": str}).set_index("patient")["dice"]
+                for f in ("cv_against/out_of_fold.csv", "cv_files/out_of_fold.csv"))
+    assert against["patients"] == len(new) and against["dice"]["n"] == int((new - old).notna().sum())
+    assert against["dice"]["mean"] == pytest.approx(float((new - old).dropna().mean()))
+    assert against["dice"]["low"] <= against["dice"]["mean"] <= against["dice"]["high"]
+    assert "## Change against" in (tmp_path / "cv_against" / "crossval.md").read_text()
+    with pytest.raises(BadInputError, match="is not a crossval folder"):
+        cross_validate(runs, data, tmp_path / "cv_bad", options=options, against=tmp_path)
 
 
 def test_crossval_scores_copied_sequence_patients_apart():

@@ -421,6 +421,9 @@ def crossval_command(
         help="Robustness check: overwrite 'post' or 'pre+post' with FLAIR before predicting.")] = "",
     precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
     layout: Layout = "auto",
+    against: Annotated[Path | None, typer.Option(
+        help="An earlier crossval folder (another recipe, same folds): report the paired change in Dice "
+             "and recall per patient, by tumour size too, with 95% bootstrap intervals.")] = None,
 ) -> None:
     """Score each fold's run on its own validation patients and pool them (out-of-fold Dice).
 
@@ -431,7 +434,7 @@ def crossval_command(
 
     options = EvaluateOptions(threshold=threshold, largest_component=largest_component,
                               min_fraction=min_fraction, flair_replaces=flair_replaces, precision=precision)
-    cross_validate(runs, data, out, options=options, layout=layout)
+    cross_validate(runs, data, out, options=options, layout=layout, against=against)
     typer.echo((out / "crossval.md").read_text())
     typer.echo(f"wrote {out}/out_of_fold.csv, crossval.json, crossval.md, crossval.png, one folder per fold")
 

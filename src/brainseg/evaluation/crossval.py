@@ -12,8 +12,8 @@ import pandas as pd
 from brainseg import plots
 from brainseg.data.index import ensure_outside
 from brainseg.errors import BadInputError
-from brainseg.evaluation.bootstrap import mean_interval
-from brainseg.evaluation.evaluate import EvaluateOptions, cases_table, evaluate
+from brainseg.evaluation.bootstrap import mean_interval, paired_change
+from brainseg.evaluation.evaluate import SIZE_BANDS, EvaluateOptions, cases_table, evaluate
 from brainseg.runs.folder import SPLIT_FILE, fold_of, run_folder_of
 
 
@@ -39,11 +39,16 @@ def check_folds(runs: list[str | Path]) -> tuple[dict[int, Path], int]:
 
 def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
                    options: EvaluateOptions | None = None, layout: str = "auto",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, against: str | Path | None = None) -> dict:
     """Evaluate each fold's run on that fold's validation patients; write out_of_fold.csv,
-    crossval.json, crossval.md and crossval.png to `out` (each fold's evaluation in out/foldK)."""
+    crossval.json, crossval.md and crossval.png to `out` (each fold's evaluation in out/foldK).
+
+    `against`: an earlier crossval folder (another recipe on the same folds); the summary then holds
+    the paired change in Dice and recall per patient, overall and by tumour size band, each with its
+    95% bootstrap interval and verdict."""
     out = Path(out)
     ensure_outside(out, data)
+    baseline = _read_out_of_fold(Path(against)) if against is not None else None
     folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
     base = options or EvaluateOptions()
     tables = []
@@ -56,12 +61,37 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     pooled = pd.concat(tables, ignore_index=True)
     pooled.to_csv(out / "out_of_fold.csv", index=False)
     summary = _summary(pooled, folds, fold_count, base)
+    if baseline is not None:
+        summary["against"] = {"folder": str(against), **paired_changes(pooled, baseline)}
     (out / "crossval.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "crossval.md").write_text(_markdown(summary))
     per_fold = {f"fold {fold}": pooled.loc[pooled["fold"] == fold, "dice"].to_numpy() for fold in folds}
     plots.compare_models({**per_fold, "all": pooled["dice"].to_numpy()}, out / "crossval.png",
                          f"Out-of-fold Dice per patient volume ({len(pooled)} patients)")
     return summary
+
+
+def _read_out_of_fold(folder: Path) -> pd.DataFrame:
+    table = folder / "out_of_fold.csv"
+    if not table.is_file():
+        raise BadInputError(folder, "is not a crossval folder (no out_of_fold.csv)")
+    return pd.read_csv(table, dtype={"patient": str})
+
+
+def paired_changes(new: pd.DataFrame, base: pd.DataFrame) -> dict:
+    """Per-patient change new - base in Dice and recall, overall and by size band (from `base`, the
+    truth is the same), with bootstrap intervals; patients only one side scored are counted apart."""
+    both = new.merge(base, on="patient", suffixes=("", "_base"))
+    if both.empty:
+        raise BadInputError("--against", "shares no patient with these runs' out-of-fold table")
+
+    def changes(rows: pd.DataFrame) -> dict:
+        return {metric: paired_change(rows[metric], rows[f"{metric}_base"]) for metric in ("dice", "recall")}
+
+    bands = [name for _, name in SIZE_BANDS if name != "none"]
+    return {"patients": len(both), "unpaired": int(len(new) + len(base) - 2 * len(both)), **changes(both),
+            "by_size_band": {band: changes(both[both["size_band"] == band]) for band in bands
+                             if (both["size_band"] == band).any()}}
 
 
 def _stats(values: pd.Series) -> dict:
@@ -112,5 +142,23 @@ def _markdown(summary: dict) -> str:
     if interval["n"]:
         lines += [f"Mean Dice {interval['mean']:.4f}, 95% bootstrap interval over patients "
                   f"[{interval['low']:.4f}, {interval['high']:.4f}].", ""]
+    if "against" in summary:
+        lines += _against_lines(summary["against"])
     return "\n".join(lines)
+
+
+def _against_lines(against: dict) -> list[str]:
+    def cell(change: dict) -> str:
+        if not change["n"]:
+            return "–"
+        return f"{change['mean']:+.4f} [{change['low']:+.4f}, {change['high']:+.4f}] {change['verdict']}"
+
+    def row(name: str, rows: dict) -> str:
+        return f"| {name} | {rows['dice']['n']} | {cell(rows['dice'])} | {cell(rows['recall'])} |"
+
+    lines = [f"## Change against {against['folder']}", "",
+             f"Paired over {against['patients']} patients (mean change, 95% bootstrap interval, "
+             "verdict).", "", "| patients | n | Dice | recall |", "|---|---|---|---|", row("all", against)]
+    lines += [row(f"tumour {band} voxels", rows) for band, rows in against["by_size_band"].items()]
+    return [*lines, ""]
 
