@@ -179,3 +179,17 @@ def test_overlay_outlines_the_mask_in_pure_red_and_keeps_the_rest():
     inside = rgb[16, 16]
     assert inside[0] > inside[1] == inside[2] > 0.3  # tinted, the scan still visible
     assert np.allclose(rgb[~mask], 120 / 255)
+
+
+def test_report_shows_saliency_figures_from_explain(tmp_path):
+    folder = tmp_path / "results" / "explain"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "scan_saliency.png")
+    rows = [{"image": "/data/scan.png", "figure": "scan_saliency.png", "tumour_pixels": 5,
+             "gradient_x_input_inside": 0.2, "grad_cam_inside": 0.9, "problem": ""},
+            {"image": "/data/bad.png", "figure": "", "tumour_pixels": "", "gradient_x_input_inside": "",
+             "grad_cam_inside": "", "problem": "unreadable"}]
+    pd.DataFrame(rows).to_csv(folder / "explain.csv", index=False)
+    text = write_report(tmp_path / "results").read_text()
+    assert "<h2>Saliency: explain</h2>" in text and 'src="explain/scan_saliency.png"' in text
+    assert "unreadable" in text and text.count("<figure>") == 1

@@ -236,6 +236,19 @@ def _predictions_section(root: Path, folder: Path, title: str) -> str:
     return "\n".join(parts)
 
 
+def _explain_section(root: Path, folder: Path) -> str:
+    """`brainseg explain` results: the table, and each image's saliency figure."""
+    table = pd.read_csv(folder / "explain.csv", keep_default_na=False)
+    where = folder.relative_to(root).as_posix()
+    panels = "image | prediction | gradient x input | Grad-CAM"
+    figures = [_figure(root, folder / name, f"{Path(image).name}: {panels}")
+               for image, name in zip(table["image"], table["figure"], strict=True) if name]
+    return "\n".join([f"<h2>Saliency{'' if where == '.' else ': ' + html.escape(where)}</h2>",
+                      "<p>Where the network looked: gradient x input and Grad-CAM, each scaled to 1; "
+                      "*_inside is the share of a map's mass inside the predicted tumour.</p>",
+                      _table(table.drop(columns=["figure"])), *figures])
+
+
 def _comparison_section(root: Path, folder: Path) -> str:
     table = pd.read_csv(folder / "compare.csv")
     return "\n".join(["<h2>Model comparison</h2>", _table(table),
@@ -322,6 +335,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, *, title: st
             sections.append(parts.build(summary, _evaluation_section, root, summary.parent))
     for compare in sorted(root.rglob("compare.csv")):
         sections.append(parts.build(compare, _comparison_section, root, compare.parent))
+    for explained in sorted(root.rglob("explain.csv")):
+        sections.append(parts.build(explained, _explain_section, root, explained.parent))
     for predictions in sorted(root.rglob("predictions.csv")):
         name = predictions.parent.relative_to(root).as_posix()
         sections.append(parts.build(predictions, _predictions_section, root, predictions.parent,
