@@ -209,6 +209,15 @@ def test_patient_dice_convention():
     assert dice[0] == 1 and torch.isnan(dice[1]) and dice[2] == pytest.approx(2 / 7)
 
 
+def test_history_leaves_validation_empty_in_epochs_that_did_not_validate(synthetic, tmp_path):
+    from conftest import train_once
+
+    train_once(tmp_path, synthetic, **{"train.epochs": 3, "train.val_every": 2})
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2] and history["train_loss"].notna().all()
+    assert history["val_patient_dice"].isna().tolist() == [True, False, True]  # validated after epoch 1 only
+
+
 def test_sampler_draws_small_tumour_slices_more_often(synthetic):
     result = scan(synthetic)
     table = result.table

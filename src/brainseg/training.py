@@ -290,15 +290,23 @@ class HistoryCallback(Callback):
         # Read here: Lightning steps an epoch-interval schedule (not a plateau one) before epoch end.
         self.epoch_lr = trainer.optimizers[0].param_groups[0]["lr"]
 
+    def on_validation_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking:
+            self.validated_epoch = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer, module) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
         row = {"epoch": trainer.current_epoch, "seconds": round(time.perf_counter() - self.started, 1),
                "lr": self.epoch_lr}
+        # Lightning keeps the last validation's metrics between validations (val_every > 1): only an
+        # epoch that validated gets val_* values, the others are left empty.
+        validated = getattr(self, "validated_epoch", None) == trainer.current_epoch
         for name in ("train_loss_epoch", "train_dice", "train_iou", "train_accuracy", "val_loss", "val_dice",
                      "val_iou", "val_accuracy", MONITOR):
-            row[name.replace("_epoch", "")] = metrics.get(name, float("nan"))
+            fresh = validated or not name.startswith("val")
+            row[name.replace("_epoch", "")] = metrics.get(name, float("nan")) if fresh else float("nan")
         frame = pd.DataFrame([row])
         frame.to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
 
