@@ -6,6 +6,7 @@ Heavy modules are imported inside the verbs so that `brainseg --help` starts qui
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -257,6 +258,7 @@ def train_command(
 
     Example: brainseg train --data ../shared/data/lgg --out runs/unet --model unet --epochs 30
     """
+    options = dict(locals())  # the parameters only: brainseg distill shares them (_train_overrides)
     from brainseg.errors import OptionError
     from brainseg.training import run_training
 
@@ -264,23 +266,36 @@ def train_command(
         raise OptionError("pass --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
     if resume is not None and out is not None and Path(out) != Path(resume):
         raise OptionError("--resume continues the run in its own folder; leave out --out")
-    overrides = {
-        "data.root": str(data) if data else None, "data.image_size": image_size, "data.context": context,
-        "data.split": str(split) if split else None, "data.fold": fold,
-        "model.name": model, "model.base_filters": base_filters, "model.depth": depth,
-        "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.loss": loss,
-        "train.precision": precision, "train.devices": devices, "train.num_nodes": num_nodes,
-        "train.accelerator": accelerator,
-        "train.max_minutes": max_minutes, "train.seed": seed,
-        "train.init_weights": str(init) if init else None,
-    }
-    for item in set_ or []:
+    result = run_training(resume or out, config_file=config, overrides=_train_overrides(options),
+                          resume=resume is not None, refit=refit,
+                          echo=lambda line: typer.echo(line, err=True))
+    _echo_training(result)
+
+
+def _train_overrides(options: dict) -> dict:
+    """The config overrides that the options of `brainseg train` (and `brainseg distill`) give."""
+    from brainseg.errors import OptionError
+
+    def text(name: str) -> str | None:
+        return str(options[name]) if options[name] else None
+
+    keys = {"data.image_size": "image_size", "data.context": "context", "data.fold": "fold",
+            "model.name": "model", "model.base_filters": "base_filters", "model.depth": "depth",
+            "train.epochs": "epochs", "train.batch_size": "batch_size", "train.lr": "lr",
+            "train.loss": "loss", "train.precision": "precision", "train.devices": "devices",
+            "train.num_nodes": "num_nodes", "train.accelerator": "accelerator",
+            "train.max_minutes": "max_minutes", "train.seed": "seed"}
+    overrides = {"data.root": text("data"), "data.split": text("split"), "train.init_weights": text("init"),
+                 **{key: options[name] for key, name in keys.items()}}
+    for item in options["set_"] or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise OptionError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
         overrides[key.strip()] = value.strip()
-    result = run_training(resume or out, config_file=config, overrides=overrides, resume=resume is not None,
-                          refit=refit, echo=lambda line: typer.echo(line, err=True))
+    return overrides
+
+
+def _echo_training(result) -> None:
     if result.refit:
         typer.echo(f"refit on train and val patients (no validation); kept {result.best_checkpoint}")
         typer.echo(f"wrote {result.model_file} ({result.minutes:.1f} min)")
@@ -292,6 +307,40 @@ def train_command(
 
     typer.echo(f"validation Dice {SCORED_PER[result.unit]}: mean {mean} over {len(scores)} {result.unit}s")
     typer.echo(f"run folder: {result.run_dir} ({result.minutes:.1f} min)")
+
+
+def _with_train_options(command):
+    """Give `command(own parameters, **options)` the options of `brainseg train` (those that start a new
+    run), so that they are defined once, in train_command."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = [p for name, p in inspect.signature(train_command, eval_str=True).parameters.items()
+              if name not in ("resume", "refit")]
+    command.__signature__ = inspect.Signature([*own, *shared], return_annotation=None)
+    return command
+
+
+@app.command("distill", short_help="Train one network on a teacher model's probabilities and the truth.")
+@_with_train_options
+def distill_command(
+    teacher: Annotated[str, typer.Argument(help="The model to learn from: run folder, model file, "
+                                                "'pretrained' or 'pretrained:NAME'.", show_default=False)],
+    **options,
+) -> None:
+    """Train one network (any --model) on a teacher's probabilities as well as the truth, as train does.
+
+    The loss is (1 - w) * the configured loss + w * BCE against the teacher's probabilities, with
+    w = train.distill_weight (--set train.distill_weight=0.5). The teacher runs on every training batch.
+    Refused: a teacher with other input channels or normalisation than the data, or one that trained
+    or was validated on any of the run's test patients. Continue a run with brainseg train --resume.
+
+    Example: brainseg distill pretrained --config lgg_cpu --data ../shared/data/lgg --out runs/student
+    """
+    from brainseg.training import distill
+
+    result = distill(teacher, options["out"], config_file=options["config"],
+                     overrides=_train_overrides(options), echo=lambda line: typer.echo(line, err=True))
+    _echo_training(result)
 
 
 @app.command("evaluate", short_help="Score a model per patient volume and per slice.")

@@ -209,13 +209,17 @@ class TrainConfig:
     # the plain mean of all of them, "ema" a moving average that keeps ema_decay of itself.
     weight_average: str = "none"  # none, swa or ema
     ema_decay: float = 0.999
+    # Distillation (brainseg distill): a model file, run folder or 'pretrained[:NAME]' whose probabilities
+    # the network also learns; loss = (1 - distill_weight) * loss + distill_weight * BCE(teacher's).
+    teacher: str = ""
+    distill_weight: float = 0.5
 
     def __post_init__(self) -> None:
         check_ranges("train", self, {
             "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
             "early_stopping_patience": "[1, inf)", "lr_patience": "[0, inf)", "lr_factor": "(0, 1)",
             "min_lr": "[0, inf)", "devices": "[1, inf)", "num_nodes": "[1, inf)",
-            "max_minutes": "[0, inf)", "val_every": "[1, inf)"})
+            "max_minutes": "[0, inf)", "val_every": "[1, inf)", "distill_weight": "[0, 1]"})
         check_seed(self.seed, "train.seed")
         normalise_precision(self.precision, "train.precision")
         normalise_device(self.accelerator, "train.accelerator")

@@ -7,6 +7,8 @@ that is near 0 when nothing is predicted and near 1 otherwise.
 ``bce_dice_image`` takes the soft Dice of each image that has tumour and averages them, so a small
 tumour weighs as much as a large one (a batch Dice is dominated by the large ones); empty images are
 left to the BCE term, where per-image Dice would give them a constant loss without a useful gradient.
+
+``DistillationLoss`` mixes one of them with BCE against a teacher's probabilities (brainseg distill).
 """
 
 from __future__ import annotations
@@ -68,6 +70,32 @@ class BCEPlusDicePerImage(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.bce(logits, target) + self.dice(logits, target)
+
+
+class DistillationLoss(nn.Module):
+    """Knowledge distillation on logits: ``(1 - weight) * loss(logits, truth) + weight * BCE(logits,
+    teacher probabilities)``, the teacher's probabilities taken as soft targets (Hinton et al. 2015,
+    temperature 1). ``weight`` 1 learns the teacher alone, 0 the truth alone."""
+
+    def __init__(self, loss: nn.Module, weight: float) -> None:
+        super().__init__()
+        if not 0 <= weight <= 1:
+            raise ValueError(f"distillation weight must be in [0, 1], got {weight}")
+        self.loss = loss
+        self.weight = float(weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                teacher_probabilities: torch.Tensor) -> torch.Tensor:
+        if logits.shape != teacher_probabilities.shape:
+            raise ValueError(f"distillation: logits {tuple(logits.shape)} and teacher probabilities "
+                             f"{tuple(teacher_probabilities.shape)} differ in shape")
+        soft = nn.functional.binary_cross_entropy_with_logits(logits.float(), teacher_probabilities.float())
+        if self.weight == 1:  # the truth plays no part
+            return soft
+        return (1 - self.weight) * self.loss(logits, target) + self.weight * soft
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
 
 
 def normalise_loss_name(name: str) -> str:

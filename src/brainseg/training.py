@@ -49,7 +49,7 @@ from brainseg.data.transforms import build_transforms, seed_worker
 from brainseg.devices import default_workers, resolve_accelerator, resolve_precision
 from brainseg.errors import BadInputError, OptionError
 from brainseg.files import WriteError, remove_stale_partials, replacing
-from brainseg.losses import create_loss
+from brainseg.losses import DistillationLoss, create_loss
 from brainseg.metrics import Counts, batch_scores, dice
 from brainseg.models import available_models, create_model
 from brainseg.models.registry import canonical_name
@@ -62,9 +62,13 @@ from brainseg.runs.folder import (
     SPLIT_FILE,
     last_checkpoint,
     load_run_config,
+    member_patients_seen,
+    model_file,
 )
 from brainseg.runs.model_file import (
     CHECKPOINT_FORMAT,
+    build_network,
+    file_digest,
     load_model_file,
     model_file_from_checkpoint,
     store_settings,
@@ -110,12 +114,80 @@ def patient_dice(counts: torch.Tensor) -> torch.Tensor:
     return dice(Counts(tp, fp, fn, torch.zeros_like(tp)))
 
 
-class SegmentationModule(L.LightningModule):
-    """A registry model trained on logits with BCE/Dice losses and per-patient validation Dice."""
+class Teacher:
+    """A trained model whose probabilities a student learns (`brainseg distill`): frozen and in eval
+    mode, and not a submodule of the student, so it stays out of its parameters, checkpoints and
+    train() switch. It takes the student's batch and gives logits at its size: a teacher of another
+    input size gets the batch resized as prediction resizes an image (antialiased, clipped to [0, 1])
+    and its logits resized back (bilinear); an ensemble resizes for each of its members itself."""
 
-    def __init__(self, config: dict, in_channels: int, val_patients: list[str]) -> None:
+    def __init__(self, network: torch.nn.Module, image_size: int, identity: dict) -> None:
+        self.network = network.eval().requires_grad_(False)
+        self.image_size = image_size
+        self.identity = identity  # stored in the student's model file
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        network = self.network.to(images.device)  # moves once; a no-op after
+        side = tuple(images.shape[-2:])
+        inputs = images.float()
+        if side != (self.image_size, self.image_size):
+            inputs = F.interpolate(inputs, size=(self.image_size, self.image_size), mode="bilinear",
+                                   antialias=True, align_corners=False).clamp(0.0, 1.0)
+        logits = network(inputs).float()
+        if tuple(logits.shape[-2:]) != side:
+            logits = F.interpolate(logits, size=side, mode="bilinear", align_corners=False)
+        return logits
+
+
+def load_teacher(config: RunConfig, in_channels: int, split: dict) -> Teacher:
+    """The teacher `train.teacher` names (model file, run folder or 'pretrained[:NAME]'), refused in one
+    line before anything is written if it reads other inputs than the student's data gives (input
+    channels, 2.5D context, normalisation) or if it trained or was validated on any of the student's
+    test patients. Having trained on the student's train or val patients is allowed."""
+    source, data = config.train.teacher, config.data
+    if data.patch_size:
+        raise OptionError("distillation trains on whole slices (the teacher sees what the student sees); "
+                          "leave data.patch_size at 0")
+    path = model_file(source)
+    description, weights = load_model_file(path)
+    preprocessing = description["preprocessing"]
+
+    def refuse(problem: str) -> BadInputError:
+        return BadInputError(source, f"cannot be the teacher: {problem}")
+
+    theirs = (int(preprocessing["in_channels"]), int(preprocessing.get("context", 0)))
+    if theirs != (in_channels, data.context):
+        raise refuse(f"it takes {theirs[0]} input channels (context {theirs[1]}), the student's data gives "
+                     f"{in_channels} (context {data.context})")
+    normalisation = NORMALISATIONS[data.normalize]
+    if preprocessing.get("normalisation") != normalisation:
+        raise refuse(f"its inputs were normalised as {preprocessing.get('normalisation')!r}, the student's "
+                     f"as {normalisation!r} (data.normalize={data.normalize})")
+    seen = member_patients_seen(path, description)
+    if seen is None or seen.get("unknown_for"):
+        raise refuse("the patients it trained on are unknown (no split.json beside it or stored in it), so "
+                     "it may have seen the student's test patients")
+    test = set(split.get("test", []))
+    leaked = sorted((set(seen.get("trained", [])) | set(seen.get("validated", []))) & test)
+    if leaked:
+        raise refuse(f"it trained or was validated on {len(leaked)} of the student's test patients (e.g. "
+                     f"{leaked[0]}); distil on a split whose test patients the teacher never saw")
+    network = build_network(path, description, weights)
+    identity = {"source": str(source), "file": str(path), "sha256_16": file_digest(path),
+                "model": description["model"]["name"], "image_size": int(preprocessing["image_size"]),
+                "distill_weight": config.train.distill_weight}
+    return Teacher(network, int(preprocessing["image_size"]), identity)
+
+
+class SegmentationModule(L.LightningModule):
+    """A registry model trained on logits with BCE/Dice losses and per-patient validation Dice; with a
+    teacher, on the distillation loss (losses.DistillationLoss)."""
+
+    def __init__(self, config: dict, in_channels: int, val_patients: list[str],
+                 teacher: Teacher | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["teacher"])
         self.run_config = RunConfig.from_dict(config)
         model = self.run_config.model
         self.model = create_model(model.name, in_channels=in_channels, base_filters=model.base_filters,
@@ -124,6 +196,9 @@ class SegmentationModule(L.LightningModule):
         if self.run_config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = create_loss(self.run_config.train.loss)
+        self.teacher = teacher
+        self.distillation = DistillationLoss(self.loss, self.run_config.train.distill_weight) if teacher \
+            else None
         self.val_patients = list(val_patients)
         # A plain tensor, not a buffer: weight averaging swaps buffers with the averaged copy's.
         self.val_counts = torch.zeros(len(val_patients), 3, dtype=torch.float64)
@@ -136,9 +211,18 @@ class SegmentationModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss) of a training batch: the configured loss against the truth or, with a
+        teacher, the distillation loss against the truth and the teacher's probabilities on the same
+        (augmented) batch."""
         logits = self(batch["image"])
-        loss = self.loss(logits.float(), batch["mask"])
+        if self.teacher is None:
+            return logits, self.loss(logits.float(), batch["mask"])
+        soft_targets = torch.sigmoid(self.teacher.logits(batch["image"]))
+        return logits, self.distillation(logits.float(), batch["mask"], soft_targets)
+
+    def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
+        logits, loss = self.training_loss(batch)
         size = len(batch["image"])
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size,
                  sync_dist=True)
@@ -211,6 +295,7 @@ class SegmentationModule(L.LightningModule):
                               "channels_last": self.run_config.train.channels_last},
             "threshold": self.run_config.train.threshold,
             "config": self.run_config.to_dict(),
+            **({"teacher": dict(self.teacher.identity)} if self.teacher is not None else {}),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -575,8 +660,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         raise OptionError("the split leaves no training or no validation slices; check data.val / data.split")
     workers = config.data.num_workers if config.data.num_workers >= 0 else default_workers(accelerator)
     datamodule = SliceDataModule(config, train_table, val_table, result.store, workers)
-    module = SegmentationModule(config.to_dict(), datamodule.train_set.in_channels,
-                                datamodule.val_set.patients)
+    in_channels = datamodule.train_set.in_channels
+    teacher = load_teacher(config, in_channels, split) if config.train.teacher else None
+    module = SegmentationModule(config.to_dict(), in_channels, datamodule.val_set.patients, teacher=teacher)
     if config.train.init_weights and not resume:  # a resumed run has its own weights in last.ckpt
         load_initial_weights(module.model, config.train.init_weights, NORMALISATIONS[config.data.normalize])
     if _is_rank_zero():  # written only once the run is known to start, so a refused run leaves nothing
@@ -772,3 +858,18 @@ def run_training(out: str | Path, *, config_file: str | Path | None = None,
         # the run's tuned threshold and post-processing were chosen on its validation patients
         store_settings(result.model_file, tuned_settings(refit))
     return result
+
+
+def distill(teacher: str | Path, out: str | Path | None, *, config_file: str | Path | None = None,
+            overrides: dict | None = None, progress: bool = True, echo=print) -> TrainResult:
+    """The `brainseg distill` job: a new run in `out`, configured as `brainseg train` configures one
+    (defaults <- config file <- overrides), whose network learns `teacher`'s probabilities as well as
+    the truth (train.teacher, train.distill_weight; see load_teacher for what is refused)."""
+    if out is None:
+        raise OptionError("pass --out RUN_DIR, the new run folder of the distilled network")
+    overrides = dict(overrides or {})
+    given = overrides.get("train.teacher")
+    if given and str(given) != str(teacher):
+        raise OptionError(f"the teacher is {teacher}; leave out train.teacher={given}")
+    overrides["train.teacher"] = str(teacher)
+    return run_training(out, config_file=config_file, overrides=overrides, progress=progress, echo=echo)
