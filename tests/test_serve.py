@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from brainseg.data.synth import zip_of
 from brainseg.serve import ServeSettings, Service, create_app
 
 
@@ -111,11 +112,7 @@ def _gunzip(data: bytes) -> bytes:
 
 
 def _zip(entries: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, content in entries.items():
-            z.writestr(name, content)
-    return buffer.getvalue()
+    return zip_of(entries, zipfile.ZIP_DEFLATED)
 
 
 @pytest.mark.parametrize("name, content, status, message", [

@@ -455,10 +455,11 @@ def nifti_declaring(shape: tuple[int, ...], dtype=np.float32) -> bytes:
     return gzip.compress(header.binaryblock + b"\0" * 4)
 
 
-def zip_of(entries: dict[str, bytes]) -> bytes:
-    """A zip (stored, not compressed) of these members, for the malformed-container builders below."""
+def zip_of(entries: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip of these members (stored, not compressed, unless told), as uploads and the malformed-container
+    builders below use them."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
         for name, content in entries.items():
             archive.writestr(name, content)
     return buffer.getvalue()
