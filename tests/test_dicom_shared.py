@@ -4,6 +4,7 @@ read back with highdicom holds them too. Skipped where ../shared/data is absent.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import highdicom as hd
@@ -15,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from brainseg.data.io import read_image
+from brainseg.data.synth import zip_of
 from brainseg.predict import patient_slices, predict_paths
 from brainseg.predict_dicom import SEG_FILE
 
@@ -105,6 +107,26 @@ def test_a_patient_as_three_dicom_series_predicts_as_its_tiff_folder(shared_data
 
     seg = hd.seg.segread(tmp_path / "dicom" / "masks" / "study" / SEG_FILE)
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=flair_uids, segment_numbers=[1])
+    assert np.array_equal(frames[..., 0].astype(bool), tiff_masks)
+
+    # The same study zipped and uploaded to `brainseg serve`: the same areas, volume and SEG.
+    from fastapi.testclient import TestClient
+
+    from brainseg.serve import ServeSettings, create_app
+
+    client = TestClient(create_app(ServeSettings(model="pretrained")))
+    response = client.post("/api/predict", files={"file": ("study.zip", zip_of(
+        {path.relative_to(tmp_path / "study").as_posix(): path.read_bytes()
+         for path in sorted((tmp_path / "study").rglob("IM*"))}))},
+        data={"channels": "pre=pre-contrast,flair=FLAIR,post=post-contrast"})
+    assert response.status_code == 200, response.text
+    served = response.json()
+    assert served["tumour_pixels"] == pixels and "Test^Patient" not in response.text
+    assert served["tumour_area_mm2"] == pytest.approx(dicom["tumour_area_mm2"].iloc[0], abs=0.01)
+    assert served["tumour_volume_ml"] == pytest.approx(millilitres, abs=1e-3)
+    served_seg = hd.seg.segread(io.BytesIO(client.get(served["downloads"]["seg.dcm"]).content))
+    frames = served_seg.get_pixels_by_source_instance(source_sop_instance_uids=flair_uids,
+                                                      segment_numbers=[1])
     assert np.array_equal(frames[..., 0].astype(bool), tiff_masks)
 
     # Stored as a scanner would, 12 bits in 16 (x * 16 + 7): the series is scaled by its percentiles
