@@ -282,6 +282,8 @@ def test_bombs_and_malformed_containers_get_4xx_with_a_reason(client):
         ("bomb.nii.gz", nifti_declaring((2048, 2048, 256))): (413, "256 slices along axis 2; the limit is"),
         ("bomb4d.nii.gz", nifti_declaring((2048, 2048, 12, 3))): (413, "voxels; the limit is 67,108,864"),
         ("empty.nii.gz", nifti_declaring((64, 64, 0))): (422, "has no slices"),
+        ("broken.png", b"not a png"): (400, "unreadable or truncated image (cannot identify image file "
+                                            "'upload.png')"),
         ("crc.zip", broken["bad_crc.zip"]): (400, "zip member 'p/p_1.tif' is damaged (Bad CRC-32"),
         ("encrypted.zip", broken["encrypted.zip"]): (400, "zip member 'p/p_1.tif' is encrypted"),
         ("method99.zip", broken["method99.zip"]):

@@ -238,3 +238,17 @@ def test_a_request_picks_one_of_the_served_models(tiny_run, tmp_path):
     unknown = client.post("/api/predict", files={"file": ("g.png", grey.getvalue(), "image/png")},
                           data={"model": "nope"})
     assert unknown.status_code == 400 and "unknown model 'nope'" in unknown.json()["detail"]
+
+
+def test_explain_draws_saliency_for_one_slice_and_refuses_other_uploads(client, patient):
+    response = client.post("/api/explain", files={"file": ("slice.png", slice_png(patient), "image/png")})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    figure = Image.open(io.BytesIO(base64.b64decode(result["figure"])))
+    assert figure.format == "PNG" and figure.size[0] > 2 * figure.size[1]  # four panels side by side
+    assert 0 <= result["gradient_x_input_inside"] <= 1 and 0 <= result["grad_cam_inside"] <= 1
+    volume = client.post("/api/explain", files={"file": ("scan.nii.gz", b"\x1f\x8b", "application/gzip")})
+    assert volume.status_code == 415 and "one slice" in volume.json()["detail"]
+    broken = client.post("/api/explain", files={"file": ("slice.png", b"not a png", "image/png")})
+    assert broken.status_code == 400 and "/tmp" not in broken.json()["detail"]
+    assert "also show where the model looked" in client.get("/").text

@@ -16,12 +16,14 @@ or the log, and the form field `anonymize` takes them out of the SEG too.
 import base64
 import gzip
 import io
+import os
 import tempfile
 import threading
 import time
 import uuid
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -32,7 +34,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
-from brainseg import __version__
+from brainseg import __version__, plots
 from brainseg.data.dicom import DicomSeries, find_series, holds_dicom, read_series, write_nifti, write_seg
 from brainseg.data.io import (
     IMAGE_SUFFIXES,
@@ -45,6 +47,7 @@ from brainseg.data.io import (
     read_image,
 )
 from brainseg.errors import BadInputError, BrainsegError, OptionError
+from brainseg.explain import saliency
 from brainseg.inference import Predictor
 from brainseg.plots import overlay
 from brainseg.predict import is_nifti, nifti_to_slices, patient_slices, stack_slices
@@ -103,6 +106,26 @@ class UploadError(Exception):
         self.headers = headers
 
 
+@contextmanager
+def _as_upload_errors(folder: str | Path):
+    """brainseg's errors about an upload unpacked in `folder` as client errors: 413 for a size told from
+    a header (nothing was decoded), 422 for a volume whose slices differ, else 400. Messages name files
+    as the upload does, never by their path on the server (a decoder's message may hold one)."""
+    def told(message: str) -> str:
+        return message.replace(f"{folder}{os.sep}", "").replace(str(folder), "the upload")
+
+    try:
+        yield
+    except TooLargeError as error:
+        raise UploadError(413, told(error.problem)) from None
+    except VolumeShapeError as error:
+        raise UploadError(422, told(error.problem)) from None
+    except BadInputError as error:
+        raise UploadError(400, told(error.problem)) from None
+    except BrainsegError as error:
+        raise UploadError(400, told(str(error))) from None
+
+
 def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -150,47 +173,65 @@ class Service:
                 "limits": {"max_upload_mb": self.settings.max_upload_mb,
                            "max_slices": self.settings.max_slices, "max_pixels": self.settings.max_pixels}}
 
-    def predict_upload(self, filename: str, data: bytes, model: str | None = None, *,
-                       channels: str | None = None, anonymize: bool = False) -> dict:
+    @contextmanager
+    def _turn(self, data: bytes):
+        """Admits an upload within the size and queue limits and runs it when the one before is done."""
         if len(data) > self.settings.max_upload_mb * 1024 * 1024:
             raise UploadError(413, f"upload is larger than {self.settings.max_upload_mb:g} MB")
         if not self._admitted.acquire(blocking=False):
             raise UploadError(503, f"busy: {self.settings.max_waiting} uploads are waiting; try again "
                                    "shortly", headers={"Retry-After": "2"})
         try:
-            predictor = self.choose(model)
             with self._working:
-                return self._predict_upload(predictor, filename, data, channels or None, anonymize)
+                yield
         finally:
             self._admitted.release()
+
+    def predict_upload(self, filename: str, data: bytes, model: str | None = None, *,
+                       channels: str | None = None, anonymize: bool = False) -> dict:
+        predictor = self.choose(model)
+        with self._turn(data):
+            return self._predict_upload(predictor, filename, data, channels or None, anonymize)
+
+    def explain_upload(self, filename: str, data: bytes, model: str | None = None) -> dict:
+        """Saliency of one slice (`brainseg explain`): the figure image | prediction | gradient x input |
+        Grad-CAM as a base64 PNG, and the share of each map inside the predicted tumour."""
+        predictor = self.choose(model)
+        name = PurePosixPath(filename or "upload").name.lower()
+        if Path(name).suffix not in IMAGE_SUFFIXES:
+            raise UploadError(415, "saliency maps are drawn for one slice: upload a TIFF, PNG or JPEG image")
+        with self._turn(data), tempfile.TemporaryDirectory(prefix="brainseg-upload-") as folder, \
+                _as_upload_errors(folder):
+            path = Path(folder) / ("upload" + Path(name).suffix)
+            path.write_bytes(data)
+            image = read_image(path, self.settings.limits)
+            maps = saliency(predictor, image, name)
+            mask = predictor.masks(maps.probability)
+            figure = plots.saliency_figure(image, mask, maps.gradient_x_input, maps.grad_cam,
+                                           Path(folder) / "saliency.png", name)
+            return {"name": name, "tumour_pixels": int(mask.sum()),
+                    "gradient_x_input_inside": round(maps.share_inside(mask), 4),
+                    "grad_cam_inside": round(maps.share_inside(mask, "grad_cam"), 4),
+                    "figure": base64.b64encode(figure.read_bytes()).decode()}
 
     def _predict_upload(self, predictor, filename: str, data: bytes, channels: str | None = None,
                         anonymize: bool = False) -> dict:
         name = PurePosixPath(filename or "upload").name.lower()
-        with tempfile.TemporaryDirectory(prefix="brainseg-upload-") as folder:
+        with tempfile.TemporaryDirectory(prefix="brainseg-upload-") as folder, _as_upload_errors(folder):
             folder = Path(folder)
-            try:
-                if name.endswith(".zip"):
-                    return self._predict_zip(predictor, folder, data, channels, anonymize)
-                if name.endswith((".dcm", ".dicom")):
-                    (folder / "dicom").mkdir()
-                    (folder / "dicom" / "upload.dcm").write_bytes(data)
-                    return self._predict_dicom(predictor, folder, channels, anonymize)
-                if channels:
-                    raise UploadError(400, "the channels field maps the series of a DICOM upload (a zip of "
-                                           "DICOM files); this upload is not DICOM")
-                if is_nifti(Path(name)):
-                    return self._predict_nifti(predictor, folder, name, data)
-                if Path(name).suffix in IMAGE_SUFFIXES:
-                    return self._predict_image(predictor, folder, name, data)
-            except TooLargeError as error:  # told from the header: nothing was decoded
-                raise UploadError(413, error.problem) from None
-            except VolumeShapeError as error:
-                raise UploadError(422, error.problem) from None
-            except BadInputError as error:
-                raise UploadError(400, error.problem) from None
-            except BrainsegError as error:
-                raise UploadError(400, str(error)) from None
+            if name.endswith(".zip"):
+                return self._predict_zip(predictor, folder, data, channels, anonymize)
+            if name.endswith((".dcm", ".dicom")):
+                (folder / "dicom").mkdir()
+                (folder / "dicom" / "upload.dcm").write_bytes(data)
+                return self._predict_dicom(predictor, folder, channels, anonymize)
+            if channels:
+                raise UploadError(400, "the channels field maps the series of a DICOM upload (a zip of "
+                                       "DICOM files); this upload is not DICOM")
+            if is_nifti(Path(name)):
+                return self._predict_nifti(predictor, folder, name, data)
+            if Path(name).suffix in IMAGE_SUFFIXES:
+                return self._predict_image(predictor, folder, name, data)
         raise UploadError(415, "unsupported file type: upload a TIFF/PNG/JPEG slice, a NIfTI volume "
                                "(.nii, .nii.gz), a zip of a kaggle_3m patient folder or of a DICOM series, "
                                "or a .dcm file")
@@ -431,6 +472,11 @@ def create_app(settings: ServeSettings | None = None, service: Service | None = 
         data = file.file.read(limit + 1)
         return service.predict_upload(file.filename or "upload", data, model, channels=channels,
                                       anonymize=anonymize)
+
+    @app.post("/api/explain")
+    def explain(file: UploadFile = File(...), model: str | None = Form(None)) -> dict:
+        data = file.file.read(int(service.settings.max_upload_mb * 1024 * 1024) + 1)
+        return service.explain_upload(file.filename or "upload", data, model)
 
     @app.get("/api/download/{identifier}/{file}")
     def download(identifier: str, file: str) -> Response:
