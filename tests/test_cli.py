@@ -47,6 +47,13 @@ def test_every_option_of_every_verb_shows_its_default():
             assert shown, f"{command.name} {param.opts[0]}: no default in its help"
 
 
+def test_max_pixels_defaults_to_the_readers_limit():
+    from brainseg.cli import MAX_PIXELS
+    from brainseg.data.io import MAX_SLICE_PIXELS
+
+    assert MAX_PIXELS == MAX_SLICE_PIXELS
+
+
 def test_one_vocabulary_for_precision_and_device():
     from brainseg.devices import inference_precision, normalise_device, normalise_precision, resolve_precision
 

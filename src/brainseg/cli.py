@@ -36,6 +36,9 @@ LargestComponent = Annotated[bool | None, typer.Option(
     help="Keep only the largest 3D component (default: as the model file recommends).", show_default=False)]
 MinSize = Annotated[int | None, typer.Option(
     help="Drop 3D components smaller than this, in voxels (default: the model file's).", show_default=False)]
+MAX_PIXELS = 4096 * 4096  # data.io.MAX_SLICE_PIXELS, written here to keep data.io out of start-up
+MaxPixels = Annotated[int, typer.Option(help="Most pixels in one decoded slice (4096x4096 by default), "
+                                             "read from the file's header before decoding.")]
 THRESHOLD_HELP = "Probability cut (default: the threshold stored in the model file, else 0.5)."
 MinFraction = Annotated[float | None, typer.Option(
     help="Drop 3D components smaller than this fraction of the largest, e.g. 0.25; 0 keeps all "
@@ -520,9 +523,7 @@ def predict_command(
     shard: Annotated[str | None, typer.Option(
         help="K/N: predict only the K-th of N shares of the cases (dealt in order of case name), so that "
              "N machines or a SLURM array split a batch; join them with brainseg merge.")] = None,
-    max_pixels: Annotated[int, typer.Option(
-        help="Most pixels in one decoded slice; larger files are refused from their headers.")]
-    = 4096 * 4096,
+    max_pixels: MaxPixels = MAX_PIXELS,
 ) -> None:
     """Predict tumour masks for new images and volumes; masks keep each input's size.
 
@@ -658,8 +659,7 @@ def serve_command(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted.")] = 50.0,
     max_slices: Annotated[int, typer.Option(help="Most slices in one uploaded volume.")] = 200,
-    max_pixels: Annotated[int, typer.Option(help="Most pixels in one decoded slice (4096x4096), read "
-                                                 "from the file's header before decoding.")] = 16777216,
+    max_pixels: MaxPixels = MAX_PIXELS,
 ) -> None:
     """Serve the web viewer and the JSON API (POST /api/predict, GET /api/health, /docs).
 

@@ -223,10 +223,9 @@ class TrainConfig:
         check_seed(self.seed, "train.seed")
         normalise_precision(self.precision, "train.precision")
         normalise_device(self.accelerator, "train.accelerator")
-        for name, allowed in (("weight_average", WEIGHT_AVERAGES),):
-            if getattr(self, name) not in allowed:
-                raise OptionError(f"train.{name} must be one of {', '.join(allowed)}, "
-                                  f"got {getattr(self, name)!r}")
+        if self.weight_average not in WEIGHT_AVERAGES:
+            raise OptionError(f"train.weight_average must be one of {', '.join(WEIGHT_AVERAGES)}, "
+                              f"got {self.weight_average!r}")
         check_threshold(self.threshold, "train.threshold")
         if not 0 < self.ema_decay < 1:
             raise OptionError(f"train.ema_decay must be between 0 and 1, got {self.ema_decay}")
