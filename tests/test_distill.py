@@ -39,9 +39,11 @@ def test_distilled_student_is_a_complete_run_that_names_its_teacher(tiny_run, tm
     assert mask.shape == (64, 64)
 
 
-def small_batch(data, size: int = 64):
+def small_batch(data, size: int = 64, teacher: Teacher | None = None):
     result = scan(data, progress=False)
     dataset = SliceDataset(result.table.head(4), result.store, image_size=size)
+    if teacher is not None:
+        dataset.soft_targets = teacher.label(dataset, progress=False)
     return collate([dataset[i] for i in range(4)])
 
 
@@ -52,13 +54,15 @@ def test_weight_one_trains_on_the_teachers_probabilities_alone(tiny_run):
     split = {"train": [], "val": [], "test": []}
     teacher = load_teacher(config, 3, split)
     module = SegmentationModule(config.to_dict(), 3, [], teacher=teacher)
-    batch = small_batch(data)
+    batch = small_batch(data, teacher=teacher)
     logits, loss = module.training_loss(batch)
     description, weights = load_model_file(teacher_run)
     network = build_network(teacher_run, description, weights).eval()
     with torch.no_grad():
-        expected = F.binary_cross_entropy_with_logits(logits, torch.sigmoid(network(batch["image"])))
-    assert torch.allclose(loss, expected)
+        probabilities = torch.sigmoid(network(batch["image"]))
+    # labelled once before training, in steps of 1/255
+    assert (batch["teacher"] - probabilities).abs().max() <= 0.5 / 255 + 1e-6
+    assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, batch["teacher"]))
     loss.backward()
     # the gradient reaches the student only, and the truth plays no part: another mask, the same loss
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())

@@ -140,6 +140,26 @@ def test_fine_tuning_starts_from_the_given_weights_at_another_size(synthetic, on
         torch.testing.assert_close(after["state_dict"][key], before[key], atol=1e-6, rtol=0)
 
 
+def test_fine_tuning_starts_from_one_member_of_an_ensemble(synthetic, one_epoch_run, tmp_path):
+    from brainseg.errors import BadInputError
+    from brainseg.runs.combine import build_ensemble
+
+    build_ensemble([one_epoch_run.run_dir, one_epoch_run.run_dir], tmp_path / "ens")
+    ensemble = tmp_path / "ens"
+    config = {"train.epochs": 1, "train.lr": 1e-9, "train.init_weights": str(ensemble)}
+    with pytest.raises(BadInputError, match="is an ensemble; start from one member with"):
+        train(small_config(synthetic, **config), tmp_path / "unpicked", progress=False)
+    tuned = train(small_config(synthetic, **config, **{"train.init_member": 1}), tmp_path / "tuned",
+                  progress=False)
+    before = torch.load(one_epoch_run.model_file, weights_only=True)["state_dict"]
+    after = torch.load(tuned.model_file, weights_only=True)["state_dict"]
+    for key in [k for k, v in before.items() if v.dim() == 4]:  # fp16 in the ensemble file
+        torch.testing.assert_close(after[key], before[key], atol=2e-3, rtol=1e-2)
+    with pytest.raises(BadInputError, match="is not an ensemble"):
+        train(small_config(synthetic, **{**config, "train.init_weights": str(one_epoch_run.run_dir),
+                                         "train.init_member": 0}), tmp_path / "plain", progress=False)
+
+
 def test_refit_settings_follow_the_validated_runs_best_epoch_and_lr_drops(tmp_path):
     from brainseg.config import save_config
     from brainseg.errors import BadInputError

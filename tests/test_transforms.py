@@ -50,6 +50,18 @@ def test_image_and_mask_share_one_draw(config):
     assert changed >= 15  # the affine really ran
 
 
+@pytest.mark.parametrize("config", [HEAVY, AugmentConfig(p_geometric=1.0, hflip=True)])
+def test_teacher_maps_move_with_the_slice_and_keep_their_values(config):
+    # a distillation teacher's probabilities follow every spatial draw (bilinear), never an intensity one
+    for seed in range(4):
+        sample = make_sample(seed=seed)
+        sample["teacher"] = sample["mask"] * 0.8
+        out = build_transforms(config, train=True, seed=seed)(sample)
+        assert out["teacher"].shape == out["mask"].shape and out["teacher"].dtype == torch.float32
+        assert out["teacher"].max() <= 0.8 + 1e-5
+        assert iou(out["teacher"] > 0.4, out["mask"] > 0.5) > 0.9
+
+
 def test_outputs_are_plain_contiguous_float32_and_extra_keys_pass_through():
     sample = make_sample()
     before = {key: value.clone() for key, value in sample.items() if isinstance(value, torch.Tensor)}

@@ -205,6 +205,7 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # validate every N epochs
     init_weights: str = ""  # model file or run folder to start from (fine-tuning, e.g. at a larger size)
+    init_member: int = -1  # with an ensemble as init_weights: which member (0-based) to start from
     # Validate and save an average of the weights instead of the last ones, updated every step: "swa"
     # the plain mean of all of them, "ema" a moving average that keeps ema_decay of itself.
     weight_average: str = "none"  # none, swa or ema
@@ -219,7 +220,8 @@ class TrainConfig:
             "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "weight_decay": "[0, inf)",
             "early_stopping_patience": "[1, inf)", "lr_patience": "[0, inf)", "lr_factor": "(0, 1)",
             "min_lr": "[0, inf)", "devices": "[1, inf)", "num_nodes": "[1, inf)",
-            "max_minutes": "[0, inf)", "val_every": "[1, inf)", "distill_weight": "[0, 1]"})
+            "max_minutes": "[0, inf)", "val_every": "[1, inf)", "distill_weight": "[0, 1]",
+            "init_member": "[-1, inf)"})
         check_seed(self.seed, "train.seed")
         normalise_precision(self.precision, "train.precision")
         normalise_device(self.accelerator, "train.accelerator")

@@ -53,6 +53,7 @@ from brainseg.losses import DistillationLoss, create_loss
 from brainseg.metrics import Counts, batch_scores, dice
 from brainseg.models import available_models, create_model
 from brainseg.models.registry import canonical_name
+from brainseg.progress import counter
 from brainseg.runs.folder import (
     CHECKPOINTS,
     CONFIG_FILE,
@@ -119,7 +120,11 @@ class Teacher:
     mode, and not a submodule of the student, so it stays out of its parameters, checkpoints and
     train() switch. It takes the student's batch and gives logits at its size: a teacher of another
     input size gets the batch resized as prediction resizes an image (antialiased, clipped to [0, 1])
-    and its logits resized back (bilinear); an ensemble resizes for each of its members itself."""
+    and its logits resized back (bilinear); an ensemble resizes for each of its members itself.
+
+    It labels the training slices once, before training (`label`): running it on every augmented
+    batch made a step ~5x dearer with the five-member LGG ensemble, and its maps move with the
+    slice's spatial augmentation instead (intensity augmentation does not change them)."""
 
     def __init__(self, network: torch.nn.Module, image_size: int, identity: dict) -> None:
         self.network = network.eval().requires_grad_(False)
@@ -138,6 +143,29 @@ class Teacher:
         if tuple(logits.shape[-2:]) != side:
             logits = F.interpolate(logits, size=side, mode="bilinear", align_corners=False)
         return logits
+
+    @torch.no_grad()
+    def label(self, dataset: SliceDataset, *, device: str = "cpu", bf16: bool = False, batch_size: int = 16,
+              progress: bool = True, echo=print) -> torch.Tensor:
+        """The teacher's probabilities for every slice of `dataset` as it is before augmentation,
+        (N, 1, S, S) uint8 with 255 meaning 1: a quarter of float32's memory, and steps of 1/255 are
+        far finer than the differences a soft target carries."""
+        transform, dataset.transform = dataset.transform, None  # the plain slices, as prediction sees them
+        side = dataset.image_size
+        maps = torch.empty((len(dataset), 1, side, side), dtype=torch.uint8)
+        bar = counter(len(dataset), desc="teacher labels", unit="slice", enabled=progress, echo=echo)
+        try:
+            for start in range(0, len(dataset), batch_size):
+                stop = min(start + batch_size, len(dataset))
+                images = torch.stack([dataset[i]["image"] for i in range(start, stop)]).to(device)
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+                    probabilities = torch.sigmoid(self.logits(images).float())
+                maps[start:stop] = probabilities.mul(255.0).round_().to(torch.uint8).cpu()
+                bar.update(stop - start)
+        finally:
+            dataset.transform = transform
+            bar.close()
+        return maps
 
 
 def load_teacher(config: RunConfig, in_channels: int, split: dict) -> Teacher:
@@ -213,13 +241,12 @@ class SegmentationModule(L.LightningModule):
 
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, loss) of a training batch: the configured loss against the truth or, with a
-        teacher, the distillation loss against the truth and the teacher's probabilities on the same
-        (augmented) batch."""
+        teacher, the distillation loss against the truth and the teacher's probabilities (labelled
+        before training, augmented with the slice)."""
         logits = self(batch["image"])
         if self.teacher is None:
             return logits, self.loss(logits.float(), batch["mask"])
-        soft_targets = torch.sigmoid(self.teacher.logits(batch["image"]))
-        return logits, self.distillation(logits.float(), batch["mask"], soft_targets)
+        return logits, self.distillation(logits.float(), batch["mask"], batch["teacher"])
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits, loss = self.training_loss(batch)
@@ -662,9 +689,15 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     datamodule = SliceDataModule(config, train_table, val_table, result.store, workers)
     in_channels = datamodule.train_set.in_channels
     teacher = load_teacher(config, in_channels, split) if config.train.teacher else None
+    if teacher is not None:
+        datamodule.train_set.soft_targets = teacher.label(
+            datamodule.train_set, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if accelerator == "gpu" else "cpu",
+            bf16=precision.startswith("bf16"), batch_size=config.train.batch_size,
+            progress=progress and _is_rank_zero(), echo=echo)
     module = SegmentationModule(config.to_dict(), in_channels, datamodule.val_set.patients, teacher=teacher)
     if config.train.init_weights and not resume:  # a resumed run has its own weights in last.ckpt
-        load_initial_weights(module.model, config.train.init_weights, NORMALISATIONS[config.data.normalize])
+        load_initial_weights(module.model, config.train.init_weights, NORMALISATIONS[config.data.normalize],
+                             config.train.init_member)
     if _is_rank_zero():  # written only once the run is known to start, so a refused run leaves nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
@@ -746,19 +779,32 @@ def weight_averaging(train_cfg: TrainConfig) -> list[Callback]:
     return []
 
 
-def load_initial_weights(model: torch.nn.Module, source: str | Path, normalisation: str) -> None:
-    """Start `model` from a trained model's weights; the layers must match, the input size need not."""
+def load_initial_weights(model: torch.nn.Module, source: str | Path, normalisation: str,
+                         member: int = -1) -> None:
+    """Start `model` from a trained model's weights, or from one `member` of an ensemble's; the layers must
+    match, the input size need not."""
     description, weights = load_model_file(source)
     theirs = description["preprocessing"].get("normalisation")
     if theirs != normalisation:
         raise BadInputError(source, f"its inputs were normalised as {theirs!r}, not {normalisation!r}")
+    network = description["model"]
+    if network["name"] == "ensemble":
+        members = network["kwargs"]["members"]
+        listed = ", ".join(f"{i}: {m['name']} at {m['image_size']}²" for i, m in enumerate(members))
+        if not 0 <= member < len(members):
+            raise BadInputError(source, f"is an ensemble; start from one member with --set "
+                                        f"train.init_member=N ({listed})")
+        prefix = f"members.{member}."
+        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        network = members[member]
+    elif member >= 0:
+        raise BadInputError(source, f"is not an ensemble, so train.init_member={member} has no member to pick")
     ours = model.state_dict()
     mismatched = sorted(set(ours) ^ set(weights)) or [k for k in ours if ours[k].shape != weights[k].shape]
     if mismatched:
         wanted = getattr(model, "brainseg_spec", {}).get("kwargs", {})
-        raise BadInputError(source, f"its network ({description['model']['name']}, "
-                                    f"{description['model']['kwargs']}) does not fit this run's "
-                                    f"({wanted}); first differing weight: {mismatched[0]}")
+        raise BadInputError(source, f"its network ({network['name']}, {network['kwargs']}) does not fit "
+                                    f"this run's ({wanted}); first differing weight: {mismatched[0]}")
     model.load_state_dict(weights)
 
 

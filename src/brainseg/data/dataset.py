@@ -80,7 +80,9 @@ def neighbour_positions(table: pd.DataFrame, context: int) -> np.ndarray:
 
 
 class SliceDataset(Dataset):
-    """Samples {"image", "mask", "patient", "position"} (plus "mask_full" when resized).
+    """Samples {"image", "mask", "patient", "position"} (plus "mask_full" when resized, and "teacher" once
+    `soft_targets` holds a distillation teacher's probabilities, one (1, S, S) uint8 map per slice, 255
+    meaning 1).
 
     `patient` indexes `self.patients`, so per-patient volumes can be accumulated from batches.
     """
@@ -104,6 +106,7 @@ class SliceDataset(Dataset):
         if len(self.table) and int(self.table["channels"].min()) != channels:
             raise ValueError("mixed channel counts in one data set; convert the images first")
         self.in_channels = channels * (2 * context + 1)
+        self.soft_targets: torch.Tensor | None = None
 
     def _volume_scales(self) -> np.ndarray:
         """Per-patient channel scales, one row per patient, tiled over the 2.5D neighbours."""
@@ -127,6 +130,8 @@ class SliceDataset(Dataset):
         scales = self.scales[self.patient_of_row[index]]
         sample = {"image": to_input(image, self.image_size, scales), "mask": to_target(mask, self.image_size),
                   "patient": int(self.patient_of_row[index]), "position": index}
+        if self.soft_targets is not None:
+            sample["teacher"] = self.soft_targets[index].float().div_(255.0)
         if self.keep_full_mask and mask.shape != (self.image_size, self.image_size):
             sample["mask_full"] = torch.from_numpy(np.array(mask)).float()[None]
         return self.transform(sample) if self.transform is not None else sample

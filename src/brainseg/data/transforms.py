@@ -2,7 +2,8 @@
 
 A sample is ``{"image": float32 (C, H, W) in [0, 1], "mask": float32 (1, H, W) of 0/1, ...}``. Spatial
 transforms draw once per sample and apply the same draw to image and mask (mask resampled with nearest,
-so it stays exactly 0/1); intensity transforms touch the image only. Other keys pass through untouched
+so it stays exactly 0/1); a distillation teacher's probabilities, ``"teacher"`` (1, H, W), when present,
+move with them (bilinear). Intensity transforms touch the image only. Other keys pass through untouched
 and the caller's dict and tensors are never modified. Outputs are plain contiguous ``torch.Tensor``.
 """
 
@@ -37,8 +38,8 @@ from monai.utils import MAX_SEED
 from brainseg.config import AugmentConfig
 from brainseg.data.io import FLAIR_CHANNEL, MISSING_SEQUENCES
 
-KEYS = ("image", "mask")
-_MODES = ("bilinear", "nearest")  # per key: image interpolated, mask kept binary
+KEYS = ("image", "mask", "teacher")  # "teacher" only while distilling (allow_missing_keys)
+_MODES = ("bilinear", "nearest", "bilinear")  # per key: image interpolated, mask kept binary
 
 
 class _PerShape(RandomizableTransform, MapTransform):
@@ -53,7 +54,7 @@ class _PerShape(RandomizableTransform, MapTransform):
     def __init__(self, keys: tuple[str, ...], factory: Callable[[tuple[int, ...]], Randomizable],
                  prob: float) -> None:
         RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys)
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
         self.factory = factory
         self._built: dict[tuple[int, ...], Randomizable] = {}
 
@@ -79,7 +80,7 @@ class _PerShape(RandomizableTransform, MapTransform):
 def _affine_for(config: AugmentConfig, shape: tuple[int, ...]) -> RandAffined:
     # Keras shears one axis by an angle; MONAI wants the matrix coefficient, tan(angle), per axis.
     transform = RandAffined(
-        keys=KEYS, prob=1.0, mode=_MODES, padding_mode="zeros",
+        keys=KEYS, prob=1.0, mode=_MODES, padding_mode="zeros", allow_missing_keys=True,
         rotate_range=math.radians(config.rotation_deg),
         shear_range=(math.tan(math.radians(config.shear_deg)),),
         translate_range=tuple(config.shift * side for side in shape),
@@ -99,7 +100,7 @@ def _elastic_for(shape: tuple[int, ...]) -> Rand2DElasticd:
     spacing = max(side // 8, 4)
     transform = Rand2DElasticd(
         keys=KEYS, spacing=(spacing, spacing), magnitude_range=(0.0, 0.015 * side), prob=1.0,
-        mode=_MODES, padding_mode="zeros",
+        mode=_MODES, padding_mode="zeros", allow_missing_keys=True,
     )
     transform.rand_2d_elastic.resampler.dtype = torch.float32  # as for the affine
     return transform
@@ -115,7 +116,7 @@ class _PatchCrop(RandCropByPosNegLabeld):
 
     def __init__(self, side: int) -> None:
         super().__init__(keys=KEYS, label_key="mask", spatial_size=(side, side), pos=1.0, neg=2.0,
-                         num_samples=1, image_key="image", image_threshold=0.0)
+                         num_samples=1, image_key="image", image_threshold=0.0, allow_missing_keys=True)
 
     def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
         with warnings.catch_warnings():
@@ -161,6 +162,8 @@ class _Finish(Transform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
         for key in KEYS:
+            if key not in out:
+                continue
             value = out[key]
             if isinstance(value, MetaTensor):
                 value = value.as_tensor()
@@ -196,7 +199,7 @@ def _augmentations(config: AugmentConfig) -> list[Callable]:
     if config.geometric and config.p_geometric > 0:
         steps.append(_PerShape(KEYS, partial(_affine_for, config), prob=config.p_geometric))
     if config.hflip:
-        steps.append(RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1))
+        steps.append(RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1, allow_missing_keys=True))
     if config.elastic and config.p_elastic > 0:
         steps.append(_PerShape(KEYS, _elastic_for, prob=config.p_elastic))
     p = config.p_intensity
