@@ -690,8 +690,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     in_channels = datamodule.train_set.in_channels
     teacher = load_teacher(config, in_channels, split) if config.train.teacher else None
     if teacher is not None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if accelerator == "gpu" else "cpu"
         datamodule.train_set.soft_targets = teacher.label(
-            datamodule.train_set, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if accelerator == "gpu" else "cpu",
+            datamodule.train_set, device=device,
             bf16=precision.startswith("bf16"), batch_size=config.train.batch_size,
             progress=progress and _is_rank_zero(), echo=echo)
     module = SegmentationModule(config.to_dict(), in_channels, datamodule.val_set.patients, teacher=teacher)
@@ -798,7 +799,8 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path, normalisati
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         network = members[member]
     elif member >= 0:
-        raise BadInputError(source, f"is not an ensemble, so train.init_member={member} has no member to pick")
+        raise BadInputError(source, f"is not an ensemble, so train.init_member={member} has no member "
+                                    "to pick")
     ours = model.state_dict()
     mismatched = sorted(set(ours) ^ set(weights)) or [k for k in ours if ours[k].shape != weights[k].shape]
     if mismatched:
