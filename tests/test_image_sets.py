@@ -71,6 +71,13 @@ def test_compare_takes_any_labelled_folder_as_a_test_set(image_run, tmp_path):
     assert "8 images" in (tmp_path / "cmp" / "compare.md").read_text()
     with pytest.raises(BadInputError, match="trained or validated on"):  # it saw these images
         compare_runs([run], data, tmp_path / "seen", side="all", progress=False)
+    grouped = compare_runs([run, run], other, tmp_path / "grouped", side="all", group_by="index-block:4",
+                           progress=False)
+    assert grouped["verdict"].tolist()[1:] == ["no clear change"]  # a run against itself
+    assert "drawn over groups of images (index-block:4)" in (tmp_path / "grouped" / "compare.md").read_text()
+    with pytest.raises(BadInputError, match="index-block:N or column:NAME"):
+        compare_runs([run, run], other, tmp_path / "bad", side="all", group_by="blocks", progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_split_made_for_training_keeps_index_blocks_together(image_run):

@@ -441,10 +441,14 @@ def compare_command(
     runs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the comparison.")] = Path("comparison"),
-    split: Annotated[str, typer.Option(help="Split side to score: test or val.")] = "test",
+    split: Annotated[str, typer.Option(help="Split side to score: test, val, or all (any labelled folder "
+                                            "none of the runs saw).")] = "test",
     split_file: Annotated[Path | None, typer.Option(help="Split JSON (default: the first run's).")] = None,
     largest_component: LargestComponent = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
+    group_by: Annotated[str, typer.Option(
+        help="Draw the changes' bootstrap intervals over groups of cases, e.g. index-block:16 for "
+             "Figshare images (neighbouring indices are mostly one patient); empty: over cases.")] = "",
 ) -> None:
     """Score several runs on the same patients; write compare.csv, compare.md and compare.png.
 
@@ -454,7 +458,8 @@ def compare_command(
     from brainseg.evaluation.evaluate import EvaluateOptions
 
     options = EvaluateOptions(largest_component=largest_component, tta_flip=tta)
-    table = compare_runs(runs, data, out, side=split, split_file=split_file, options=options)
+    table = compare_runs(runs, data, out, side=split, split_file=split_file, options=options,
+                         group_by=group_by)
     typer.echo((out / "compare.md").read_text())
     typer.echo(f"wrote {out}/compare.csv, compare.md, compare.png ({len(table)} runs)")
 

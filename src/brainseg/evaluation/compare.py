@@ -9,7 +9,7 @@ import pandas as pd
 
 from brainseg import plots
 from brainseg.data.index import ensure_outside, scan
-from brainseg.data.splits import load_split, save_split, seen_patients, validate_split
+from brainseg.data.splits import load_split, save_split, seen_patients, units_of, validate_split
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import paired_change
 from brainseg.evaluation.evaluate import SCORED_PER, EvaluateOptions, cases_table, evaluate
@@ -48,8 +48,11 @@ def _check_unseen(run: str | Path, split: dict | None, patients: set[str]) -> No
 
 def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, side: str = "test",
                  split_file: str | Path | None = None, options: EvaluateOptions | None = None,
-                 progress: bool = True) -> pd.DataFrame:
-    """Evaluate each run on one split side (the first run's unless `split_file`), then tabulate."""
+                 group_by: str = "", progress: bool = True) -> pd.DataFrame:
+    """Evaluate each run on one split side (the first run's unless `split_file`), then tabulate. Each
+    run's change against the first has a paired bootstrap interval over the cases, or over groups of
+    them with `group_by` (as `brainseg split --group-by`: e.g. index-block:16 for Figshare images,
+    whose neighbouring indices are mostly one patient)."""
     if not runs:
         raise BadInputError("compare", "give at least one run folder")
     out = Path(out)
@@ -75,7 +78,9 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         if side == "test":
             for run, (_, run_split, _) in zip(runs, models, strict=True):
                 _check_unseen(run, run_split, patients)
-    rows, per_patient = [], {}
+    if group_by:  # a bad --group-by is refused before any run is evaluated
+        units_of(pd.DataFrame({"patient": sorted(patients)}), group_by)
+    rows, per_patient, cases = [], {}, None
     paths = [path for path, _, _ in models]
     names = _unique_names([str(run) if is_pretrained(run) else path
                            for run, path in zip(runs, paths, strict=True)])
@@ -85,17 +90,22 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         base = options or EvaluateOptions()
         run_options = EvaluateOptions(**{**base.__dict__, "side": side, "split_file": str(split_path or "")})
         summary = evaluate(run, data, out / name, options=run_options, progress=progress)
-        scores = pd.read_csv(cases_table(out / name))
+        scores = pd.read_csv(cases_table(out / name), dtype={"patient": str, "image": str})
+        ids = scores.iloc[:, 0].astype(str).tolist()  # the case column: patient or image
+        if cases is not None and ids != cases:
+            raise BadInputError(run, "scored other cases than the first run, so changes cannot be paired")
+        cases = ids
         per_patient[name] = scores["dice"].to_numpy()
         rows.append(_row(name, run, summary))
+    groups = units_of(pd.DataFrame({"patient": cases}), group_by).to_numpy() if group_by else None
     for row in rows[1:]:  # each model's change against the first, paired over the same cases
-        change = paired_change(per_patient[row["run"]], per_patient[rows[0]["run"]])
+        change = paired_change(per_patient[row["run"]], per_patient[rows[0]["run"]], groups=groups)
         row.update({"change_vs_first": change["mean"], "change_low": change["low"],
                     "change_high": change["high"], "verdict": change["verdict"]})
     table = pd.DataFrame(rows)
     table.to_csv(out / "compare.csv", index=False)
     unit = summary["data"]["unit"]
-    (out / "compare.md").write_text(_markdown(table, side, len(patients), unit))
+    (out / "compare.md").write_text(_markdown(table, side, len(patients), unit, group_by))
     plots.compare_models(per_patient, out / "compare.png",
                          f"Dice {SCORED_PER[unit]} ({side}, {len(patients)} {unit}s)")
     return table
@@ -138,10 +148,13 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _markdown(table: pd.DataFrame, side: str, patients: int, unit: str = "patient") -> str:
+def _markdown(table: pd.DataFrame, side: str, patients: int, unit: str = "patient",
+              group_by: str = "") -> str:
     per = "per image" if unit == "image" else "per patient volume (slices stacked)"
+    drawn = f"groups of {unit}s ({group_by})" if group_by else f"{unit}s"
     lines = [f"# Model comparison: {side} side, {patients} {unit}s", "",
-             f"Dice {per}, scored at the original resolution.", ""]
+             f"Dice {per}, scored at the original resolution. Changes against the first run are paired, "
+             f"with 95% bootstrap intervals drawn over {drawn}.", ""]
     headers = list(table.columns)
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "|".join("---" for _ in headers) + "|")
