@@ -80,6 +80,22 @@ def test_compare_takes_any_labelled_folder_as_a_test_set(image_run, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_compare_verb_applies_the_threshold_and_post_processing_it_is_given(image_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainseg.cli import app
+
+    _, other, run = image_run
+    result = CliRunner().invoke(app, ["compare", str(run), str(run), "--data", str(other), "--split", "all",
+                                      "--threshold", "0.3", "--min-fraction", "0.25", "--group-by",
+                                      "index-block:4", "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert table["threshold"].tolist() == [0.3, 0.3]
+    summary = json.loads(next((tmp_path / "cmp").glob("*/summary.json")).read_text())
+    assert summary["options"]["min_fraction"] == 0.25
+
+
 def test_a_split_made_for_training_keeps_index_blocks_together(image_run):
     _, _, run = image_run
     split = json.loads((run / "split.json").read_text())

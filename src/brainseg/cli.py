@@ -333,7 +333,9 @@ def distill_command(
     """Train one network (any --model) on a teacher's probabilities as well as the truth, as train does.
 
     The loss is (1 - w) * the configured loss + w * BCE against the teacher's probabilities, with
-    w = train.distill_weight (--set train.distill_weight=0.5). The teacher runs on every training batch.
+    w = train.distill_weight (--set train.distill_weight=0.5). The teacher labels every training slice
+    once, before training; its maps follow each slice's spatial augmentation. Start the student from one
+    member of an ensemble with --init pretrained --set train.init_member=N.
     Refused: a teacher with other input channels or normalisation than the data, or one that trained
     or was validated on any of the run's test patients. Continue a run with brainseg train --resume.
 
@@ -444,7 +446,9 @@ def compare_command(
     split: Annotated[str, typer.Option(help="Split side to score: test, val, or all (any labelled folder "
                                             "none of the runs saw).")] = "test",
     split_file: Annotated[Path | None, typer.Option(help="Split JSON (default: the first run's).")] = None,
+    threshold: Annotated[float | None, typer.Option(help=THRESHOLD_HELP)] = None,
     largest_component: LargestComponent = None,
+    min_fraction: MinFraction = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
     group_by: Annotated[str, typer.Option(
         help="Draw the changes' bootstrap intervals over groups of cases, e.g. index-block:16 for "
@@ -457,7 +461,8 @@ def compare_command(
     from brainseg.evaluation.compare import compare_runs
     from brainseg.evaluation.evaluate import EvaluateOptions
 
-    options = EvaluateOptions(largest_component=largest_component, tta_flip=tta)
+    options = EvaluateOptions(threshold=threshold, largest_component=largest_component,
+                              min_fraction=min_fraction, tta_flip=tta)
     table = compare_runs(runs, data, out, side=split, split_file=split_file, options=options,
                          group_by=group_by)
     typer.echo((out / "compare.md").read_text())
