@@ -51,7 +51,8 @@ def image_run(tmp_path_factory):
 def test_an_image_set_is_scored_per_image_with_types_and_size_bands(image_run, tmp_path):
     _, other, run = image_run
     summary = evaluate(run, other, tmp_path / "ev", options=EvaluateOptions(side="all"), progress=False)
-    assert summary["data"]["unit"] == "image"
+    assert summary["data"]["unit"] == "image" and "patients" not in summary["data"]
+    assert summary["data"]["images"] == summary["data"]["cases"] == 8
     assert (tmp_path / "ev" / "per_image.csv").exists() and not (tmp_path / "ev" / "per_patient.csv").exists()
     table = pd.read_csv(tmp_path / "ev" / "per_image.csv")
     assert "image" in table and "patient" not in table and "slices" not in table
@@ -130,3 +131,44 @@ def test_divide255_is_the_seed_notebooks_normalisation_and_the_model_file_record
     assert predictor.predict_volume(dim[None]).shape == (1, 64, 64)
     with pytest.raises(OptionError, match=r"data\.normalize must be percentile or divide255"):
         RunConfig().override({"data.normalize": "zscore"})
+
+
+def test_a_yaml_file_listing_folders_is_one_data_set(tmp_path):
+    from brainseg.data.index import ensure_outside, scan
+    from brainseg.data.splits import split_patients
+
+    first = make_image_set(tmp_path / "a", range(1, 9))
+    make_image_set(tmp_path / "b", range(9, 17), seed=1, size=96)  # another size, as figshare256 is
+    manifest = tmp_path / "sets" / "both.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text("folders: [../a, ../b]\n")
+    result = scan(manifest, progress=False)
+    assert len(result.table) == 16 and result.layout == "images_masks"
+    assert set(result.table["label_name"]) == set(TYPES)  # each folder's labels.csv joined
+    for key in result.table["image_path"]:  # every slice decodes from its own folder's store
+        assert result.store.image(key).shape[:2] == result.store.mask(key).shape
+    split = split_patients(result.table, val=0.25, test=0.25, group_by="index-block:4")
+    blocks = {side: {(int(n) - 1) // 4 for n in split[side]} for side in ("train", "val", "test")}
+    assert not (blocks["train"] & blocks["val"]) and not (blocks["train"] & blocks["test"])
+    with pytest.raises(BadInputError, match="inside the data folder"):
+        ensure_outside(tmp_path / "b" / "runs", manifest)
+    make_image_set(tmp_path / "c", range(7, 10), seed=2)
+    manifest.write_text("folders: [../a, ../c]\n")
+    with pytest.raises(BadInputError, match="'7' is in both"):
+        scan(manifest, progress=False)
+    manifest.write_text("folders: ../a\n")
+    with pytest.raises(BadInputError, match="must list the data set's folders"):
+        scan(manifest, progress=False)
+    assert first.exists()
+
+
+def test_training_and_evaluation_take_a_data_set_file(image_run, tmp_path):
+    data, other, _ = image_run
+    manifest = tmp_path / "both.yaml"
+    manifest.write_text(f"folders: [{data}, {other}]\n")
+    trained = train_once(tmp_path, manifest, **{"data.group_by": "index-block:4", "train.epochs": 1})
+    split = json.loads((trained.run_dir / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) + len(split["test"]) == 32
+    summary = evaluate(trained.run_dir, manifest, tmp_path / "ev", options=EvaluateOptions(side="val"),
+                       progress=False)
+    assert summary["data"]["unit"] == "image" and summary["data"]["cases"] == len(split["val"])

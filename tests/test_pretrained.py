@@ -86,6 +86,6 @@ def test_figshare_validation_dice_matches_the_model_card(shared_data, tmp_path):
 
     summary = evaluate("pretrained:figshare", shared_data / "figshare256", tmp_path / "eval", progress=False,
                        options=EvaluateOptions(side="val", precision="32"))
-    assert summary["data"]["unit"] == "image" and summary["data"]["patients"] == 120
+    assert summary["data"]["unit"] == "image" and summary["data"]["images"] == 120
     assert summary["per_patient"]["dice"]["mean"] == pytest.approx(card_value("figshare_val_dice_mean"),
                                                                     abs=0.01)

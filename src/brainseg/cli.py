@@ -381,7 +381,7 @@ def evaluate_command(
     summary = evaluate(model, data, out, layout=layout, options=options)
     dice, unit = summary["per_patient"]["dice"], summary["data"]["unit"]
     if dice["n"]:
-        typer.echo(f"Dice {SCORED_PER[unit]} over {summary['data']['patients']} {unit}s ({split}): "
+        typer.echo(f"Dice {SCORED_PER[unit]} over {summary['data']['cases']} {unit}s ({split}): "
                    f"mean {dice['mean']:.4f}, median {dice['median']:.4f}, min {dice['min']:.4f}")
     for key in ("by_class", "by_size_band"):
         for name, group in (summary.get(key) or {}).items():

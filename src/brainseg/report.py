@@ -155,7 +155,7 @@ def _evaluation_section(root: Path, folder: Path) -> str:
     where = f" <code>{html.escape(where)}</code>" if where != "." else ""
     unit = summary["data"].get("unit", "patient")
     per = SCORED_PER[unit]
-    parts = [f"<h2>Evaluation: {html.escape(side)} {unit}s ({summary['data']['patients']}){where}</h2>",
+    parts = [f"<h2>Evaluation: {html.escape(side)} {unit}s ({summary['data']['cases']}){where}</h2>",
              f"<p>Model <code>{html.escape(str(summary['model'].get('model')))}</code>, threshold "
              f"{summary['options']['threshold']:g}. Scores {per}:</p>",
              _table(pd.DataFrame(rows)),
@@ -285,8 +285,9 @@ def _evaluation_line(root: Path, summary_path: Path) -> str:
     if not dice or dice.get("mean") is None:
         return ""
     where = summary_path.parent.relative_to(root).as_posix()
-    return (f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume on "
-            f"{summary['data']['patients']} {html.escape(summary['data']['side'])} patients "
+    unit = summary["data"].get("unit", "patient")
+    return (f"<li><b>{dice['mean']:.3f}</b> mean Dice {SCORED_PER[unit]} on "
+            f"{summary['data']['cases']} {html.escape(summary['data']['side'])} {unit}s "
             f"(median {dice['median']:.3f}, min {dice['min']:.3f}; "
             f"<code>{html.escape(where)}</code>)</li>")
 

@@ -8,6 +8,11 @@ Two layouts are understood:
 * ``images_masks`` - a generic ``images/`` + ``masks/`` pair of folders (the Figshare PNG
   conversion): pairs by file stem; ``labels.csv`` is joined on its first column. These layouts
   carry no patient ids, so every image is its own case.
+
+A data set may also be a YAML file listing folders of one layout (``folders: [../figshare,
+../figshare256]``, relative to the file): they are indexed (and cached) each on its own and used as
+one; a case name found in two of them is refused, since the same image twice would leak between
+training and test.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from brainseg.data.cache import (
     DamagedCacheError,
@@ -44,6 +50,7 @@ from brainseg.errors import BadInputError
 from brainseg.progress import progress as progress_bar
 
 LAYOUTS = ("kaggle_3m", "images_masks")
+MANIFEST_SUFFIXES = (".yaml", ".yml")  # a data set file listing folders
 COLUMNS = ["patient", "slice", "image_path", "mask_path", "height", "width", "channels",
            "tumour_pixels", "has_tumour", "layout"]
 SLICE_NAME = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)(?P<mask>_mask)?$", re.IGNORECASE)
@@ -110,8 +117,11 @@ def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress
     if not root.exists():
         raise BadInputError(root, "is a broken symbolic link or a link loop" if root.is_symlink()
                             else "folder does not exist")
+    if root.suffix.lower() in MANIFEST_SUFFIXES and root.is_file():
+        return _scan_folders(root, layout, cache=cache, progress=progress, workers=workers,
+                             require_slices=require_slices)
     if not root.is_dir():
-        raise BadInputError(root, "not a folder")
+        raise BadInputError(root, "not a folder (nor a .yaml file listing folders)")
     notes = []
     if layout == "auto":
         layout, root = detect_layout(root)
@@ -145,6 +155,63 @@ def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress
         raise BadInputError(root, f"no readable image/mask pair: all {len(found.pairs)} have problems "
                                   f"({report.problems[0].line()}; `brainseg check` lists them)")
     return Scan(table, store, report, layout, root, from_cache, notes)
+
+
+def manifest_folders(manifest: Path) -> list[Path]:
+    """The folders a data set file lists (`folders:`), resolved against the file's own folder."""
+    try:
+        content = yaml.safe_load(manifest.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise BadInputError(manifest, f"cannot be read as YAML ({str(error).splitlines()[0]})") from None
+    folders = content.get("folders") if isinstance(content, dict) else None
+    if not isinstance(folders, list) or not folders or not all(isinstance(f, str) for f in folders):
+        raise BadInputError(manifest, "must list the data set's folders as 'folders: [DIR, DIR, ...]'")
+    return [(manifest.parent / Path(folder).expanduser()).resolve() for folder in folders]
+
+
+def _scan_folders(manifest: Path, layout: str, **options) -> Scan:
+    """Several folders of one layout, indexed each on its own and joined into one data set."""
+    parts = [scan(folder, layout, **options) for folder in manifest_folders(manifest)]
+    layouts = {part.layout for part in parts}
+    if len(layouts) > 1:
+        raise BadInputError(manifest, f"mixes layouts ({', '.join(sorted(layouts))}); list folders of one")
+    owner: dict[str, Path] = {}
+    for part in parts:
+        for case in part.table["patient"].astype(str).unique():
+            if case in owner:
+                raise BadInputError(manifest, f"{case!r} is in both {owner[case]} and {part.root}; "
+                                              "a case may be in one folder only")
+            owner[case] = part.root
+    table = pd.concat([part.table for part in parts], ignore_index=True)
+    table.attrs.update(layout=parts[0].layout, root=str(manifest))
+    notes = [f"{part.root}: {len(part.table)} slices" + (" (cached)" if part.from_cache else "")
+             for part in parts]
+    return Scan(table, JoinedStore([part.store for part in parts]),
+                CheckReport([p for part in parts for p in part.report.problems]), parts[0].layout,
+                manifest, all(part.from_cache for part in parts), notes)
+
+
+class JoinedStore:
+    """The slice stores of several folders, looked up by image path as one."""
+
+    def __init__(self, stores: list) -> None:
+        self.stores = stores
+        self.keys = [key for store in stores for key in store.keys]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in store for store in self.stores)
+
+    def _store(self, key: str):
+        return next(store for store in self.stores if key in store)
+
+    def image(self, key: str):
+        return self._store(key).image(key)
+
+    def mask(self, key: str):
+        return self._store(key).mask(key)
 
 
 def _read_cache(directory: Path, digest: str,
@@ -375,8 +442,13 @@ def _join_metadata(table: pd.DataFrame, found: Discovery) -> pd.DataFrame:
 # --- writing ---------------------------------------------------------------------------------
 
 def ensure_outside(path: str | Path, data_root: str | Path) -> Path:
-    """Refuse an output path inside the data folder: nothing is ever written there."""
+    """Refuse an output path inside the data folder (each folder a data set file lists): nothing is
+    ever written there."""
     path, data_root = Path(path), Path(data_root)
+    if data_root.suffix.lower() in MANIFEST_SUFFIXES and data_root.is_file():
+        for folder in manifest_folders(data_root):
+            ensure_outside(path, folder)
+        return path
     try:
         resolved, root = path.resolve(), data_root.resolve()
     except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError on a symlink loop

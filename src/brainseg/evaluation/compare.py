@@ -132,7 +132,8 @@ def _row(name: str, run: Path, summary: dict) -> dict:
     return {
         "run": name, "model": model["model"], "base_filters": model["kwargs"].get("base_filters"),
         "in_channels": model["kwargs"].get("in_channels"), "epochs": epochs, "train_minutes": minutes,
-        "patients": summary["data"]["patients"], "dice_mean": dice["mean"], "dice_median": dice["median"],
+        f"{summary['data']['unit']}s": summary["data"]["cases"], "dice_mean": dice["mean"],
+        "dice_median": dice["median"],
         "dice_min": dice["min"], "iou_mean": summary["per_patient"]["iou"]["mean"],
         "hd95_median": summary["per_patient"]["hd95"]["median"],
         "sensitivity": detection["sensitivity"], "specificity": detection["specificity"],

@@ -230,8 +230,9 @@ def _summary(per_patient, per_slice, predictor, result, options, cutoff, unit) -
     scored = per_slice[(per_slice["true_pixels"] > 0) | (per_slice["predicted_pixels"] > 0)]
     return {
         "model": predictor.identity,
+        # "cases" always; "patients" or "images" as well, so an image set never speaks of patients
         "data": {"root": str(result.root), "layout": result.layout, "side": options.side, "unit": unit,
-                 "patients": len(per_patient), "slices": len(per_slice)},
+                 "cases": len(per_patient), f"{unit}s": len(per_patient), "slices": len(per_slice)},
         "options": {**asdict(options), "threshold": cutoff, **predictor.postprocessing},
         "conventions": CONVENTIONS,
         "per_patient": {name: _stats(per_patient[name]) for name in
