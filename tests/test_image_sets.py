@@ -70,6 +70,7 @@ def test_compare_takes_any_labelled_folder_as_a_test_set(image_run, tmp_path):
     table = compare_runs([run, run], other, tmp_path / "cmp", side="all", progress=False)
     assert {"dice_glioma", "dice_meningioma"} <= set(table.columns)
     assert "8 images" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare_curves.png").stat().st_size > 0  # run folders: their learning curves
     with pytest.raises(BadInputError, match="trained or validated on"):  # it saw these images
         compare_runs([run], data, tmp_path / "seen", side="all", progress=False)
     grouped = compare_runs([run, run], other, tmp_path / "grouped", side="all", group_by="index-block:4",

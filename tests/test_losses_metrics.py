@@ -210,3 +210,10 @@ def test_unknown_loss_name_lists_the_choices():
     with pytest.raises(UnknownLossError, match="bce, dice, bce_dice") as info:
         create_loss("focal")
     assert isinstance(info.value, BrainsegError)
+
+
+def test_training_minutes_carry_on_across_a_resume():
+    from brainseg.plots import training_minutes
+
+    # history.csv's clock restarts when a run resumes (third epoch)
+    assert training_minutes([60, 120, 30, 90]).tolist() == [1.0, 2.0, 2.5, 3.5]

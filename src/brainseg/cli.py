@@ -466,7 +466,8 @@ def compare_command(
     table = compare_runs(runs, data, out, side=split, split_file=split_file, options=options,
                          group_by=group_by)
     typer.echo((out / "compare.md").read_text())
-    typer.echo(f"wrote {out}/compare.csv, compare.md, compare.png ({len(table)} runs)")
+    curves = ", compare_curves.png" if (out / "compare_curves.png").exists() else ""
+    typer.echo(f"wrote {out}/compare.csv, compare.md, compare.png{curves} ({len(table)} runs)")
 
 
 @app.command("crossval", short_help="Pool k fold runs into out-of-fold scores.")

@@ -272,3 +272,37 @@ def compare_models(scores: dict[str, np.ndarray], path: Path, title: str) -> Pat
     ax.set_ylabel("Dice per patient volume")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def training_minutes(seconds) -> np.ndarray:
+    """Cumulative training minutes from history.csv's `seconds`, which restarts at 0 when a run resumes."""
+    seconds = np.asarray(seconds, dtype=float)
+    steps = np.diff(seconds, prepend=0.0)
+    steps = np.where(steps >= 0, steps, seconds)  # after a resume the clock counts from 0 again
+    return np.cumsum(steps) / 60
+
+
+def compare_curves(histories: dict, path: Path, unit: str = "patient") -> Path:
+    """Learning curves of several runs against training time, so that a slower network is judged by what
+    it reached in the same minutes: training loss (left) and validation Dice per case (right)."""
+    plt = _pyplot()
+    fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    per = "per patient volume" if unit == "patient" else "per image"
+    for name, history in histories.items():
+        minutes = training_minutes(history["seconds"])
+        line, = loss_ax.plot(minutes, history["train_loss"], label=name)
+        if "val_patient_dice" in history and history["val_patient_dice"].notna().any():
+            scored = history["val_patient_dice"].notna().to_numpy()
+            dice_ax.plot(minutes[scored], history["val_patient_dice"][scored], color=line.get_color(),
+                         label=name)
+    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("training loss (log scale)")
+    loss_ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%.3g"))
+    loss_ax.yaxis.set_minor_formatter(plt.NullFormatter())  # labelled minor ticks overlap
+    dice_ax.set_ylabel(f"validation Dice {per}")
+    dice_ax.set_ylim(0, 1)
+    for ax, title in ((loss_ax, "Training loss"), (dice_ax, "Validation Dice")):
+        ax.set_xlabel("training minutes")
+        ax.set_title(title)
+        ax.legend(loc="lower right" if ax is dice_ax else "upper right")
+    return _save(fig, path)
