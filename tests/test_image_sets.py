@@ -173,3 +173,30 @@ def test_training_and_evaluation_take_a_data_set_file(image_run, tmp_path):
     summary = evaluate(trained.run_dir, manifest, tmp_path / "ev", options=EvaluateOptions(side="val"),
                        progress=False)
     assert summary["data"]["unit"] == "image" and summary["data"]["cases"] == len(split["val"])
+
+
+def test_image_set_outputs_speak_of_images_in_training_exploring_and_the_report(image_run, tmp_path):
+    import re
+    import shutil
+
+    from brainseg.data.explore import explore, summary_lines
+    from brainseg.report import write_report
+
+    data, _, run = image_run
+    metrics = json.loads((run / "val_metrics.json").read_text())
+    assert metrics["unit"] == "image" and metrics["images"] == metrics["cases"] and "patients" not in metrics
+    assert "per image" in metrics["metric"] and "patient" not in metrics["metric"]
+    table = pd.read_csv(run / "val_images.csv")
+    assert list(table.columns) == ["image", "dice", "tumour_pixels"]
+    assert not (run / "val_patients.csv").exists()
+    summary = explore(data, tmp_path / "explore")
+    assert summary["images"] == 24 and "patients" not in summary and "slices_per_patient" not in summary
+    lines = "\n".join(summary_lines(summary))
+    assert re.findall(r"patients?\b", lines.replace("no patient ids", "")) == []
+    folder = tmp_path / "results"
+    shutil.copytree(run, folder / "run")
+    shutil.copytree(tmp_path / "explore", folder / "explore")
+    page = write_report(folder).read_text()
+    text = re.sub(r"<[^>]+>", " ", page)
+    assert "validation Dice per image" in text and "images (" in text
+    assert "slices per patient" not in text and "Dice per patient" not in text

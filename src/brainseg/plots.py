@@ -127,8 +127,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
-    """Train and validation loss per epoch on a log scale (left), train and validation Dice (right)."""
+def learning_curves(history, path: Path, best_epoch: int | None = None, unit: str = "patient") -> Path:
+    """Train and validation loss per epoch on a log scale (left), train and validation Dice (right); the
+    validation Dice is per patient volume, or per image for an image set (`unit`)."""
     plt = _pyplot()
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = history["epoch"]
@@ -139,7 +140,8 @@ def learning_curves(history, path: Path, best_epoch: int | None = None) -> Path:
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss (log scale)")
     loss_ax.set_title("Learning curves")
-    for column, label in (("val_patient_dice", "validation Dice per patient volume"),
+    per = "per patient volume" if unit == "patient" else "per image"
+    for column, label in (("val_patient_dice", f"validation Dice {per}"),
                           ("val_dice", "validation Dice (slices, micro)"), ("train_dice", "train Dice")):
         if column in history and history[column].notna().any():
             dice_ax.plot(epochs, history[column], marker="o", markersize=3, label=label)
@@ -255,8 +257,8 @@ def volume_montage(images: np.ndarray, truth: np.ndarray | None, prediction: np.
     return _save(fig, path)
 
 
-def compare_models(scores: dict[str, np.ndarray], path: Path, title: str) -> Path:
-    """Per-patient Dice of several models: a box per model with every patient as a dot."""
+def compare_models(scores: dict[str, np.ndarray], path: Path, title: str, unit: str = "patient") -> Path:
+    """Dice per case of several models: a box per model with every patient (or image) as a dot."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(scores) + 2), 4.5))
     names = list(scores)
@@ -269,7 +271,7 @@ def compare_models(scores: dict[str, np.ndarray], path: Path, title: str) -> Pat
         if len(v):
             ax.annotate(f"mean {v.mean():.3f}", (i, 1.02), ha="center", fontsize=8)
     ax.set_ylim(0, 1.08)
-    ax.set_ylabel("Dice per patient volume")
+    ax.set_ylabel("Dice per patient volume" if unit == "patient" else "Dice per image")
     ax.set_title(title)
     return _save(fig, path)
 

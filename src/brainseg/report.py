@@ -90,15 +90,18 @@ class _Parts:
 
 def _data_section(root: Path, folder: Path) -> str:
     summary = json.loads((folder / "summary.json").read_text())
-    facts = pd.DataFrame([
-        ("data set", f"{summary['root']} ({summary['layout']})"),
-        ("patients" if summary["unit"] == "patient" else "cases", summary["patients"]),
-        ("slices", summary["slices"]),
-        ("slices with tumour", f"{summary['tumour_slices']} ({100 * summary['tumour_slice_fraction']:.1f}%)"),
-        ("image shapes", ", ".join(f"{k} ({v})" for k, v in summary["image_shapes"].items())),
-        ("slices per patient (min / median / max)",
-         " / ".join(str(summary["slices_per_patient"][k]) for k in ("min", "median", "max"))),
-    ], columns=["", "value"])
+    unit = summary["unit"]
+    count = summary.get("cases", summary.get("patients"))  # "patients" alone: an older summary.json
+    rows = [("data set", f"{summary['root']} ({summary['layout']})"), (f"{unit}s", count)]
+    if unit == "patient":
+        rows.append(("slices", summary["slices"]))
+    rows += [(f"{'slices' if unit == 'patient' else 'images'} with tumour",
+              f"{summary['tumour_slices']} ({100 * summary['tumour_slice_fraction']:.1f}%)"),
+             ("image shapes", ", ".join(f"{k} ({v})" for k, v in summary["image_shapes"].items()))]
+    if "slices_per_patient" in summary:
+        rows.append(("slices per patient (min / median / max)",
+                     " / ".join(str(summary["slices_per_patient"][k]) for k in ("min", "median", "max"))))
+    facts = pd.DataFrame(rows, columns=["", "value"])
     parts = ["<h2>Data</h2>", _table(facts)]
     captions = {"sample_grid.png": "Random slices (seeded): image | mask | overlay",
                 "slices_per_patient.png": "Slices per patient, with and without tumour",
@@ -122,10 +125,12 @@ def _validation_paragraph(root: Path, metrics: Path) -> str:
     values = json.loads(metrics.read_text())
     if values.get("mean") is None:
         return ""
+    unit = values.get("unit", "patient")  # runs from before image sets had a unit were patient runs
+    count = values.get("cases", values.get("patients"))
     return (f"<p>Best checkpoint <code>{html.escape(values['best_checkpoint'])}</code>: "
-            f"validation Dice per patient volume mean {values['mean']:.4f}, median "
-            f"{values['median']:.4f}, min {values['min']:.4f} over {values['patients']} "
-            f"patients ({_link(root, metrics.parent / 'val_patients.csv', 'per patient')}).</p>")
+            f"validation Dice {SCORED_PER[unit]} mean {values['mean']:.4f}, median "
+            f"{values['median']:.4f}, min {values['min']:.4f} over {count} "
+            f"{unit}s ({_link(root, metrics.parent / f'val_{unit}s.csv', f'per {unit}')}).</p>")
 
 
 def _training_section(root: Path, folder: Path, reader: _Parts) -> str:
@@ -173,8 +178,10 @@ def _evaluation_section(root: Path, folder: Path) -> str:
     cases = cases_table(folder)
     if cases.exists():
         parts.append(_table(pd.read_csv(cases)))
-    captions = {"prediction_grid.png": "Random slices: image | truth | probability | binary",
-                "worst_patients.png": "The worst patients (their largest-tumour slice)",
+    worst = "The worst images" if unit == "image" else "The worst patients (their largest-tumour slice)"
+    captions = {"prediction_grid.png": f"Random {'images' if unit == 'image' else 'slices'}: "
+                                       "image | truth | probability | binary",
+                "worst_patients.png": worst,
                 "patient_dice.png": f"Dice {per}",
                 "volume_montage.png": "One patient's volume (the median patient)"}
     parts += [_figure(root, folder / name, caption) for name, caption in captions.items()]
@@ -251,8 +258,11 @@ def _explain_section(root: Path, folder: Path) -> str:
 
 def _comparison_section(root: Path, folder: Path) -> str:
     table = pd.read_csv(folder / "compare.csv")
+    per = "per image" if "images" in table else "per patient volume"
     return "\n".join(["<h2>Model comparison</h2>", _table(table),
-                      _figure(root, folder / "compare.png", "Dice per patient volume per model")])
+                      _figure(root, folder / "compare.png", f"Dice {per} per model"),
+                      _figure(root, folder / "compare_curves.png",
+                              "Learning curves against training minutes")])
 
 
 def _crossval_section(root: Path, folder: Path) -> str:

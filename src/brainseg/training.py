@@ -44,7 +44,7 @@ from brainseg import __version__, plots
 from brainseg.config import RunConfig, TrainConfig, load_config, save_config
 from brainseg.data.dataset import NORMALISATIONS, SliceDataset, collate
 from brainseg.data.index import ensure_outside, scan
-from brainseg.data.splits import load_split, save_split, select, split_patients
+from brainseg.data.splits import load_split, save_split, select, split_patients, split_unit
 from brainseg.data.transforms import build_transforms, seed_worker
 from brainseg.devices import default_workers, resolve_accelerator, resolve_precision
 from brainseg.errors import BadInputError, OptionError
@@ -434,7 +434,11 @@ def write_learning_curves(run_dir: Path) -> Path | None:
     best = None
     if MONITOR in history and history[MONITOR].notna().any():
         best = int(history.loc[history[MONITOR].idxmax(), "epoch"])
-    return plots.learning_curves(history, run_dir / "learning_curves.png", best)
+    try:
+        unit = json.loads((run_dir / SPLIT_FILE).read_text()).get("unit", "patient")
+    except (OSError, ValueError):
+        unit = "patient"
+    return plots.learning_curves(history, run_dir / "learning_curves.png", best, unit)
 
 
 LR_SCALING = "none: train.lr is used as set, whatever the effective batch size"
@@ -862,19 +866,23 @@ def _float(text: str | None) -> float:
 
 def _write_val_metrics(run_dir: Path, best: Path, scores: dict[str, float], val_table: pd.DataFrame,
                        precision: str, trainer) -> None:
+    """val_metrics.json and the per-case table: val_patients.csv, or val_images.csv for an image set."""
+    unit = split_unit(val_table)
     volumes = val_table.groupby("patient")["tumour_pixels"].sum()
-    rows = pd.DataFrame({"patient": list(scores), "dice": list(scores.values())})
-    rows["tumour_voxels"] = rows["patient"].map(volumes).astype("int64")
-    rows.to_csv(run_dir / "val_patients.csv", index=False)
+    rows = pd.DataFrame({unit: list(scores), "dice": list(scores.values())})
+    rows["tumour_pixels" if unit == "image" else "tumour_voxels"] = rows[unit].map(volumes).astype("int64")
+    rows.to_csv(run_dir / f"val_{unit}s.csv", index=False)
     values = np.array([v for v in scores.values() if not math.isnan(v)])
     summary = {
         "best_checkpoint": best.name,
         "epochs_run": trainer.current_epoch,
         "precision": precision,
-        "metric": "Dice per patient volume (slices stacked; 2|A∩B|/(|A|+|B|)), at the original "
-                  "resolution, threshold from the config; patients with no tumour and no prediction "
-                  "are excluded from the mean",
-        "patients": len(scores),
+        "metric": ("Dice per image (2|A∩B|/(|A|+|B|)), at the original resolution, threshold from the "
+                   "config; images with no tumour and no prediction are excluded from the mean")
+        if unit == "image" else
+        ("Dice per patient volume (slices stacked; 2|A∩B|/(|A|+|B|)), at the original resolution, "
+         "threshold from the config; patients with no tumour and no prediction are excluded from the mean"),
+        "unit": unit, "cases": len(scores), f"{unit}s": len(scores),
         "mean": float(values.mean()) if len(values) else None,
         "median": float(np.median(values)) if len(values) else None,
         "min": float(values.min()) if len(values) else None,

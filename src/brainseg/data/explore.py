@@ -18,16 +18,19 @@ from brainseg.errors import OptionError
 
 
 def summarise(result: Scan) -> dict:
-    """Counts, shapes, channels, per-channel intensity range and per-patient slice counts."""
+    """Counts, shapes, channels, per-channel intensity range and per-patient slice counts. An image set
+    (no patients) counts "images" and has no per-patient keys."""
     table = result.table
     patients = patient_table(table)
     tumour = table.loc[table["has_tumour"], "tumour_pixels"]
     shapes = (table["height"].astype(str) + "x" + table["width"].astype(str)).value_counts()
-    return {
+    unit = split_unit(table)
+    summary = {
         "root": str(result.root),
         "layout": result.layout,
-        "unit": split_unit(table),
-        "patients": len(patients),
+        "unit": unit,
+        "cases": len(patients),
+        f"{unit}s": len(patients),
         "slices": len(table),
         "tumour_slices": int(table["has_tumour"].sum()),
         "tumour_slice_fraction": round(float(table["has_tumour"].mean()), 4),
@@ -37,9 +40,13 @@ def summarise(result: Scan) -> dict:
         "slices_per_patient": _min_median_max(patients["slices"]),
         "tumour_pixels_per_tumour_slice": _min_median_max(tumour),
         "patients_without_tumour": int((patients["tumour_voxels"] == 0).sum()),
-        "patients_with_identical_channels": identical_channels(table, result.store),
+        f"{unit}s_with_identical_channels": identical_channels(table, result.store),
         "problems": result.report.counts(),
     }
+    if unit == "image":  # every image is its own case: per-patient counts would say nothing
+        for key in ("slices_per_patient", "patients_without_tumour"):
+            summary.pop(key)
+    return summary
 
 
 def identical_channels(table: pd.DataFrame, store: SliceStore) -> dict[str, list[str]]:
@@ -89,27 +96,29 @@ def _min_median_max(values: pd.Series) -> dict:
 
 
 def summary_lines(summary: dict) -> list[str]:
-    unit = "patients" if summary["unit"] == "patient" else "cases"
+    unit = f"{summary['unit']}s"
     lines = [
         f"data set:       {summary['root']} ({summary['layout']})",
-        f"{unit + ':':<15} {summary['patients']}",
-        f"slices:         {summary['slices']}, with tumour {summary['tumour_slices']} "
-        f"({100 * summary['tumour_slice_fraction']:.1f}%)",
+        f"{unit + ':':<15} {summary['cases']}" + ("" if summary["unit"] == "patient" else
+                                                   " (no patient ids in this layout: every image is a case)"),
+        f"{'slices:' if summary['unit'] == 'patient' else 'with tumour:':<15} "
+        + (f"{summary['slices']}, with tumour " if summary["unit"] == "patient" else "")
+        + f"{summary['tumour_slices']} ({100 * summary['tumour_slice_fraction']:.1f}%)",
         "image shapes:   " + ", ".join(f"{k} ({v})" for k, v in summary["image_shapes"].items()),
         "channels:       " + ", ".join(f"{k} ({v})" for k, v in summary["channels"].items()),
     ]
     for number, r in enumerate(summary["intensity_per_channel"]):
         lines.append(f"channel {number}:      min {r['min']}, p1 {r['p1']}, median {r['median']}, "
                      f"p99 {r['p99']}, max {r['max']}, mean {r['mean']}")
-    spp = summary["slices_per_patient"]
-    if summary["unit"] == "image":
-        lines.append("note:           no patient ids in this layout: every image is its own case")
-    lines.append(f"slices/patient: min {spp['min']}, median {spp['median']:g}, max {spp['max']}")
+    if "slices_per_patient" in summary:
+        spp = summary["slices_per_patient"]
+        lines.append(f"slices/patient: min {spp['min']}, median {spp['median']:g}, max {spp['max']}")
     area = summary["tumour_pixels_per_tumour_slice"]
     if area["min"] is not None:
+        per = "tumour slice" if summary["unit"] == "patient" else "image with tumour"
         lines.append(f"tumour pixels:  min {area['min']}, median {area['median']:g}, "
-                     f"max {area['max']} (per tumour slice)")
-    copied = summary.get("patients_with_identical_channels", {})
+                     f"max {area['max']} (per {per})")
+    copied = summary.get(f"{unit}_with_identical_channels", {})
     if copied:
         names = ", ".join(f"{name} ({' '.join(pairs)})" for name, pairs in copied.items())
         lines.append(f"identical channels (a sequence copied into another's place): {len(copied)} "

@@ -107,7 +107,7 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     unit = summary["data"]["unit"]
     (out / "compare.md").write_text(_markdown(table, side, len(patients), unit, group_by))
     plots.compare_models(per_patient, out / "compare.png",
-                         f"Dice {SCORED_PER[unit]} ({side}, {len(patients)} {unit}s)")
+                         f"Dice {SCORED_PER[unit]} ({side}, {len(patients)} {unit}s)", unit)
     folders = {name: path if path.is_dir() else path.parent for name, path in zip(names, paths, strict=True)}
     histories = {name: pd.read_csv(folder / HISTORY_FILE) for name, folder in folders.items()
                  if (folder / HISTORY_FILE).exists()}
