@@ -2,8 +2,8 @@
 
 A run folder holds config.yaml, split.json, history.csv, learning_curves.png, checkpoints/ (best and
 last, for resuming), model.pt (the best weights with everything needed to predict),
-val_metrics.json / val_patients.csv and run_info.json (processes, nodes and effective batch size of
-each training session). Every other module asks this one for those names and lookups.
+val_metrics.json / val_patients.csv (val_images.csv) and run_info.json (processes, nodes and
+effective batch size of each training session). Every other module asks this one for those names and lookups.
 """
 
 from __future__ import annotations
