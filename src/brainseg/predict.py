@@ -357,39 +357,41 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out: str | Path, 
     expected = [_slices_in(case, axis) for case in found]
     bar = counter(sum(expected), desc="predicting", unit="slice", enabled=progress, echo=echo)
     echo, predictor.on_slices = bar.say, bar.update  # messages on their own line above the bar
-    for case, slices in zip(found, expected, strict=True):
-        bar.set_postfix_str(case.name if isinstance(case, Case) else case.path.name)
-        start = bar.n
-        if isinstance(case, BadInputError):
-            bar.update(slices)
-            echo(f"error: {case}")
-            table.add({"case": case.path.name, "input": str(case.path), "status": case.problem})
-            continue
-        if case.kind == "image":
-            pending.append(case)
-            if len(pending) >= batch_size:
-                flush()
-            continue
-        try:
-            row = _predict_volume_case(predictor, case, out, save_probabilities, overlays, axis, limits,
-                                       **dicom)
-        except WriteError:
-            raise
-        except BrainsegError as error:
-            echo(f"error: {error}")
-            row = {"case": case.name, "kind": case.kind, "input": str(_case_input(case)),
-                   "status": _problem(error)}
-        table.add(row)
-        bar.update(max(0, start + slices - bar.n))  # a volume that failed, or held fewer slices
-        if row.get("equal_channels"):
-            echo(f"note: {case.name}: channels {row['equal_channels']} are identical in every "
-                 "slice (a sequence replaced by FLAIR?); the model may miss tumour on such scans")
-        if row.get("series"):
-            echo(f"{case.name}: {row['series']}")
-        if row.get("note"):
-            echo(f"warning: {case.name}: {row['note']}")
-    flush()
-    bar.close()
+    try:  # a write that fails stops the batch; the bar is closed all the same
+        for case, slices in zip(found, expected, strict=True):
+            bar.set_postfix_str(case.name if isinstance(case, Case) else case.path.name)
+            start = bar.n
+            if isinstance(case, BadInputError):
+                bar.update(slices)
+                echo(f"error: {case}")
+                table.add({"case": case.path.name, "input": str(case.path), "status": case.problem})
+                continue
+            if case.kind == "image":
+                pending.append(case)
+                if len(pending) >= batch_size:
+                    flush()
+                continue
+            try:
+                row = _predict_volume_case(predictor, case, out, save_probabilities, overlays, axis, limits,
+                                           **dicom)
+            except WriteError:
+                raise
+            except BrainsegError as error:
+                echo(f"error: {error}")
+                row = {"case": case.name, "kind": case.kind, "input": str(_case_input(case)),
+                       "status": _problem(error)}
+            table.add(row)
+            bar.update(max(0, start + slices - bar.n))  # a volume that failed, or held fewer slices
+            if row.get("equal_channels"):
+                echo(f"note: {case.name}: channels {row['equal_channels']} are identical in every "
+                     "slice (a sequence replaced by FLAIR?); the model may miss tumour on such scans")
+            if row.get("series"):
+                echo(f"{case.name}: {row['series']}")
+            if row.get("note"):
+                echo(f"warning: {case.name}: {row['note']}")
+        flush()
+    finally:
+        bar.close()
     frame = table.frame()
     failed = int((frame["status"] != "ok").sum())
     settings = {"model": predictor.identity, "threshold": predictor.cutoff, **predictor.postprocessing,
