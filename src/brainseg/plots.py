@@ -297,10 +297,7 @@ def compare_curves(histories: dict, path: Path, unit: str = "patient") -> Path:
             scored = history["val_patient_dice"].notna().to_numpy()
             dice_ax.plot(minutes[scored], history["val_patient_dice"][scored], color=line.get_color(),
                          label=name)
-    loss_ax.set_yscale("log")
-    loss_ax.set_ylabel("training loss (log scale)")
-    loss_ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%.3g"))
-    loss_ax.yaxis.set_minor_formatter(plt.NullFormatter())  # labelled minor ticks overlap
+    loss_ax.set_ylabel("training loss")  # linear: a log axis over less than a decade shows one tick
     dice_ax.set_ylabel(f"validation Dice {per}")
     dice_ax.set_ylim(0, 1)
     for ax, title in ((loss_ax, "Training loss"), (dice_ax, "Validation Dice")):
