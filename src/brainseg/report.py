@@ -164,9 +164,10 @@ def _evaluation_section(root: Path, folder: Path) -> str:
              f"<p>Model <code>{html.escape(str(summary['model'].get('model')))}</code>, threshold "
              f"{summary['options']['threshold']:g}. Scores {per}:</p>",
              _table(pd.DataFrame(rows)),
-             f"<p>Tumour detection per slice: accuracy {detection['accuracy']:.4f}, sensitivity "
+             f"<p>Tumour detection per {'slice' if unit == 'patient' else 'image'}: "
+             f"accuracy {detection['accuracy']:.4f}, sensitivity "
              f"{_num(detection['sensitivity'])}, specificity {_num(detection['specificity'])}.</p>"]
-    bands = "By tumour size (voxels of the truth)"
+    bands = f"By tumour size ({'voxels' if unit == 'patient' else 'pixels'} of the truth)"
     for key, title in (("by_class", "By tumour type"), ("by_size_band", bands)):
         groups = summary.get(key) or {}
         if groups:

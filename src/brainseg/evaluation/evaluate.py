@@ -22,7 +22,7 @@ import pandas as pd
 
 from brainseg import plots
 from brainseg.config import check_seed
-from brainseg.data.index import ensure_outside, scan
+from brainseg.data.index import ensure_outside, natural_key, scan
 from brainseg.data.io import FLAIR_CHANNEL, MISSING_SEQUENCES, equal_channel_text
 from brainseg.data.splits import LABEL_COLUMN, select, split_unit
 from brainseg.errors import BadInputError
@@ -167,8 +167,13 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     per_patient = pd.DataFrame(patient_rows)
     per_slice = pd.DataFrame(slice_rows)
     # an image is its own "volume": say image, and drop the one-slice count
-    cases = per_patient.rename(columns={"patient": "image"}).drop(columns="slices") if unit == "image" \
-        else per_patient
+    if unit == "image":
+        cases = per_patient.rename(columns={"patient": "image", "true_voxels": "true_pixels",
+                                            "predicted_voxels": "predicted_pixels"}).drop(columns="slices")
+        order = sorted(cases.index, key=lambda i: natural_key(str(cases.at[i, "image"])))  # 9 before 10
+        cases = cases.loc[order]
+    else:
+        cases = per_patient
     cases.to_csv(out / CASE_TABLES[unit], index=False)
     per_slice.to_csv(out / "per_slice.csv", index=False)
     summary = _summary(per_patient, per_slice, predictor, result, options, cutoff, unit)
@@ -234,7 +239,8 @@ def _summary(per_patient, per_slice, predictor, result, options, cutoff, unit) -
         "data": {"root": str(result.root), "layout": result.layout, "side": options.side, "unit": unit,
                  "cases": len(per_patient), f"{unit}s": len(per_patient), "slices": len(per_slice)},
         "options": {**asdict(options), "threshold": cutoff, **predictor.postprocessing},
-        "conventions": CONVENTIONS,
+        "conventions": CONVENTIONS if unit == "patient" else
+        {**CONVENTIONS, "size_band": CONVENTIONS["size_band"].replace("voxels", "pixels")},
         "per_patient": {name: _stats(per_patient[name]) for name in
                         ("dice", "iou", "precision", "recall", "hd95")},
         "per_slice": {"dice": _stats(scored["dice"]), "iou": _stats(scored["iou"]),
