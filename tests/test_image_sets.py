@@ -59,6 +59,7 @@ def test_an_image_set_is_scored_per_image_with_types_and_size_bands(image_run, t
     assert {"true_pixels", "predicted_pixels"} <= set(table.columns) and "true_voxels" not in table
     assert table["image"].tolist() == sorted(table["image"])  # numbered images in their order (101..108)
     assert "pixels" in summary["conventions"]["size_band"]
+    assert "volume_montage.png" not in summary["figures"]  # an image has no volume
     assert set(table["label"]) == set(TYPES) and set(table["size_band"]) == {"<5k"}
     assert set(summary["by_class"]) == set(TYPES)
     assert summary["by_class"]["glioma"]["cases"] == 4

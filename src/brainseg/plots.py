@@ -216,14 +216,23 @@ def saliency_figure(image: np.ndarray, mask: np.ndarray, gradient_x_input: np.nd
     return _save(fig, path)
 
 
-def patient_scores(names: Sequence[str], dice: Sequence[float], path: Path, title: str) -> Path:
-    """Sorted per-patient Dice as bars, with the mean and median marked."""
+NAMED_BARS = 60  # beyond this many cases a bar each would be too thin to name
+
+
+def patient_scores(names: Sequence[str], dice: Sequence[float], path: Path, title: str,
+                   unit: str = "patient") -> Path:
+    """Sorted Dice per case as bars, with the mean and median marked; each bar is named up to
+    NAMED_BARS cases, beyond that the figure keeps its width and the axis counts the cases."""
     plt = _pyplot()
     values = np.asarray(dice, dtype=float)
     order = np.argsort(np.nan_to_num(values, nan=-1))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(values) + 2), 4))
-    ax.bar(range(len(values)), np.nan_to_num(values[order]), color="tab:blue")
-    ax.set_xticks(range(len(values)), [names[i] for i in order], rotation=90, fontsize=6)
+    named = len(values) <= NAMED_BARS
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(values) + 2) if named else 9.0, 4))
+    ax.bar(range(len(values)), np.nan_to_num(values[order]), color="tab:blue", width=0.8 if named else 1.0)
+    if named:
+        ax.set_xticks(range(len(values)), [names[i] for i in order], rotation=90, fontsize=6)
+    else:
+        ax.set_xlabel(f"{len(values)} {unit}s, sorted by Dice")
     ax.set_ylim(0, 1)
     ax.set_ylabel(title.split(" (")[0])
     ax.set_title(title)

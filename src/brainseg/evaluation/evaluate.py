@@ -257,15 +257,17 @@ def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, pa
     if grid:
         names.append(plots.prediction_grid(grid, out / "prediction_grid.png", cutoff).name)
     ranked = per_patient.dropna(subset=["dice"]).sort_values("dice")
+    unit = split_unit(result.table)
     worst = [examples[p] for p in ranked["patient"].head(options.worst)]
     for row, dice_value in zip(worst, ranked["dice"].head(options.worst), strict=True):
-        row["title"] += f", patient Dice {dice_value:.3f}"
+        row["title"] += f", {'patient ' if unit == 'patient' else ''}Dice {dice_value:.3f}"
     if worst:
         names.append(plots.prediction_grid(worst, out / "worst_patients.png", cutoff).name)
-    title = f"Dice {SCORED_PER[split_unit(result.table)]}"
     names.append(plots.patient_scores(per_patient["patient"].tolist(), per_patient["dice"].tolist(),
-                                      out / "patient_dice.png", title).name)
-    if not ranked.empty:  # the median patient shows typical behaviour better than the best or worst
+                                      out / "patient_dice.png", f"Dice {SCORED_PER[unit]}", unit).name)
+    # The median patient's volume shows typical behaviour better than the best or worst; an image has
+    # no volume, and its slice is in the grids already.
+    if not ranked.empty and unit == "patient":
         patient = ranked["patient"].iloc[len(ranked) // 2]
         volume = rows[rows["patient"] == patient].sort_values("slice")
         keys = volume["image_path"].tolist()
