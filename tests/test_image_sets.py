@@ -204,3 +204,20 @@ def test_image_set_outputs_speak_of_images_in_training_exploring_and_the_report(
     text = re.sub(r"<[^>]+>", " ", page)
     assert "validation Dice per image" in text and "images (" in text
     assert "slices per patient" not in text and "Dice per patient" not in text
+
+
+def test_a_greyscale_network_starts_from_a_three_channel_ones_weights(image_run, tiny_run, tmp_path):
+    import torch
+
+    from brainseg.runs.model_file import load_model_file
+
+    data, _, _ = image_run
+    _, lgg_run = tiny_run  # a 3-channel model of the same architecture (TINY_TRAINING)
+    run = train_once(tmp_path, data, **{"train.epochs": 1, "train.lr": 1e-9,
+                                        "train.init_weights": str(lgg_run)})
+    _, theirs = load_model_file(lgg_run)
+    _, ours = load_model_file(run.run_dir)
+    first = next(k for k, v in ours.items() if v.dim() == 4)
+    assert ours[first].shape[1] == 1 and theirs[first].shape[1] == 3
+    torch.testing.assert_close(ours[first].float(), theirs[first].float().sum(dim=1, keepdim=True),
+                               atol=1e-4, rtol=1e-3)

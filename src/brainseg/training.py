@@ -701,8 +701,10 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
             progress=progress and _is_rank_zero(), echo=echo)
     module = SegmentationModule(config.to_dict(), in_channels, datamodule.val_set.patients, teacher=teacher)
     if config.train.init_weights and not resume:  # a resumed run has its own weights in last.ckpt
-        load_initial_weights(module.model, config.train.init_weights, NORMALISATIONS[config.data.normalize],
-                             config.train.init_member)
+        note = load_initial_weights(module.model, config.train.init_weights,
+                                    NORMALISATIONS[config.data.normalize], config.train.init_member)
+        if note and _is_rank_zero():
+            echo(f"note: {config.train.init_weights}: {note}")
     if _is_rank_zero():  # written only once the run is known to start, so a refused run leaves nothing
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / CONFIG_FILE)
@@ -785,9 +787,11 @@ def weight_averaging(train_cfg: TrainConfig) -> list[Callback]:
 
 
 def load_initial_weights(model: torch.nn.Module, source: str | Path, normalisation: str,
-                         member: int = -1) -> None:
+                         member: int = -1) -> str:
     """Start `model` from a trained model's weights, or from one `member` of an ensemble's; the layers must
-    match, the input size need not."""
+    match, the input size need not. A greyscale network may start from a multi-channel one: its first
+    convolution gets the sum of theirs over the input channels (grey copied into every channel gives
+    the same response). Returns a note saying so, or ''."""
     description, weights = load_model_file(source)
     theirs = description["preprocessing"].get("normalisation")
     if theirs != normalisation:
@@ -806,12 +810,21 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path, normalisati
         raise BadInputError(source, f"is not an ensemble, so train.init_member={member} has no member "
                                     "to pick")
     ours = model.state_dict()
+    note = ""
+    first = next((k for k, v in ours.items() if v.dim() == 4), None)  # the input convolution
+    theirs_first = weights.get(first)
+    if theirs_first is not None and ours[first].shape[1] == 1 < theirs_first.shape[1] \
+            and theirs_first.sum(dim=1, keepdim=True).shape == ours[first].shape:
+        note = (f"its first convolution takes {theirs_first.shape[1]} channels; this greyscale network "
+                "starts from their sum")
+        weights = {**weights, first: theirs_first.sum(dim=1, keepdim=True)}
     mismatched = sorted(set(ours) ^ set(weights)) or [k for k in ours if ours[k].shape != weights[k].shape]
     if mismatched:
         wanted = getattr(model, "brainseg_spec", {}).get("kwargs", {})
         raise BadInputError(source, f"its network ({network['name']}, {network['kwargs']}) does not fit "
                                     f"this run's ({wanted}); first differing weight: {mismatched[0]}")
     model.load_state_dict(weights)
+    return note
 
 
 def _logger(run_dir: Path):
