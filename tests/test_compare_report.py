@@ -31,6 +31,8 @@ def test_compare_takes_pretrained_and_the_split_stored_in_it(tiny_run, tmp_path,
     assert table["run"].tolist() == ["pretrained", "run"]
     epochs = (out / "compare.md").read_text().splitlines()[-2:]  # the shipped model has no history
     assert [row.split(" | ")[4] for row in epochs] == ["–", str(len(pd.read_csv(run / "history.csv")))]
+    markdown = (out / "compare.md").read_text()
+    assert "None" not in markdown and "| 3.0000 |" not in markdown  # whole numbers stay whole
     assert table["dice_mean"].iloc[0] == pytest.approx(table["dice_mean"].iloc[1], abs=1e-2, nan_ok=True)
     # The first model's split came from inside its file; the others were scored on the same patients.
     assert json.loads((out / "split.json").read_text()) == json.loads((run / "split.json").read_text())

@@ -103,7 +103,8 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         row.update({"change_vs_first": change["mean"], "change_low": change["low"],
                     "change_high": change["high"], "verdict": change["verdict"]})
     table = pd.DataFrame(rows)
-    table["epochs"] = table["epochs"].astype("Int64")  # whole numbers, though the shipped models have none
+    for column in ("epochs", "base_filters", "in_channels"):  # whole numbers, though some models have none
+        table[column] = pd.to_numeric(table[column]).astype("Int64")
     table.to_csv(out / "compare.csv", index=False)
     unit = summary["data"]["unit"]
     (out / "compare.md").write_text(_markdown(table, side, len(patients), unit, group_by))
@@ -150,7 +151,7 @@ def _row(name: str, run: Path, summary: dict) -> dict:
 
 def _cell(value) -> str:
     """Scores with 4 decimals, larger numbers (HD95 in pixels, minutes) with 1, missing as a dash."""
-    if value is pd.NA:
+    if value is pd.NA or value is None:
         return "–"
     if isinstance(value, float):
         return "–" if np.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
