@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from brainseg.data.splits import SCORED_PER
+
 OVERLAY_COLOUR = (1.0, 0.0, 0.0)
 # Outlines in the report's figures: named in every legend, and far apart for red-green colour blindness
 # too (magenta against a yellow-green that differs in lightness).
@@ -140,8 +142,7 @@ def learning_curves(history, path: Path, best_epoch: int | None = None, unit: st
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss (log scale)")
     loss_ax.set_title("Learning curves")
-    per = "per patient volume" if unit == "patient" else "per image"
-    for column, label in (("val_patient_dice", f"validation Dice {per}"),
+    for column, label in (("val_patient_dice", f"validation Dice {SCORED_PER[unit]}"),
                           ("val_dice", "validation Dice (slices, micro)"), ("train_dice", "train Dice")):
         if column in history and history[column].notna().any():
             dice_ax.plot(epochs, history[column], marker="o", markersize=3, label=label)
@@ -280,7 +281,7 @@ def compare_models(scores: dict[str, np.ndarray], path: Path, title: str, unit: 
         if len(v):
             ax.annotate(f"mean {v.mean():.3f}", (i, 1.02), ha="center", fontsize=8)
     ax.set_ylim(0, 1.08)
-    ax.set_ylabel("Dice per patient volume" if unit == "patient" else "Dice per image")
+    ax.set_ylabel(f"Dice {SCORED_PER[unit]}")
     ax.set_title(title)
     return _save(fig, path)
 
@@ -298,7 +299,6 @@ def compare_curves(histories: dict, path: Path, unit: str = "patient") -> Path:
     it reached in the same minutes: training loss (left) and validation Dice per case (right)."""
     plt = _pyplot()
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    per = "per patient volume" if unit == "patient" else "per image"
     for name, history in histories.items():
         minutes = training_minutes(history["seconds"])
         line, = loss_ax.plot(minutes, history["train_loss"], label=name)
@@ -307,7 +307,7 @@ def compare_curves(histories: dict, path: Path, unit: str = "patient") -> Path:
             dice_ax.plot(minutes[scored], history["val_patient_dice"][scored], color=line.get_color(),
                          label=name)
     loss_ax.set_ylabel("training loss")  # linear: a log axis over less than a decade shows one tick
-    dice_ax.set_ylabel(f"validation Dice {per}")
+    dice_ax.set_ylabel(f"validation Dice {SCORED_PER[unit]}")
     dice_ax.set_ylim(0, 1)
     for ax, title in ((loss_ax, "Training loss"), (dice_ax, "Validation Dice")):
         ax.set_xlabel("training minutes")

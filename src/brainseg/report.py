@@ -259,7 +259,7 @@ def _explain_section(root: Path, folder: Path) -> str:
 
 def _comparison_section(root: Path, folder: Path) -> str:
     table = pd.read_csv(folder / "compare.csv")
-    per = "per image" if "images" in table else "per patient volume"
+    per = SCORED_PER["image" if "images" in table else "patient"]
     return "\n".join(["<h2>Model comparison</h2>", _table(table),
                       _figure(root, folder / "compare.png", f"Dice {per} per model"),
                       _figure(root, folder / "compare_curves.png",

@@ -117,7 +117,7 @@ def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress
     if not root.exists():
         raise BadInputError(root, "is a broken symbolic link or a link loop" if root.is_symlink()
                             else "folder does not exist")
-    if root.suffix.lower() in MANIFEST_SUFFIXES and root.is_file():
+    if is_data_set_file(root):
         return _scan_folders(root, layout, cache=cache, progress=progress, workers=workers,
                              require_slices=require_slices)
     if not root.is_dir():
@@ -155,6 +155,11 @@ def scan(root: str | Path, layout: str = "auto", *, cache: bool = True, progress
         raise BadInputError(root, f"no readable image/mask pair: all {len(found.pairs)} have problems "
                                   f"({report.problems[0].line()}; `brainseg check` lists them)")
     return Scan(table, store, report, layout, root, from_cache, notes)
+
+
+def is_data_set_file(path: Path) -> bool:
+    """A YAML file listing a data set's folders, given where a data folder is expected."""
+    return path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file()
 
 
 def manifest_folders(manifest: Path) -> list[Path]:
@@ -445,7 +450,7 @@ def ensure_outside(path: str | Path, data_root: str | Path) -> Path:
     """Refuse an output path inside the data folder (each folder a data set file lists): nothing is
     ever written there."""
     path, data_root = Path(path), Path(data_root)
-    if data_root.suffix.lower() in MANIFEST_SUFFIXES and data_root.is_file():
+    if is_data_set_file(data_root):
         for folder in manifest_folders(data_root):
             ensure_outside(path, folder)
         return path

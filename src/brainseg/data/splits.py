@@ -38,6 +38,9 @@ def patient_table(table: pd.DataFrame) -> pd.DataFrame:
     return patients
 
 
+SCORED_PER = {"patient": "per patient volume", "image": "per image"}  # how the headline Dice is taken
+
+
 def split_unit(table: pd.DataFrame) -> str:
     layouts = set(table["layout"]) if "layout" in table else {"kaggle_3m"}
     return "image" if layouts == {"images_masks"} else "patient"

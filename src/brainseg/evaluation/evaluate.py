@@ -24,7 +24,7 @@ from brainseg import plots
 from brainseg.config import check_seed
 from brainseg.data.index import ensure_outside, natural_key, scan
 from brainseg.data.io import FLAIR_CHANNEL, MISSING_SEQUENCES, equal_channel_text
-from brainseg.data.splits import LABEL_COLUMN, select, split_unit
+from brainseg.data.splits import LABEL_COLUMN, SCORED_PER, select, split_unit
 from brainseg.errors import BadInputError
 from brainseg.inference import Predictor
 from brainseg.metrics import count, detection, dice, hd95, iou, precision, recall
@@ -52,7 +52,6 @@ CONVENTIONS = {
 # Tumour size bands in voxels (pixels for an image), where small tumours are half-missed.
 SIZE_BANDS = ((0, "none"), (1, "<5k"), (5_000, "5k-20k"), (20_000, ">20k"))
 CASE_TABLES = {"patient": "per_patient.csv", "image": "per_image.csv"}
-SCORED_PER = {"patient": "per patient volume", "image": "per image"}  # how the headline Dice is taken
 
 
 def size_band(true_voxels: int) -> str:
