@@ -53,7 +53,7 @@ def test_weight_one_trains_on_the_teachers_probabilities_alone(tiny_run):
                                    "train.distill_weight": 1.0})
     split = {"train": [], "val": [], "test": []}
     teacher = load_teacher(config, 3, split)
-    module = SegmentationModule(config.to_dict(), 3, [], teacher=teacher)
+    module = SegmentationModule(config.to_dict(), 3, [], teacher_identity=teacher.identity)
     batch = small_batch(data, teacher=teacher)
     logits, loss = module.training_loss(batch)
     description, weights = load_model_file(teacher_run)

@@ -210,12 +210,14 @@ def load_teacher(config: RunConfig, in_channels: int, split: dict) -> Teacher:
 
 class SegmentationModule(L.LightningModule):
     """A registry model trained on logits with BCE/Dice losses and per-patient validation Dice; with a
-    teacher, on the distillation loss (losses.DistillationLoss)."""
+    teacher, on the distillation loss (losses.DistillationLoss). The teacher labelled the training
+    slices before training, so the module keeps only its identity (for the model file), not its
+    network."""
 
     def __init__(self, config: dict, in_channels: int, val_patients: list[str],
-                 teacher: Teacher | None = None) -> None:
+                 teacher_identity: dict | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["teacher"])
+        self.save_hyperparameters(ignore=["teacher_identity"])
         self.run_config = RunConfig.from_dict(config)
         model = self.run_config.model
         self.model = create_model(model.name, in_channels=in_channels, base_filters=model.base_filters,
@@ -224,9 +226,9 @@ class SegmentationModule(L.LightningModule):
         if self.run_config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = create_loss(self.run_config.train.loss)
-        self.teacher = teacher
-        self.distillation = DistillationLoss(self.loss, self.run_config.train.distill_weight) if teacher \
-            else None
+        self.teacher_identity = teacher_identity
+        self.distillation = DistillationLoss(self.loss, self.run_config.train.distill_weight) \
+            if teacher_identity is not None else None
         self.val_patients = list(val_patients)
         # A plain tensor, not a buffer: weight averaging swaps buffers with the averaged copy's.
         self.val_counts = torch.zeros(len(val_patients), 3, dtype=torch.float64)
@@ -244,7 +246,7 @@ class SegmentationModule(L.LightningModule):
         teacher, the distillation loss against the truth and the teacher's probabilities (labelled
         before training, augmented with the slice)."""
         logits = self(batch["image"])
-        if self.teacher is None:
+        if self.distillation is None:
             return logits, self.loss(logits.float(), batch["mask"])
         return logits, self.distillation(logits.float(), batch["mask"], batch["teacher"])
 
@@ -322,7 +324,7 @@ class SegmentationModule(L.LightningModule):
                               "channels_last": self.run_config.train.channels_last},
             "threshold": self.run_config.train.threshold,
             "config": self.run_config.to_dict(),
-            **({"teacher": dict(self.teacher.identity)} if self.teacher is not None else {}),
+            **({"teacher": dict(self.teacher_identity)} if self.teacher_identity is not None else {}),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -434,10 +436,8 @@ def write_learning_curves(run_dir: Path) -> Path | None:
     best = None
     if MONITOR in history and history[MONITOR].notna().any():
         best = int(history.loc[history[MONITOR].idxmax(), "epoch"])
-    try:
-        unit = json.loads((run_dir / SPLIT_FILE).read_text()).get("unit", "patient")
-    except (OSError, ValueError):
-        unit = "patient"
+    split = run_dir / SPLIT_FILE
+    unit = load_split(split).get("unit", "patient") if split.exists() else "patient"
     return plots.learning_curves(history, run_dir / "learning_curves.png", best, unit)
 
 
@@ -699,7 +699,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
             datamodule.train_set, device=device,
             bf16=precision.startswith("bf16"), batch_size=config.train.batch_size,
             progress=progress and _is_rank_zero(), echo=echo)
-    module = SegmentationModule(config.to_dict(), in_channels, datamodule.val_set.patients, teacher=teacher)
+    module = SegmentationModule(config.to_dict(), in_channels, datamodule.val_set.patients,
+                                teacher_identity=teacher.identity if teacher is not None else None)
+    del teacher  # its maps are labelled; its network is not needed while the student trains
     if config.train.init_weights and not resume:  # a resumed run has its own weights in last.ckpt
         note = load_initial_weights(module.model, config.train.init_weights,
                                     NORMALISATIONS[config.data.normalize], config.train.init_member)

@@ -80,7 +80,7 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
                 _check_unseen(run, run_split, patients)
     if group_by:  # a bad --group-by is refused before any run is evaluated
         units_of(pd.DataFrame({"patient": sorted(patients)}), group_by)
-    rows, per_patient, cases = [], {}, None
+    rows, per_patient, histories, cases = [], {}, {}, None
     paths = [path for path, _, _ in models]
     names = _unique_names([str(run) if is_pretrained(run) else path
                            for run, path in zip(runs, paths, strict=True)])
@@ -96,7 +96,10 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
             raise BadInputError(run, "scored other cases than the first run, so changes cannot be paired")
         cases = ids
         per_patient[name] = scores["dice"].to_numpy()
-        rows.append(_row(name, run, summary))
+        history = _history(run)
+        if history is not None:
+            histories[name] = history
+        rows.append(_row(name, history, summary))
     groups = units_of(pd.DataFrame({"patient": cases}), group_by).to_numpy() if group_by else None
     for row in rows[1:]:  # each model's change against the first, paired over the same cases
         change = paired_change(per_patient[row["run"]], per_patient[rows[0]["run"]], groups=groups)
@@ -110,9 +113,6 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     (out / "compare.md").write_text(_markdown(table, side, len(patients), unit, group_by))
     plots.compare_models(per_patient, out / "compare.png",
                          f"Dice {SCORED_PER[unit]} ({side}, {len(patients)} {unit}s)", unit)
-    folders = {name: path if path.is_dir() else path.parent for name, path in zip(names, paths, strict=True)}
-    histories = {name: pd.read_csv(folder / HISTORY_FILE) for name, folder in folders.items()
-                 if (folder / HISTORY_FILE).exists()}
     if histories:  # run folders: their learning curves side by side, against training time
         plots.compare_curves(histories, out / "compare_curves.png", unit)
     return table
@@ -126,12 +126,16 @@ def _unique_names(runs: list[str | Path]) -> list[str]:
     return names
 
 
-def _row(name: str, run: Path, summary: dict) -> dict:
+def _history(run: Path) -> pd.DataFrame | None:
+    """The learning curve of a run folder, or of the run folder a model file lies in, if it has one."""
+    path = (run if run.is_dir() else run.parent) / HISTORY_FILE
+    return pd.read_csv(path) if path.exists() else None
+
+
+def _row(name: str, history: pd.DataFrame | None, summary: dict) -> dict:
     model = summary["model"]
-    folder = run if run.is_dir() else run.parent
     minutes = epochs = None
-    if (folder / HISTORY_FILE).exists():
-        history = pd.read_csv(folder / HISTORY_FILE)
+    if history is not None:
         minutes = round(float(history["seconds"].iloc[-1]) / 60, 1) if len(history) else None
         epochs = len(history)
     dice = summary["per_patient"]["dice"]
