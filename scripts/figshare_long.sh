@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Figshare F1: U-Net with the per-image Dice loss, started from the LGG ensemble's member 3, alone on
-# the CPU for 100 minutes (docs/experiments.md, "Figshare: longer, from an LGG network").
+# the CPU for 90 minutes (docs/experiments.md, "Figshare: longer, from an LGG network").
 #   scripts/figshare_long.sh DATA SPLIT OUT [RUN...]   RUN: earlier runs to score beside it
 #   e.g. scripts/figshare_long.sh ../shared/data/figshare256 split.json runs/fig3 runs/fig2/unet_img
 set -euo pipefail
@@ -8,7 +8,7 @@ DATA=${1:?figshare256 folder}; SPLIT=${2:?split.json of the shipped model}; OUT=
 shift 3
 mkdir -p "$OUT"
 brainseg train --config src/brainseg/configs/figshare_cpu.yaml --data "$DATA" --split "$SPLIT" \
-  --loss bce_dice_image --init pretrained --set train.init_member=3 --max-minutes 100 \
+  --loss bce_dice_image --init pretrained --set train.init_member=3 --max-minutes 90 \
   --model unet --out "$OUT/f1" > "$OUT/f1.log" 2>&1
 brainseg compare pretrained:figshare "$OUT/f1" "$@" --data "$(dirname "$DATA")/figshare" --split all \
   --group-by index-block:16 --out "$OUT/compare_orig" > "$OUT/compare_orig.log" 2>&1 || true
