@@ -59,3 +59,15 @@ def test_compare_checks_every_input_before_evaluating_any(tiny_run, tmp_path):
         with pytest.raises(BadInputError, match=message):
             compare_runs([run, second], data, out, side=side, progress=False)
         assert not out.exists()  # the first run was not evaluated
+
+
+def test_compare_counts_training_minutes_across_a_resume(tiny_run, tmp_path):
+    data, run = tiny_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    history = pd.read_csv(resumed / "history.csv")
+    history = pd.concat([history.iloc[:1]] * 3, ignore_index=True)
+    history = history.assign(epoch=[0, 1, 2], seconds=[60, 120, 30])
+    history.to_csv(resumed / "history.csv", index=False)  # the clock restarted when epoch 2 resumed
+    table = compare_runs([run, resumed], data, tmp_path / "cmp", side="val", progress=False)
+    assert table["train_minutes"].iloc[1] == 2.5 and table["epochs"].iloc[1] == 3

@@ -136,7 +136,7 @@ def _row(name: str, history: pd.DataFrame | None, summary: dict) -> dict:
     model = summary["model"]
     minutes = epochs = None
     if history is not None:
-        minutes = round(float(history["seconds"].iloc[-1]) / 60, 1) if len(history) else None
+        minutes = round(float(plots.training_minutes(history["seconds"])[-1]), 1) if len(history) else None
         epochs = len(history)
     dice = summary["per_patient"]["dice"]
     detection = summary["detection"]
