@@ -420,17 +420,23 @@ def tune_command(
                f"(baseline, threshold {base['threshold']:g}): {base['dice_mean']:.4f}")
     typer.echo(f"  option             mean    change [95% bootstrap interval over {summary['unit']}s]")
     for name, row in summary["each_option_alone"].items():
-        change = row.get("change", {})
-        interval = (f" [{change['low']:+.4f}, {change['high']:+.4f}] {change['verdict']}"
-                    if change.get("n") else "")
-        delta = row["dice_mean"] - base["dice_mean"]
-        typer.echo(f"  {name:<18} {row['dice_mean']:.4f} ({delta:+.4f}){interval}"
+        typer.echo(f"  {name:<18} {row['dice_mean']:.4f} {_change_text(row, base)}"
                    + (f" at threshold {row['threshold']:g}" if name == "tuned_threshold" else ""))
     for name in ("best_combination", "recommended"):
         row = summary[name]
-        typer.echo(f"  {name.replace('_', ' ')}: {row['dice_mean']:.4f} ({_settings_text(row)})")
+        typer.echo(f"  {name.replace('_', ' ')}: {row['dice_mean']:.4f} {_change_text(row, base)} "
+                   f"({_settings_text(row)})")
+    typer.echo(f"  recommended: {summary['recommended_because']}")
     if store:
         typer.echo(f"stored {_settings_text(summary['recommended'])} in {summary['stored_in']}")
+
+
+def _change_text(row: dict, base: dict) -> str:
+    """'(+0.0041) [+0.0024, +0.0061] gain': a tuning option's change against the baseline."""
+    change = row.get("change", {})
+    interval = (f" [{change['low']:+.4f}, {change['high']:+.4f}] {change['verdict']}" if change.get("n")
+                else "")
+    return f"({row['dice_mean'] - base['dice_mean']:+.4f}){interval}"
 
 
 def _settings_text(row: dict) -> str:

@@ -141,21 +141,29 @@ def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patie
     base = table[(~table.tta_flip) & (~table.largest_component) & (table.min_fraction == 0)
                  & (table.min_size == 0)]
     tuned = at(threshold=float(base.loc[base["dice_mean"].idxmax(), "threshold"]))
-    best_row = table.loc[table["dice_mean"].idxmax()]
-    best = at(bool(best_row.tta_flip), bool(best_row.largest_component), float(best_row.min_fraction),
-              int(best_row.min_size), float(best_row.threshold))
+    def at_row(row) -> dict:
+        return at(bool(row.tta_flip), bool(row.largest_component), float(row.min_fraction), int(row.min_size),
+                  float(row.threshold))
+
+    best = at_row(table.loc[table["dice_mean"].idxmax()])
+    # What --store writes: the best without flip TTA (which doubles the cost of every prediction and
+    # stays the user's choice), but only where it is a gain over the plain settings; else the plain ones.
+    best_plain = at_row(table[~table.tta_flip].loc[lambda t: t["dice_mean"].idxmax()])
+    is_gain = best_plain.get("change", {}).get("verdict") == "gain"
+    plain_settings = at()
+    recommended = best_plain if is_gain or not baseline else plain_settings
     return {
         "side": side, "patients": patients, "metric": "mean Dice per patient volume", "unit": "patient",
-        "baseline": at(),
+        "baseline": plain_settings,
         "each_option_alone": {"largest_component": at(largest=True),
                               **{f"min_fraction_{f:g}": at(min_fraction=f) for _, f in COMPONENTS if f},
                               "min_size_20": at(min_size=20), "min_size_100": at(min_size=100),
                               "tta_flip": at(tta=True), "tuned_threshold": tuned},
         "tuned_threshold": tuned,
         "best_combination": best,
-        # What --store writes: the best without flip TTA, which doubles the cost of every prediction
-        # and stays the user's choice.
-        "recommended": table[~table.tta_flip].loc[lambda t: t["dice_mean"].idxmax()].to_dict(),
+        "recommended": recommended,
+        "recommended_because": ("the best combination without flip TTA, a gain over the baseline" if is_gain
+                                else "no combination without flip TTA is a clear gain: the baseline"),
         "interval": "95% percentile bootstrap over patients of each option's paired change against the "
                     "baseline (change.low/high); a gain only where the whole interval is above 0",
     }
