@@ -141,32 +141,56 @@ def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patie
     base = table[(~table.tta_flip) & (~table.largest_component) & (table.min_fraction == 0)
                  & (table.min_size == 0)]
     tuned = at(threshold=float(base.loc[base["dice_mean"].idxmax(), "threshold"]))
+
     def at_row(row) -> dict:
         return at(bool(row.tta_flip), bool(row.largest_component), float(row.min_fraction), int(row.min_size),
                   float(row.threshold))
 
     best = at_row(table.loc[table["dice_mean"].idxmax()])
-    # What --store writes: the best without flip TTA (which doubles the cost of every prediction and
-    # stays the user's choice), but only where it is a gain over the plain settings; else the plain ones.
-    best_plain = at_row(table[~table.tta_flip].loc[lambda t: t["dice_mean"].idxmax()])
-    is_gain = best_plain.get("change", {}).get("verdict") == "gain"
+    alone = {"largest_component": at(largest=True),
+             **{f"min_fraction_{f:g}": at(min_fraction=f) for _, f in COMPONENTS if f},
+             "min_size_20": at(min_size=20), "min_size_100": at(min_size=100),
+             "tta_flip": at(tta=True), "tuned_threshold": tuned}
     plain_settings = at()
-    recommended = best_plain if is_gain or not baseline else plain_settings
+    recommended, because = _recommended(alone, plain_settings, at)
     return {
         "side": side, "patients": patients, "metric": "mean Dice per patient volume", "unit": "patient",
         "baseline": plain_settings,
-        "each_option_alone": {"largest_component": at(largest=True),
-                              **{f"min_fraction_{f:g}": at(min_fraction=f) for _, f in COMPONENTS if f},
-                              "min_size_20": at(min_size=20), "min_size_100": at(min_size=100),
-                              "tta_flip": at(tta=True), "tuned_threshold": tuned},
+        "each_option_alone": alone,
         "tuned_threshold": tuned,
         "best_combination": best,
         "recommended": recommended,
-        "recommended_because": ("the best combination without flip TTA, a gain over the baseline" if is_gain
-                                else "no combination without flip TTA is a clear gain: the baseline"),
+        "recommended_because": because,
         "interval": "95% percentile bootstrap over patients of each option's paired change against the "
                     "baseline (change.low/high); a gain only where the whole interval is above 0",
     }
+
+
+def _recommended(alone: dict, baseline: dict, at) -> tuple[dict, str]:
+    """What --store writes, each choice on its own interval: the tuned threshold only if it is a gain
+    alone, and of the post-processing options that are gains alone the one that gains most. Flip TTA
+    doubles the cost of every prediction, so it stays the user's choice; the best combination of all
+    is shown but not stored, since the best of 390 is an optimistic pick."""
+    if not baseline:
+        return baseline, "no baseline to compare with"
+
+    def is_gain(row: dict) -> bool:
+        return row.get("change", {}).get("verdict") == "gain"
+
+    threshold = alone["tuned_threshold"]["threshold"] if is_gain(alone["tuned_threshold"]) \
+        else baseline["threshold"]
+    gains = [(row["dice_mean"], name, row) for name, row in alone.items()
+             if name not in ("tta_flip", "tuned_threshold") and is_gain(row)]
+    if not gains and threshold == baseline["threshold"]:
+        return baseline, "no option is a gain by its interval: the baseline"
+    kept = max(gains, key=lambda gain: gain[0]) if gains else None
+    post = kept[2] if kept else baseline
+    row = at(largest=bool(post["largest_component"]), min_fraction=float(post["min_fraction"]),
+             min_size=int(post["min_size"]), threshold=float(threshold))
+    chosen = [kept[1]] if kept else []
+    if threshold != baseline["threshold"]:
+        chosen.append(f"threshold {threshold:g}")
+    return row, "each a gain alone by its interval: " + ", ".join(chosen)
 
 
 def store_postprocessing(model: Path, chosen: dict) -> Path:
