@@ -183,6 +183,27 @@ def test_bce_dice_is_the_sum_of_bce_and_dice():
     assert combined.item() == pytest.approx(create_loss("BCE-Dice")(logits, target).item())
 
 
+def test_tversky_costs_a_missed_pixel_more_than_a_false_positive_one():
+    target = torch.zeros(1, 1, 16, 16)
+    target[0, 0, 4:12, 4:12] = 1  # 64 tumour pixels
+    hard = torch.where(target.bool(), 20.0, -20.0)
+    under, over = hard.clone(), hard.clone()
+    under[0, 0, 4:6, 4:12] = -20.0  # 16 tumour pixels missed
+    over[0, 0, 2:4, 4:12] = 20.0  # 16 background pixels called tumour
+    tversky = create_loss("bce_tversky")
+    dice = create_loss("bce_dice")
+    # the BCE terms are equal (16 wrong pixels each); Tversky's gap is over three times Dice's
+    tversky_gap = tversky(under, target) - tversky(over, target)
+    dice_gap = dice(under, target) - dice(over, target)
+    expected = (1 - 48 / (48 + 0.7 * 16)) - (1 - 64 / (64 + 0.3 * 16))
+    assert tversky_gap.item() == pytest.approx(expected, abs=1e-3)
+    assert tversky_gap > 3 * dice_gap
+    # with both weights at 0.5, the Tversky index is the Dice coefficient
+    from monai.losses import TverskyLoss
+    even = TverskyLoss(sigmoid=True, alpha=0.5, beta=0.5, batch=True)
+    assert even(under, target).item() == pytest.approx(create_loss("dice")(under, target).item(), abs=1e-4)
+
+
 def test_dice_per_image_weighs_a_missed_small_tumour_as_much_as_a_found_large_one():
     target = torch.zeros(2, 1, 32, 32)
     target[0, 0, :, :16] = 1  # a large tumour, found
