@@ -138,3 +138,15 @@ def test_import_does_not_import_monai() -> None:
     # Same sys.path as this process, so it finds brainseg however pytest found it.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_unet_deep_supervision_heads_give_lower_resolution_logits() -> None:
+    model = create_model("unet", in_channels=1, base_filters=4, depth=3, deep_supervision=2).eval()
+    x = torch.rand(2, 1, 32, 32)
+    logits, auxiliary = model.forward_with_auxiliary(x)
+    assert [tuple(a.shape) for a in auxiliary] == [(2, 1, 16, 16), (2, 1, 8, 8)]
+    assert torch.equal(logits, model(x))  # prediction sees the full-size logits alone
+    with pytest.raises(ValueError, match="deep_supervision must be 0 to depth - 1 = 2"):
+        create_model("unet", depth=3, deep_supervision=3)
+    plain = create_model("unet", in_channels=1, base_filters=4, depth=3)
+    assert plain.forward_with_auxiliary(x)[1] == [] and not list(plain.auxiliary_heads)

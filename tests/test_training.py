@@ -355,3 +355,34 @@ def test_a_fold_of_a_split_without_folds_is_refused(synthetic, tmp_path):
     assert not (tmp_path / "run").exists()
     plain = {"train": ["A", "B"], "val": ["C"], "test": []}
     assert refit_split(plain, -1)["train"] == ["A", "B", "C"]  # a refit of a plain run has no fold
+
+
+def test_deep_supervision_weighs_lower_levels_against_the_shrunk_mask():
+    from brainseg.losses import create_loss
+    from brainseg.training import deep_supervision_loss
+
+    loss_fn = create_loss("bce_dice")
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, 0, 5, 5] = 1  # one tumour pixel: max-pooling keeps it at every level
+    main = torch.tensor(0.3)
+    shrunk = [torch.nn.functional.adaptive_max_pool2d(mask, side) for side in (16, 8)]
+    right = [torch.where(target.bool(), 20.0, -20.0) for target in shrunk]
+    assert deep_supervision_loss(loss_fn, main, right, mask).item() == pytest.approx(0.3 / 1.75, abs=1e-3)
+    wrong = [-logits for logits in right]  # weights 1, 1/2, 1/4 over 1.75
+    expected = (0.3 + 0.5 * loss_fn(wrong[0], shrunk[0]) + 0.25 * loss_fn(wrong[1], shrunk[1])) / 1.75
+    actual = deep_supervision_loss(loss_fn, main, wrong, mask)
+    assert actual.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert deep_supervision_loss(loss_fn, main, [], mask) is main  # off: the loss as it was
+
+
+def test_deep_supervision_trains_and_predicts_from_its_model_file(synthetic, tmp_path):
+    from brainseg.inference import Predictor
+
+    result = train(small_config(synthetic, **{"train.epochs": 1, "model.options.deep_supervision": 2}),
+                   tmp_path / "run", progress=False)
+    history = pd.read_csv(result.run_dir / "history.csv")
+    assert np.isfinite(history["train_loss"]).all()
+    predictor = Predictor.from_checkpoint(result.run_dir)
+    assert predictor.description["model"]["kwargs"]["deep_supervision"] == 2
+    assert len(predictor.model.auxiliary_heads) == 2  # trained heads, unused in prediction
+    assert predictor.predict(np.zeros((64, 64, 3), np.uint8)).shape == (64, 64)

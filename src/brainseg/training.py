@@ -208,6 +208,21 @@ def load_teacher(config: RunConfig, in_channels: int, split: dict) -> Teacher:
     return Teacher(network, int(preprocessing["image_size"]), identity)
 
 
+def deep_supervision_loss(loss_fn, main: torch.Tensor, auxiliary: list[torch.Tensor],
+                          mask: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's deep supervision: the full-size loss and each lower decoder level's loss against the
+    mask shrunk to its size, weighted 1, 1/2, 1/4, ... and normalised to sum to 1. The mask shrinks
+    by max-pooling, so a small tumour stays visible at every level."""
+    if not auxiliary:
+        return main
+    weights = [0.5 ** level for level in range(len(auxiliary) + 1)]
+    total = main * weights[0]
+    for weight, logits in zip(weights[1:], auxiliary, strict=True):
+        shrunk = F.adaptive_max_pool2d(mask.float(), tuple(logits.shape[-2:]))
+        total = total + weight * loss_fn(logits.float(), shrunk)
+    return total / sum(weights)
+
+
 class SegmentationModule(L.LightningModule):
     """A registry model trained on logits with BCE/Dice losses and per-patient validation Dice; with a
     teacher, on the distillation loss (losses.DistillationLoss). The teacher labelled the training
@@ -237,18 +252,26 @@ class SegmentationModule(L.LightningModule):
         self.logit_threshold = math.log(threshold / (1 - threshold))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self._memory_format(images))
+
+    def _memory_format(self, images: torch.Tensor) -> torch.Tensor:
         if self.run_config.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, loss) of a training batch: the configured loss against the truth or, with a
         teacher, the distillation loss against the truth and the teacher's probabilities (labelled
         before training, augmented with the slice)."""
-        logits = self(batch["image"])
+        if getattr(self.model, "deep_supervision", 0):
+            logits, auxiliary = self.model.forward_with_auxiliary(self._memory_format(batch["image"]))
+        else:
+            logits, auxiliary = self(batch["image"]), []
         if self.distillation is None:
-            return logits, self.loss(logits.float(), batch["mask"])
-        return logits, self.distillation(logits.float(), batch["mask"], batch["teacher"])
+            loss = self.loss(logits.float(), batch["mask"])
+        else:
+            loss = self.distillation(logits.float(), batch["mask"], batch["teacher"])
+        return logits, deep_supervision_loss(self.loss, loss, auxiliary, batch["mask"])
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
         logits, loss = self.training_loss(batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brainseg.errors import OptionError
 from brainseg.models._common import (
     check_common_args,
     check_input_size,
@@ -31,7 +32,11 @@ class ConvBlock(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """U-Net returning logits (B, out_channels, H, W); H and W must divide by 2**depth."""
+    """U-Net returning logits (B, out_channels, H, W); H and W must divide by 2**depth.
+
+    With `deep_supervision=K`, the K decoder levels below the top each get a 1×1 head too (nnU-Net's
+    deep supervision): `forward_with_auxiliary` returns their logits at 1/2, 1/4, ... of the input
+    side for training losses; `forward` (prediction, export) returns the full-size logits alone."""
 
     def __init__(
         self,
@@ -41,10 +46,15 @@ class UNet(nn.Module):
         depth: int = 4,
         dropout: float = 0.1,
         batch_norm: bool = True,
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         check_common_args(in_channels, out_channels, base_filters, depth, dropout)
+        if not 0 <= deep_supervision < depth:
+            raise OptionError(f"deep_supervision must be 0 to depth - 1 = {depth - 1} decoder levels, "
+                             f"got {deep_supervision}")
         self.depth = depth
+        self.deep_supervision = deep_supervision
         filters = [base_filters * 2**i for i in range(depth + 1)]
 
         self.encoders = nn.ModuleList()
@@ -62,9 +72,19 @@ class UNet(nn.Module):
             self.ups.append(nn.ConvTranspose2d(f_in, f_skip, kernel_size=2, stride=2))
             self.decoders.append(ConvBlock(2 * f_skip, f_skip, batch_norm))
         self.head = nn.Conv2d(filters[0], out_channels, kernel_size=1)
+        # one head per decoder level below the top, nearest the top first (1/2, 1/4, ... of the side)
+        self.auxiliary_heads = nn.ModuleList(nn.Conv2d(f, out_channels, kernel_size=1)
+                                             for f in filters[1:1 + deep_supervision])
         he_normal_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, auxiliary=False)[0]
+
+    def forward_with_auxiliary(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(full-size logits, [logits at 1/2, 1/4, ... of the side]) for deep supervision."""
+        return self._run(x, auxiliary=True)
+
+    def _run(self, x: torch.Tensor, auxiliary: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         check_input_size(x, self.depth)
         skips = []
         for enc in self.encoders:
@@ -72,7 +92,13 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.dropout(self.pool(x))
         x = self.bottleneck(x)
+        levels = []
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
             x = self.dropout(torch.cat([up(x), skip], dim=1))
             x = dec(x)
-        return self.head(x)
+            levels.append(x)
+        if not auxiliary:
+            return self.head(x), []
+        below_top = levels[-2::-1]  # decoder outputs at 1/2, 1/4, ... of the side
+        heads = zip(self.auxiliary_heads, below_top, strict=False)  # the K levels nearest the top
+        return self.head(x), [head(level) for head, level in heads]
