@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Out-of-fold comparison of LGG training recipes over the 68 non-test patients (5 folds), as
-# pre-registered in docs/experiments.md ("Small tumours, out of fold"; "Tversky loss, out of fold").
+# pre-registered in docs/experiments.md ("Small tumours, out of fold"; "Tversky loss and deep supervision, out of fold").
 #   scripts/lgg_oof.sh DATA OUT        e.g. scripts/lgg_oof.sh ../shared/data/lgg runs/lgg_oof
 # Every arm trains the same fixed schedule (no early stopping, last epoch kept), so the scores do
 # not depend on machine load and no fold's validation patients choose anything for themselves.
@@ -17,22 +17,21 @@ declare -A ARMS=(
   [A_baseline]=""
   [B_small]="--loss bce_dice_image --set data.small_tumour_weight=3"
   [C_tversky]="--loss bce_tversky"
+  [D_deep]="--set model.options.deep_supervision=2"
 )
-for fold in 0 1 2 3 4; do
-  for arm in A_baseline B_small C_tversky; do
+# One arm's five folds, then its out-of-fold scores: A's alone, the others' paired against A's per
+# patient with 95% bootstrap intervals (the decisions).
+for arm in A_baseline B_small C_tversky D_deep; do
+  for fold in 0 1 2 3 4; do
     run="$OUT/$arm/fold$fold"
     [ -f "$run/model.pt" ] && continue
     rm -rf "$run"
     # shellcheck disable=SC2086
     brainseg train --data "$DATA" --out "$run" --fold "$fold" "${SCHEDULE[@]}" ${ARMS[$arm]}
   done
-done
-[ -f "$OUT/A_baseline/crossval/crossval.json" ] || brainseg crossval \
-  "$OUT"/A_baseline/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" \
-  --out "$OUT/A_baseline/crossval" --threshold 0.5 --min-fraction 0
-# The decisions: each arm's paired change against A, per patient, with 95% bootstrap intervals.
-for arm in B_small C_tversky; do
+  against=()
+  [ "$arm" = A_baseline ] || against=(--against "$OUT/A_baseline/crossval")
   [ -f "$OUT/$arm/crossval/crossval.json" ] || brainseg crossval \
     "$OUT"/$arm/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" \
-    --out "$OUT/$arm/crossval" --threshold 0.5 --min-fraction 0 --against "$OUT/A_baseline/crossval"
+    --out "$OUT/$arm/crossval" --threshold 0.5 --min-fraction 0 "${against[@]}"
 done
