@@ -102,6 +102,24 @@ def test_compare_verb_applies_the_threshold_and_post_processing_it_is_given(imag
     assert summary["options"]["min_fraction"] == 0.25
 
 
+def test_tune_draws_its_intervals_over_index_blocks(image_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainseg.cli import app
+
+    data, _, run = image_run
+    result = CliRunner().invoke(app, ["tune", str(run), "--data", str(data), "--group-by", "index-block:4",
+                                      "--out", str(tmp_path / "tune")])
+    assert result.exit_code == 0, result.output
+    assert "interval over blocks of images (index-block:4)" in result.output
+    summary = json.loads((tmp_path / "tune" / "tuning.json").read_text())
+    assert "groups of cases" in summary["interval"] and summary["unit"] == "image"
+    bad = CliRunner().invoke(app, ["tune", str(run), "--data", str(data), "--group-by", "blocks",
+                                   "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "index-block:N or column:NAME" in str(bad.exception)
+    assert not (tmp_path / "bad" / "tuning.csv").exists()
+
+
 def test_a_split_made_for_training_keeps_index_blocks_together(image_run):
     _, _, run = image_run
     split = json.loads((run / "split.json").read_text())

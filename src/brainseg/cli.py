@@ -396,6 +396,12 @@ def evaluate_command(
     typer.echo(f"wrote {out}/summary.json, {CASE_TABLES[unit]}, per_slice.csv, {figures}")
 
 
+IntervalGroups = Annotated[str, typer.Option(
+    "--group-by", help="Draw the changes' bootstrap intervals over groups of cases, e.g. index-block:16 "
+                       "for Figshare images (neighbouring indices are mostly one patient); empty: over "
+                       "cases.")]
+
+
 @app.command("tune", short_help="Choose threshold and post-processing on validation or out of fold.")
 def tune_command(
     models: Annotated[list[Path], typer.Argument(
@@ -408,6 +414,7 @@ def tune_command(
     split: Annotated[str, typer.Option(help="Split side to tune on (never test).")] = "val",
     store: Annotated[bool, typer.Option(help="Store the best threshold and post-processing (without TTA) "
                                              "in the model file for predict and evaluate.")] = False,
+    group_by: IntervalGroups = "",
 ) -> None:
     """Measure thresholds, largest-component, small-component removal and flip TTA on validation.
 
@@ -415,11 +422,12 @@ def tune_command(
     """
     from brainseg.evaluation.tune import tune
 
-    summary = tune(models, data, out, side=split, store=store)  # one run: tuned alone
+    summary = tune(models, data, out, side=split, store=store, group_by=group_by)  # one run: tuned alone
     base = summary["baseline"]
     typer.echo(f"{summary['metric']} on {summary['patients']} {summary['side']} {summary['unit']}s "
                f"(baseline, threshold {base['threshold']:g}): {base['dice_mean']:.4f}")
-    typer.echo(f"  option             mean    change [95% bootstrap interval over {summary['unit']}s]")
+    over = f"blocks of {summary['unit']}s ({group_by})" if group_by else f"{summary['unit']}s"
+    typer.echo(f"  option             mean    change [95% bootstrap interval over {over}]")
     for name, row in summary["each_option_alone"].items():
         typer.echo(f"  {name:<18} {row['dice_mean']:.4f} {_change_text(row, base)}"
                    + (f" at threshold {row['threshold']:g}" if name == "tuned_threshold" else ""))
@@ -457,9 +465,7 @@ def compare_command(
     largest_component: LargestComponent = None,
     min_fraction: MinFraction = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
-    group_by: Annotated[str, typer.Option(
-        help="Draw the changes' bootstrap intervals over groups of cases, e.g. index-block:16 for "
-             "Figshare images (neighbouring indices are mostly one patient); empty: over cases.")] = "",
+    group_by: IntervalGroups = "",
 ) -> None:
     """Score several runs on the same patients; write compare.csv, compare.md and compare.png.
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.index import ensure_outside, scan
-from brainseg.data.splits import split_unit
+from brainseg.data.splits import split_unit, units_of
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import paired_change
 from brainseg.evaluation.crossval import check_folds
@@ -36,11 +36,14 @@ COMPONENTS = ((False, 0.0), (False, 0.1), (False, 0.25), (False, 0.5), (True, 0.
 
 
 def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: str = "val",
-         split_file: str = "", layout: str = "auto", store: bool = False, progress: bool = True) -> dict:
+         split_file: str = "", layout: str = "auto", store: bool = False, group_by: str = "",
+         progress: bool = True) -> dict:
     """Write tuning.csv (every combination) and tuning.json (each option alone, and the best).
 
     `model` is one model, scored on the `side` patients of its split, or a list of the runs of a
-    k-fold split, each scored on its own fold's validation patients and pooled (out of fold)."""
+    k-fold split, each scored on its own fold's validation patients and pooled (out of fold). The
+    intervals are drawn over patients (images), or over groups of them with `group_by` (as
+    `brainseg split --group-by`, e.g. index-block:16 for Figshare images)."""
     folds = isinstance(model, (list, tuple))
     if folds and len(model) == 1:
         model, folds = model[0], False
@@ -55,6 +58,8 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
     jobs = _fold_jobs(model, result.table) if folds else [_job(model, result.table, side, split_file)]
     scores = {combo: [] for combo in itertools.product((False, True), COMPONENTS, MIN_SIZES, THRESHOLDS)}
     patients = [(plain, volume) for plain, rows in jobs for _, volume in rows.groupby("patient", sort=True)]
+    names = pd.DataFrame({"patient": [str(volume["patient"].iloc[0]) for _, volume in patients]})
+    groups = units_of(names, group_by).to_numpy() if group_by else None  # a bad one fails before scoring
     for plain, volume in progress_bar(patients, desc="tuning", unit="patient", enabled=progress):
         keys = volume.sort_values("slice")["image_path"].tolist()
         images = np.stack([result.store.image(k) for k in keys])
@@ -72,7 +77,8 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
                           for (tta, (largest, min_fraction), min_size, threshold), values in scores.items()])
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "tuning.csv", index=False)
-    summary = _summary(table, scores, jobs[0][0].cutoff, "val out of fold" if folds else side, len(patients))
+    summary = _summary(table, scores, jobs[0][0].cutoff, "val out of fold" if folds else side, len(patients),
+                       groups)
     if split_unit(result.table) == "image":
         summary.update(metric="mean Dice per image", unit="image")
     if folds:
@@ -117,7 +123,8 @@ def _fold_jobs(runs: list, table: pd.DataFrame) -> list:
             for fold, run in folds.items()]
 
 
-def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patients: int) -> dict:
+def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patients: int,
+             groups=None) -> dict:
     def key(row: dict) -> tuple:
         return (bool(row["tta_flip"]), (bool(row["largest_component"]), float(row["min_fraction"])),
                 int(row["min_size"]), float(row["threshold"]))
@@ -136,7 +143,7 @@ def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patie
         found = find(*args, **kwargs)
         if not found or not baseline:
             return found
-        return {**found, "change": paired_change(scores[key(found)], scores[key(baseline)])}
+        return {**found, "change": paired_change(scores[key(found)], scores[key(baseline)], groups=groups)}
 
     base = table[(~table.tta_flip) & (~table.largest_component) & (table.min_fraction == 0)
                  & (table.min_size == 0)]
@@ -161,8 +168,9 @@ def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patie
         "best_combination": best,
         "recommended": recommended,
         "recommended_because": because,
-        "interval": "95% percentile bootstrap over patients of each option's paired change against the "
-                    "baseline (change.low/high); a gain only where the whole interval is above 0",
+        "interval": f"95% percentile bootstrap over {'groups of cases' if groups is not None else 'cases'} "
+                    "of each option's paired change against the baseline (change.low/high); a gain only "
+                    "where the whole interval is above 0",
     }
 
 
