@@ -120,6 +120,43 @@ def test_tune_draws_its_intervals_over_index_blocks(image_run, tmp_path):
     assert not (tmp_path / "bad" / "tuning.csv").exists()
 
 
+def test_crossval_of_an_image_set_speaks_of_images(image_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    from brainseg.evaluation.crossval import cross_validate
+    from brainseg.report import write_report
+
+    data, _, run = image_run
+    split = json.loads((run / "split.json").read_text())
+    images = sorted(split["train"] + split["val"], key=int)
+    half = len(images) // 2
+    folds = {**split, "test": [], "folds": [{"train": images[half:], "val": images[:half]},
+                                            {"train": images[:half], "val": images[half:]}]}
+    runs = []
+    for k in (0, 1):  # the same weights stand for each fold's run
+        folder = tmp_path / f"fold{k}"
+        shutil.copytree(run, folder)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["data"]["fold"] = k
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        (folder / "split.json").write_text(json.dumps(folds))
+        runs.append(folder)
+    summary = cross_validate(runs, data, tmp_path / "cv", progress=False)
+    assert summary["unit"] == "image" and summary["dice"]["images"] == len(images)
+    assert "copied_sequence" not in summary and "per image" in summary["metric"]
+    pooled = pd.read_csv(tmp_path / "cv" / "out_of_fold.csv")
+    assert sorted(pooled["image"].astype(str), key=int) == images and "patient" not in pooled
+    markdown = (tmp_path / "cv" / "crossval.md").read_text()
+    assert "| images | n |" in markdown and "patient" not in markdown.lower()
+    against = cross_validate(runs, data, tmp_path / "cv2", progress=False, against=tmp_path / "cv")["against"]
+    assert against["images"] == len(images) and against["dice"]["mean"] == pytest.approx(0.0)
+    assert "pixels |" in (tmp_path / "cv2" / "crossval.md").read_text()
+    page = write_report(tmp_path / "cv").read_text()
+    assert f"out of fold on {len(images)} images" in page and "patient" not in page.lower()
+
+
 def test_a_split_made_for_training_keeps_index_blocks_together(image_run):
     _, _, run = image_run
     split = json.loads((run / "split.json").read_text())

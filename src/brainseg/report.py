@@ -15,7 +15,7 @@ import yaml
 from brainseg.data.index import detect_layout, natural_key
 from brainseg.data.io import read_mask
 from brainseg.errors import BadInputError, BrainsegError
-from brainseg.evaluation.evaluate import SCORED_PER, cases_table
+from brainseg.evaluation.evaluate import CASE_FIGURES, SCORED_PER, cases_table
 from brainseg.predict import data_set_root
 from brainseg.runs.folder import CONFIG_FILE, HISTORY_FILE
 
@@ -180,10 +180,11 @@ def _evaluation_section(root: Path, folder: Path) -> str:
     if cases.exists():
         parts.append(_table(pd.read_csv(cases)))
     worst = "The worst images" if unit == "image" else "The worst patients (their largest-tumour slice)"
+    worst_figure, dice_figure = CASE_FIGURES[unit]
     captions = {"prediction_grid.png": f"Random {'images' if unit == 'image' else 'slices'}: "
                                        "image | truth | probability | binary",
-                "worst_patients.png": worst,
-                "patient_dice.png": f"Dice {per}",
+                worst_figure: worst,
+                dice_figure: f"Dice {per}",
                 "volume_montage.png": "One patient's volume (the median patient)"}
     parts += [_figure(root, folder / name, caption) for name, caption in captions.items()]
     parts.append("<p>Files: " + ", ".join(filter(None, (
@@ -268,25 +269,28 @@ def _comparison_section(root: Path, folder: Path) -> str:
 
 def _crossval_section(root: Path, folder: Path) -> str:
     summary = json.loads((folder / "crossval.json").read_text())
-    groups = [("all", summary["dice"]), *((f"fold {k}", v) for k, v in summary["per_fold"].items()),
-              ("a sequence copied from another", summary["copied_sequence"]),
-              ("all three sequences recorded", summary["all_sequences"])]
+    groups = [("all", summary["dice"]), *((f"fold {k}", v) for k, v in summary["per_fold"].items())]
+    if "copied_sequence" in summary:  # LGG patients only
+        groups += [("a sequence copied from another", summary["copied_sequence"]),
+                   ("all three sequences recorded", summary["all_sequences"])]
     table = pd.DataFrame([{"group": name, **stats} for name, stats in groups])
     missing = summary["missing_folds"]
+    per = SCORED_PER[summary.get("unit", "patient")]
     parts = ["<h2>Cross-validation (out of fold)</h2>", f"<p>{html.escape(summary['metric'])}.</p>",
              f"<p>Folds not given: {', '.join(map(str, missing))}.</p>" if missing else "", _table(table),
-             _figure(root, folder / "crossval.png", "Out-of-fold Dice per patient volume, per fold"),
+             _figure(root, folder / "crossval.png", f"Out-of-fold Dice {per}, per fold"),
              f"<p>{_link(root, folder / 'out_of_fold.csv', 'out_of_fold.csv')}</p>"]
     return "\n".join(parts)
 
 
 def _crossval_line(root: Path, crossval: Path) -> str:
-    dice = json.loads(crossval.read_text())["dice"]
+    summary = json.loads(crossval.read_text())
+    dice, unit = summary["dice"], summary.get("unit", "patient")
     if dice["mean"] is None:
         return ""
     where = crossval.parent.relative_to(root).as_posix()
-    return (f"<li><b>{dice['mean']:.3f}</b> mean Dice per patient volume out of fold on "
-            f"{dice['patients']} patients (median {dice['median']:.3f}, min {dice['min']:.3f}; "
+    return (f"<li><b>{dice['mean']:.3f}</b> mean Dice {SCORED_PER[unit]} out of fold on "
+            f"{dice[f'{unit}s']} {unit}s (median {dice['median']:.3f}, min {dice['min']:.3f}; "
             f"<code>{html.escape(where)}</code>)</li>")
 
 

@@ -1,6 +1,7 @@
 """`brainseg crossval`: the runs of a k-fold split, each scored on its own fold's validation
-patients, pooled into one out-of-fold table (every non-test patient scored by a model that never
-trained on it), with summaries overall, per fold and for patients with a copied sequence."""
+patients (or images), pooled into one out-of-fold table (every non-test case scored by a model that
+never trained on it), with summaries overall, per fold and, for LGG patients, apart for those with a
+copied sequence."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pandas as pd
 
 from brainseg import plots
 from brainseg.data.index import ensure_outside
+from brainseg.data.splits import SCORED_PER
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import mean_interval, paired_change
 from brainseg.evaluation.evaluate import SIZE_BANDS, EvaluateOptions, cases_table, evaluate
@@ -51,23 +53,25 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     baseline = _read_out_of_fold(Path(against)) if against is not None else None
     folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
     base = options or EvaluateOptions()
-    tables = []
+    tables, unit = [], "patient"
     for fold, run in folds.items():
         fold_options = EvaluateOptions(**{**base.__dict__, "side": "val", "fold": fold,
                                           "split_file": str(run_folder_of(run) / SPLIT_FILE)})
-        evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options, progress=progress)
-        table = pd.read_csv(cases_table(out / f"fold{fold}"))
+        scored = evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options,
+                          progress=progress)
+        unit = scored["data"]["unit"]
+        table = pd.read_csv(cases_table(out / f"fold{fold}"), dtype={unit: str})
         tables.append(table.assign(fold=fold, run=str(run)))
     pooled = pd.concat(tables, ignore_index=True)
     pooled.to_csv(out / "out_of_fold.csv", index=False)
-    summary = _summary(pooled, folds, fold_count, base)
+    summary = _summary(pooled, folds, fold_count, base, unit)
     if baseline is not None:
-        summary["against"] = {"folder": str(against), **paired_changes(pooled, baseline)}
+        summary["against"] = {"folder": str(against), **paired_changes(pooled, baseline, unit)}
     (out / "crossval.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "crossval.md").write_text(_markdown(summary))
     per_fold = {f"fold {fold}": pooled.loc[pooled["fold"] == fold, "dice"].to_numpy() for fold in folds}
     plots.compare_models({**per_fold, "all": pooled["dice"].to_numpy()}, out / "crossval.png",
-                         f"Out-of-fold Dice per patient volume ({len(pooled)} patients)")
+                         f"Out-of-fold Dice {SCORED_PER[unit]} ({len(pooled)} {unit}s)", unit)
     return summary
 
 
@@ -75,79 +79,90 @@ def _read_out_of_fold(folder: Path) -> pd.DataFrame:
     table = folder / "out_of_fold.csv"
     if not table.is_file():
         raise BadInputError(folder, "is not a crossval folder (no out_of_fold.csv)")
-    return pd.read_csv(table, dtype={"patient": str})
+    return pd.read_csv(table, dtype={"patient": str, "image": str})
 
 
-def paired_changes(new: pd.DataFrame, base: pd.DataFrame) -> dict:
-    """Per-patient change new - base in Dice and recall, overall and by size band (from `base`, the
-    truth is the same), with bootstrap intervals; patients only one side scored are counted apart."""
-    both = new.merge(base, on="patient", suffixes=("", "_base"))
+def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient") -> dict:
+    """Per-case change new - base in Dice and recall, overall and by size band (from `base`, the
+    truth is the same), with bootstrap intervals; cases only one side scored are counted apart."""
+    if unit not in base:
+        raise BadInputError("--against", f"its out-of-fold table scores other cases than {unit}s")
+    both = new.merge(base, on=unit, suffixes=("", "_base"))
     if both.empty:
-        raise BadInputError("--against", "shares no patient with these runs' out-of-fold table")
+        raise BadInputError("--against", f"shares no {unit} with these runs' out-of-fold table")
 
     def changes(rows: pd.DataFrame) -> dict:
         return {metric: paired_change(rows[metric], rows[f"{metric}_base"]) for metric in ("dice", "recall")}
 
     bands = [name for _, name in SIZE_BANDS if name != "none"]
-    return {"patients": len(both), "unpaired": int(len(new) + len(base) - 2 * len(both)), **changes(both),
+    return {f"{unit}s": len(both), "unpaired": int(len(new) + len(base) - 2 * len(both)), **changes(both),
             "by_size_band": {band: changes(both[both["size_band"] == band]) for band in bands
                              if (both["size_band"] == band).any()}}
 
 
-def _stats(values: pd.Series) -> dict:
+def _stats(values: pd.Series, unit: str = "patient") -> dict:
     finite = values.dropna()
     if finite.empty:
-        return {"patients": 0, "mean": None, "median": None, "min": None}
-    return {"patients": len(finite), "mean": float(finite.mean()), "median": float(finite.median()),
+        return {f"{unit}s": 0, "mean": None, "median": None, "min": None}
+    return {f"{unit}s": len(finite), "mean": float(finite.mean()), "median": float(finite.median()),
             "min": float(finite.min())}
 
 
-def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, options: EvaluateOptions) -> dict:
-    equal = pooled["equal_channels"]  # read back from CSV: NaN where no channels are equal
-    copied = equal.notna() & (equal.astype(str) != "")
+def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, options: EvaluateOptions,
+             unit: str = "patient") -> dict:
+    sequences = {}
+    if unit == "patient" and "equal_channels" in pooled:
+        # kaggle_3m copies FLAIR over a sequence a patient lacks: such patients are scored apart.
+        equal = pooled["equal_channels"]  # read back from CSV: NaN where no channels are equal
+        copied = equal.notna() & (equal.astype(str) != "")
+        sequences = {"copied_sequence": _stats(pooled.loc[copied, "dice"]),
+                     "all_sequences": _stats(pooled.loc[~copied, "dice"])}
     return {
-        "metric": "Dice per patient volume, each patient scored by the run that held it out (out of fold)",
+        "metric": f"Dice {SCORED_PER[unit]}, each {unit} scored by the run that held it out (out of fold)",
+        "unit": unit,
         "folds": {str(fold): str(run) for fold, run in sorted(folds.items())},
         "missing_folds": [k for k in range(fold_count) if k not in folds],
         "options": {key: value for key, value in options.__dict__.items()
                     if key in ("threshold", "largest_component", "min_size", "min_fraction", "tta_flip",
                                "flair_replaces", "precision")},
-        "dice": _stats(pooled["dice"]),
-        # 95% percentile bootstrap over patients: how far the out-of-fold mean could move
+        "dice": _stats(pooled["dice"], unit),
+        # 95% percentile bootstrap over cases: how far the out-of-fold mean could move
         "dice_mean_interval": mean_interval(pooled["dice"]),
-        "per_fold": {str(fold): _stats(pooled.loc[pooled["fold"] == fold, "dice"]) for fold in sorted(folds)},
-        # kaggle_3m copies FLAIR over a sequence a patient lacks: such patients are scored apart.
-        "copied_sequence": _stats(pooled.loc[copied, "dice"]),
-        "all_sequences": _stats(pooled.loc[~copied, "dice"]),
-        "worst": pooled.nsmallest(5, "dice")[["patient", "fold", "dice"]].to_dict(orient="records"),
+        "per_fold": {str(fold): _stats(pooled.loc[pooled["fold"] == fold, "dice"], unit)
+                     for fold in sorted(folds)},
+        **sequences,
+        "worst": pooled.nsmallest(5, "dice")[[unit, "fold", "dice"]].to_dict(orient="records"),
     }
 
 
 def _markdown(summary: dict) -> str:
+    unit = summary.get("unit", "patient")
+
     def row(name: str, stats: dict) -> str:
-        if not stats["patients"]:
+        if not stats[f"{unit}s"]:
             return f"| {name} | 0 | – | – | – |"
-        return (f"| {name} | {stats['patients']} | {stats['mean']:.4f} | {stats['median']:.4f} "
+        return (f"| {name} | {stats[f'{unit}s']} | {stats['mean']:.4f} | {stats['median']:.4f} "
                 f"| {stats['min']:.4f} |")
 
     lines = ["# Cross-validation (out of fold)", "", summary["metric"] + ".", ""]
     if summary["missing_folds"]:
         lines += [f"Folds not given: {', '.join(map(str, summary['missing_folds']))}.", ""]
-    lines += ["| patients | n | mean | median | min |", "|---|---|---|---|---|",
-              row("all", summary["dice"])]
+    lines += [f"| {unit}s | n | mean | median | min |", "|---|---|---|---|---|", row("all", summary["dice"])]
     lines += [row(f"fold {fold}", stats) for fold, stats in summary["per_fold"].items()]
-    lines += [row("a sequence copied from another", summary["copied_sequence"]),
-              row("all three sequences recorded", summary["all_sequences"]), ""]
+    if "copied_sequence" in summary:
+        lines += [row("a sequence copied from another", summary["copied_sequence"]),
+                  row("all three sequences recorded", summary["all_sequences"])]
+    lines.append("")
     interval = summary["dice_mean_interval"]
     if interval["n"]:
-        lines += [f"Mean Dice {interval['mean']:.4f}, 95% bootstrap interval over patients "
+        lines += [f"Mean Dice {interval['mean']:.4f}, 95% bootstrap interval over {unit}s "
                   f"[{interval['low']:.4f}, {interval['high']:.4f}].", ""]
     if "against" in summary:
-        lines += _against_lines(summary["against"])
+        lines += _against_lines(summary["against"], unit)
     return "\n".join(lines)
 
 
-def _against_lines(against: dict) -> list[str]:
+def _against_lines(against: dict, unit: str) -> list[str]:
     def cell(change: dict) -> str:
         if not change["n"]:
             return "–"
@@ -157,8 +172,9 @@ def _against_lines(against: dict) -> list[str]:
         return f"| {name} | {rows['dice']['n']} | {cell(rows['dice'])} | {cell(rows['recall'])} |"
 
     lines = [f"## Change against {against['folder']}", "",
-             f"Paired over {against['patients']} patients (mean change, 95% bootstrap interval, "
-             "verdict).", "", "| patients | n | Dice | recall |", "|---|---|---|---|", row("all", against)]
-    lines += [row(f"tumour {band} voxels", rows) for band, rows in against["by_size_band"].items()]
+             f"Paired over {against[f'{unit}s']} {unit}s (mean change, 95% bootstrap interval, "
+             "verdict).", "", f"| {unit}s | n | Dice | recall |", "|---|---|---|---|", row("all", against)]
+    size = "pixels" if unit == "image" else "voxels"
+    lines += [row(f"tumour {band} {size}", rows) for band, rows in against["by_size_band"].items()]
     return [*lines, ""]
 

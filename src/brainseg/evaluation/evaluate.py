@@ -32,8 +32,7 @@ from brainseg.progress import progress as progress_bar
 from brainseg.runs.folder import check_unseen, split_for
 
 CONVENTIONS = {
-    "headline": "mean Dice per patient volume (slices stacked, Dice = 2|A∩B|/(|A|+|B|) over the volume); "
-                "for an image set (no patients) the mean Dice per image",
+    "headline": "mean Dice per patient volume (slices stacked, Dice = 2|A∩B|/(|A|+|B|) over the volume)",
     "size_band": "tumour size in voxels of the truth: none, <5k, 5k-20k, >20k (by_size_band in summary.json)",
     "empty_volume": "a patient with no tumour and no prediction has no Dice; left out of means (NaN)",
     "per_slice": "Dice/IoU per slice only where truth or prediction is non-empty; tumour presence per "
@@ -47,6 +46,20 @@ CONVENTIONS = {
                       "were overwritten with FLAIR before prediction, as kaggle_3m does for a missing "
                       "sequence; equal_channels in per_patient.csv names pairs already equal in the data",
 }
+
+# An image set (no patients) scores each image alone: no volumes, no slices within one, no sequences.
+IMAGE_CONVENTIONS = {
+    "headline": "mean Dice per image (Dice = 2|A∩B|/(|A|+|B|) over the image)",
+    "size_band": "tumour size in pixels of the truth: none, <5k, 5k-20k, >20k (by_size_band in summary.json)",
+    "empty_image": "an image with no tumour and no prediction has no Dice; left out of means (NaN)",
+    "hd95": "95th percentile symmetric Hausdorff distance in pixels; NaN where a side is empty",
+    "resolution": "scored at each image's original size (predictions are resized back from the network "
+                  "input)",
+    "threshold": CONVENTIONS["threshold"],
+}
+# The figures that name the cases: the worst cases and every case's Dice.
+CASE_FIGURES = {"patient": ("worst_patients.png", "patient_dice.png"),
+                "image": ("worst_images.png", "image_dice.png")}
 
 
 # Tumour size bands in voxels (pixels for an image), where small tumours are half-missed.
@@ -238,8 +251,7 @@ def _summary(per_patient, per_slice, predictor, result, options, cutoff, unit) -
         "data": {"root": str(result.root), "layout": result.layout, "side": options.side, "unit": unit,
                  "cases": len(per_patient), f"{unit}s": len(per_patient), "slices": len(per_slice)},
         "options": {**asdict(options), "threshold": cutoff, **predictor.postprocessing},
-        "conventions": CONVENTIONS if unit == "patient" else
-        {**CONVENTIONS, "size_band": CONVENTIONS["size_band"].replace("voxels", "pixels")},
+        "conventions": CONVENTIONS if unit == "patient" else IMAGE_CONVENTIONS,
         "per_patient": {name: _stats(per_patient[name]) for name in
                         ("dice", "iou", "precision", "recall", "hd95")},
         "per_slice": {"dice": _stats(scored["dice"]), "iou": _stats(scored["iou"]),
@@ -260,10 +272,11 @@ def _figures(out, per_patient, grid, examples, options, cutoff, result, rows, pa
     worst = [examples[p] for p in ranked["patient"].head(options.worst)]
     for row, dice_value in zip(worst, ranked["dice"].head(options.worst), strict=True):
         row["title"] += f", {'patient ' if unit == 'patient' else ''}Dice {dice_value:.3f}"
+    worst_figure, dice_figure = CASE_FIGURES[unit]
     if worst:
-        names.append(plots.prediction_grid(worst, out / "worst_patients.png", cutoff).name)
+        names.append(plots.prediction_grid(worst, out / worst_figure, cutoff).name)
     names.append(plots.patient_scores(per_patient["patient"].tolist(), per_patient["dice"].tolist(),
-                                      out / "patient_dice.png", f"Dice {SCORED_PER[unit]}", unit).name)
+                                      out / dice_figure, f"Dice {SCORED_PER[unit]}", unit).name)
     # The median patient's volume shows typical behaviour better than the best or worst; an image has
     # no volume, and its slice is in the grids already.
     if not ranked.empty and unit == "patient":
