@@ -153,6 +153,13 @@ def test_crossval_of_an_image_set_speaks_of_images(image_run, tmp_path):
     against = cross_validate(runs, data, tmp_path / "cv2", progress=False, against=tmp_path / "cv")["against"]
     assert against["images"] == len(images) and against["dice"]["mean"] == pytest.approx(0.0)
     assert "pixels |" in (tmp_path / "cv2" / "crossval.md").read_text()
+    grouped = cross_validate(runs, data, tmp_path / "cv3", progress=False, against=tmp_path / "cv",
+                             group_by="index-block:4")
+    assert grouped["interval_over"] == "groups of images (index-block:4)"
+    assert "interval over groups of images (index-block:4)" in (tmp_path / "cv3" / "crossval.md").read_text()
+    with pytest.raises(BadInputError, match="index-block:N or column:NAME"):
+        cross_validate(runs, data, tmp_path / "cv4", progress=False, group_by="blocks")
+    assert not (tmp_path / "cv4").exists()
     page = write_report(tmp_path / "cv").read_text()
     assert f"out of fold on {len(images)} images" in page and "patient" not in page.lower()
 

@@ -500,6 +500,7 @@ def crossval_command(
     against: Annotated[Path | None, typer.Option(
         help="An earlier crossval folder (another recipe, same folds): report the paired change in Dice "
              "and recall per patient, by tumour size too, with 95% bootstrap intervals.")] = None,
+    group_by: IntervalGroups = "",
 ) -> None:
     """Score each fold's run on its own validation patients and pool them (out-of-fold Dice).
 
@@ -510,7 +511,7 @@ def crossval_command(
 
     options = EvaluateOptions(threshold=threshold, largest_component=largest_component,
                               min_fraction=min_fraction, flair_replaces=flair_replaces, precision=precision)
-    cross_validate(runs, data, out, options=options, layout=layout, against=against)
+    cross_validate(runs, data, out, options=options, layout=layout, against=against, group_by=group_by)
     typer.echo((out / "crossval.md").read_text())
     typer.echo(f"wrote {out}/out_of_fold.csv, crossval.json, crossval.md, crossval.png, one folder per fold")
 

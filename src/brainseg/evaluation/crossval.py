@@ -12,7 +12,7 @@ import pandas as pd
 
 from brainseg import plots
 from brainseg.data.index import ensure_outside
-from brainseg.data.splits import SCORED_PER
+from brainseg.data.splits import SCORED_PER, units_of
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import mean_interval, paired_change
 from brainseg.evaluation.evaluate import SIZE_BANDS, EvaluateOptions, cases_table, evaluate
@@ -41,17 +41,20 @@ def check_folds(runs: list[str | Path]) -> tuple[dict[int, Path], int]:
 
 def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
                    options: EvaluateOptions | None = None, layout: str = "auto",
-                   progress: bool = True, against: str | Path | None = None) -> dict:
+                   progress: bool = True, against: str | Path | None = None, group_by: str = "") -> dict:
     """Evaluate each fold's run on that fold's validation patients; write out_of_fold.csv,
     crossval.json, crossval.md and crossval.png to `out` (each fold's evaluation in out/foldK).
 
     `against`: an earlier crossval folder (another recipe on the same folds); the summary then holds
     the paired change in Dice and recall per patient, overall and by tumour size band, each with its
-    95% bootstrap interval and verdict."""
+    95% bootstrap interval and verdict. The intervals are drawn over cases, or over groups of them with
+    `group_by` (e.g. index-block:16 for Figshare images, whose neighbours are mostly one patient)."""
     out = Path(out)
     ensure_outside(out, data)
     baseline = _read_out_of_fold(Path(against)) if against is not None else None
     folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
+    if group_by and not group_by.startswith("column:"):  # a malformed --group-by too (a column is
+        units_of(pd.DataFrame({"patient": ["1"]}), group_by)  # checked once the cases are scored)
     base = options or EvaluateOptions()
     tables, unit = [], "patient"
     for fold, run in folds.items():
@@ -64,9 +67,9 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
         tables.append(table.assign(fold=fold, run=str(run)))
     pooled = pd.concat(tables, ignore_index=True)
     pooled.to_csv(out / "out_of_fold.csv", index=False)
-    summary = _summary(pooled, folds, fold_count, base, unit)
+    summary = _summary(pooled, folds, fold_count, base, unit, group_by)
     if baseline is not None:
-        summary["against"] = {"folder": str(against), **paired_changes(pooled, baseline, unit)}
+        summary["against"] = {"folder": str(against), **paired_changes(pooled, baseline, unit, group_by)}
     (out / "crossval.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "crossval.md").write_text(_markdown(summary))
     per_fold = {f"fold {fold}": pooled.loc[pooled["fold"] == fold, "dice"].to_numpy() for fold in folds}
@@ -82,7 +85,7 @@ def _read_out_of_fold(folder: Path) -> pd.DataFrame:
     return pd.read_csv(table, dtype={"patient": str, "image": str})
 
 
-def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient") -> dict:
+def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient", group_by: str = "") -> dict:
     """Per-case change new - base in Dice and recall, overall and by size band (from `base`, the
     truth is the same), with bootstrap intervals; cases only one side scored are counted apart."""
     if unit not in base:
@@ -92,12 +95,21 @@ def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient")
         raise BadInputError("--against", f"shares no {unit} with these runs' out-of-fold table")
 
     def changes(rows: pd.DataFrame) -> dict:
-        return {metric: paired_change(rows[metric], rows[f"{metric}_base"]) for metric in ("dice", "recall")}
+        groups = _groups(rows, unit, group_by)
+        return {metric: paired_change(rows[metric], rows[f"{metric}_base"], groups=groups)
+                for metric in ("dice", "recall")}
 
     bands = [name for _, name in SIZE_BANDS if name != "none"]
     return {f"{unit}s": len(both), "unpaired": int(len(new) + len(base) - 2 * len(both)), **changes(both),
             "by_size_band": {band: changes(both[both["size_band"] == band]) for band in bands
                              if (both["size_band"] == band).any()}}
+
+
+def _groups(rows: pd.DataFrame, unit: str, group_by: str):
+    """The bootstrap's resampling unit for each row: None (the case itself) without `group_by`."""
+    if not group_by:
+        return None
+    return units_of(pd.DataFrame({"patient": rows[unit].astype(str).to_numpy()}), group_by).to_numpy()
 
 
 def _stats(values: pd.Series, unit: str = "patient") -> dict:
@@ -109,7 +121,7 @@ def _stats(values: pd.Series, unit: str = "patient") -> dict:
 
 
 def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, options: EvaluateOptions,
-             unit: str = "patient") -> dict:
+             unit: str = "patient", group_by: str = "") -> dict:
     sequences = {}
     if unit == "patient" and "equal_channels" in pooled:
         # kaggle_3m copies FLAIR over a sequence a patient lacks: such patients are scored apart.
@@ -126,8 +138,9 @@ def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, opti
                     if key in ("threshold", "largest_component", "min_size", "min_fraction", "tta_flip",
                                "flair_replaces", "precision")},
         "dice": _stats(pooled["dice"], unit),
-        # 95% percentile bootstrap over cases: how far the out-of-fold mean could move
-        "dice_mean_interval": mean_interval(pooled["dice"]),
+        # 95% percentile bootstrap over cases (or their groups): how far the out-of-fold mean could move
+        "dice_mean_interval": mean_interval(pooled["dice"], groups=_groups(pooled, unit, group_by)),
+        "interval_over": f"groups of {unit}s ({group_by})" if group_by else f"{unit}s",
         "per_fold": {str(fold): _stats(pooled.loc[pooled["fold"] == fold, "dice"], unit)
                      for fold in sorted(folds)},
         **sequences,
@@ -155,14 +168,14 @@ def _markdown(summary: dict) -> str:
     lines.append("")
     interval = summary["dice_mean_interval"]
     if interval["n"]:
-        lines += [f"Mean Dice {interval['mean']:.4f}, 95% bootstrap interval over {unit}s "
+        lines += [f"Mean Dice {interval['mean']:.4f}, 95% bootstrap interval over {summary['interval_over']} "
                   f"[{interval['low']:.4f}, {interval['high']:.4f}].", ""]
     if "against" in summary:
-        lines += _against_lines(summary["against"], unit)
+        lines += _against_lines(summary["against"], unit, summary["interval_over"])
     return "\n".join(lines)
 
 
-def _against_lines(against: dict, unit: str) -> list[str]:
+def _against_lines(against: dict, unit: str, over: str) -> list[str]:
     def cell(change: dict) -> str:
         if not change["n"]:
             return "–"
@@ -172,7 +185,7 @@ def _against_lines(against: dict, unit: str) -> list[str]:
         return f"| {name} | {rows['dice']['n']} | {cell(rows['dice'])} | {cell(rows['recall'])} |"
 
     lines = [f"## Change against {against['folder']}", "",
-             f"Paired over {against[f'{unit}s']} {unit}s (mean change, 95% bootstrap interval, "
+             f"Paired over {against[f'{unit}s']} {unit}s (mean change, 95% bootstrap interval over {over}, "
              "verdict).", "", f"| {unit}s | n | Dice | recall |", "|---|---|---|---|", row("all", against)]
     size = "pixels" if unit == "image" else "voxels"
     lines += [row(f"tumour {band} {size}", rows) for band, rows in against["by_size_band"].items()]
