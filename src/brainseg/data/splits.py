@@ -41,6 +41,19 @@ def patient_table(table: pd.DataFrame) -> pd.DataFrame:
 SCORED_PER = {"patient": "per patient volume", "image": "per image"}  # how the headline Dice is taken
 
 
+def case_groups(cases, group_by: str = "") -> np.ndarray | None:
+    """The bootstrap's resampling unit for each case (a patient or image name): its group with
+    `group_by` (as units_of, e.g. index-block:16), or None (each case alone) without it."""
+    if not group_by:
+        return None
+    return units_of(pd.DataFrame({"patient": [str(case) for case in cases]}), group_by).to_numpy()
+
+
+def drawn_over(unit: str, group_by: str = "") -> str:
+    """What intervals are drawn over, in words: 'images', or 'groups of images (index-block:16)'."""
+    return f"groups of {unit}s ({group_by})" if group_by else f"{unit}s"
+
+
 def split_unit(table: pd.DataFrame) -> str:
     layouts = set(table["layout"]) if "layout" in table else {"kaggle_3m"}
     return "image" if layouts == {"images_masks"} else "patient"

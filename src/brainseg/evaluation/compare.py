@@ -9,7 +9,14 @@ import pandas as pd
 
 from brainseg import plots
 from brainseg.data.index import ensure_outside, scan
-from brainseg.data.splits import load_split, save_split, seen_patients, units_of, validate_split
+from brainseg.data.splits import (
+    case_groups,
+    drawn_over,
+    load_split,
+    save_split,
+    seen_patients,
+    validate_split,
+)
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import paired_change
 from brainseg.evaluation.evaluate import SCORED_PER, EvaluateOptions, cases_table, evaluate
@@ -78,8 +85,7 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         if side == "test":
             for run, (_, run_split, _) in zip(runs, models, strict=True):
                 _check_unseen(run, run_split, patients)
-    if group_by:  # a bad --group-by is refused before any run is evaluated
-        units_of(pd.DataFrame({"patient": sorted(patients)}), group_by)
+    case_groups(sorted(patients), group_by)  # a bad --group-by is refused before any run is evaluated
     rows, per_patient, histories, cases = [], {}, {}, None
     paths = [path for path, _, _ in models]
     names = _unique_names([str(run) if is_pretrained(run) else path
@@ -100,7 +106,7 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         if history is not None:
             histories[name] = history
         rows.append(_row(name, history, summary))
-    groups = units_of(pd.DataFrame({"patient": cases}), group_by).to_numpy() if group_by else None
+    groups = case_groups(cases, group_by)
     for row in rows[1:]:  # each model's change against the first, paired over the same cases
         change = paired_change(per_patient[row["run"]], per_patient[rows[0]["run"]], groups=groups)
         row.update({"change_vs_first": change["mean"], "change_low": change["low"],
@@ -165,10 +171,9 @@ def _cell(value) -> str:
 def _markdown(table: pd.DataFrame, side: str, patients: int, unit: str = "patient",
               group_by: str = "") -> str:
     per = "per image" if unit == "image" else "per patient volume (slices stacked)"
-    drawn = f"groups of {unit}s ({group_by})" if group_by else f"{unit}s"
     lines = [f"# Model comparison: {side} side, {patients} {unit}s", "",
              f"Dice {per}, scored at the original resolution. Changes against the first run are paired, "
-             f"with 95% bootstrap intervals drawn over {drawn}.", ""]
+             f"with 95% bootstrap intervals drawn over {drawn_over(unit, group_by)}.", ""]
     headers = list(table.columns)
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "|".join("---" for _ in headers) + "|")

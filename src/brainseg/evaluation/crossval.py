@@ -12,7 +12,7 @@ import pandas as pd
 
 from brainseg import plots
 from brainseg.data.index import ensure_outside
-from brainseg.data.splits import SCORED_PER, units_of
+from brainseg.data.splits import SCORED_PER, case_groups, drawn_over
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import mean_interval, paired_change
 from brainseg.evaluation.evaluate import SIZE_BANDS, EvaluateOptions, cases_table, evaluate
@@ -53,8 +53,8 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     ensure_outside(out, data)
     baseline = _read_out_of_fold(Path(against)) if against is not None else None
     folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
-    if group_by and not group_by.startswith("column:"):  # a malformed --group-by too (a column is
-        units_of(pd.DataFrame({"patient": ["1"]}), group_by)  # checked once the cases are scored)
+    if not group_by.startswith("column:"):  # a malformed --group-by too (a column is checked once
+        case_groups(["1"], group_by)  # the cases are scored)
     base = options or EvaluateOptions()
     tables, unit = [], "patient"
     for fold, run in folds.items():
@@ -95,7 +95,7 @@ def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient",
         raise BadInputError("--against", f"shares no {unit} with these runs' out-of-fold table")
 
     def changes(rows: pd.DataFrame) -> dict:
-        groups = _groups(rows, unit, group_by)
+        groups = case_groups(rows[unit], group_by)
         return {metric: paired_change(rows[metric], rows[f"{metric}_base"], groups=groups)
                 for metric in ("dice", "recall")}
 
@@ -103,13 +103,6 @@ def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient",
     return {f"{unit}s": len(both), "unpaired": int(len(new) + len(base) - 2 * len(both)), **changes(both),
             "by_size_band": {band: changes(both[both["size_band"] == band]) for band in bands
                              if (both["size_band"] == band).any()}}
-
-
-def _groups(rows: pd.DataFrame, unit: str, group_by: str):
-    """The bootstrap's resampling unit for each row: None (the case itself) without `group_by`."""
-    if not group_by:
-        return None
-    return units_of(pd.DataFrame({"patient": rows[unit].astype(str).to_numpy()}), group_by).to_numpy()
 
 
 def _stats(values: pd.Series, unit: str = "patient") -> dict:
@@ -139,8 +132,8 @@ def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, opti
                                "flair_replaces", "precision")},
         "dice": _stats(pooled["dice"], unit),
         # 95% percentile bootstrap over cases (or their groups): how far the out-of-fold mean could move
-        "dice_mean_interval": mean_interval(pooled["dice"], groups=_groups(pooled, unit, group_by)),
-        "interval_over": f"groups of {unit}s ({group_by})" if group_by else f"{unit}s",
+        "dice_mean_interval": mean_interval(pooled["dice"], groups=case_groups(pooled[unit], group_by)),
+        "interval_over": drawn_over(unit, group_by),
         "per_fold": {str(fold): _stats(pooled.loc[pooled["fold"] == fold, "dice"], unit)
                      for fold in sorted(folds)},
         **sequences,

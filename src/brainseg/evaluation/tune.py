@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.index import ensure_outside, scan
-from brainseg.data.splits import split_unit, units_of
+from brainseg.data.splits import case_groups, split_unit
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import paired_change
 from brainseg.evaluation.crossval import check_folds
@@ -58,8 +58,8 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
     jobs = _fold_jobs(model, result.table) if folds else [_job(model, result.table, side, split_file)]
     scores = {combo: [] for combo in itertools.product((False, True), COMPONENTS, MIN_SIZES, THRESHOLDS)}
     patients = [(plain, volume) for plain, rows in jobs for _, volume in rows.groupby("patient", sort=True)]
-    names = pd.DataFrame({"patient": [str(volume["patient"].iloc[0]) for _, volume in patients]})
-    groups = units_of(names, group_by).to_numpy() if group_by else None  # a bad one fails before scoring
+    # a bad --group-by fails here, before anything is scored
+    groups = case_groups([volume["patient"].iloc[0] for _, volume in patients], group_by)
     for plain, volume in progress_bar(patients, desc="tuning", unit="patient", enabled=progress):
         keys = volume.sort_values("slice")["image_path"].tolist()
         images = np.stack([result.store.image(k) for k in keys])

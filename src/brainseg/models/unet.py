@@ -96,7 +96,8 @@ class UNet(nn.Module):
         for up, dec, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
             x = self.dropout(torch.cat([up(x), skip], dim=1))
             x = dec(x)
-            levels.append(x)
+            if auxiliary:  # a plain forward keeps no decoder level alive
+                levels.append(x)
         if not auxiliary:
             return self.head(x), []
         below_top = levels[-2::-1]  # decoder outputs at 1/2, 1/4, ... of the side
