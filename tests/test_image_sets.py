@@ -84,6 +84,13 @@ def test_compare_takes_any_labelled_folder_as_a_test_set(image_run, tmp_path):
     with pytest.raises(BadInputError, match="index-block:N or column:NAME"):
         compare_runs([run, run], other, tmp_path / "bad", side="all", group_by="blocks", progress=False)
     assert not (tmp_path / "bad").exists()
+    by_type = compare_runs([run, run], other, tmp_path / "by_type", side="all", group_by="column:label_name",
+                           progress=False)  # labels.csv's column, looked up in the index
+    assert by_type["verdict"].tolist()[1:] == ["no clear change"]
+    with pytest.raises(BadInputError, match="no column 'site'"):  # refused before anything is scored
+        compare_runs([run, run], other, tmp_path / "nosite", side="all", group_by="column:site",
+                     progress=False)
+    assert not (tmp_path / "nosite").exists()
 
 
 def test_compare_verb_applies_the_threshold_and_post_processing_it_is_given(image_run, tmp_path):
@@ -111,9 +118,9 @@ def test_tune_draws_its_intervals_over_index_blocks(image_run, tmp_path):
     result = CliRunner().invoke(app, ["tune", str(run), "--data", str(data), "--group-by", "index-block:4",
                                       "--out", str(tmp_path / "tune")])
     assert result.exit_code == 0, result.output
-    assert "interval over blocks of images (index-block:4)" in result.output
+    assert "interval over groups of images (index-block:4)" in result.output
     summary = json.loads((tmp_path / "tune" / "tuning.json").read_text())
-    assert "groups of cases" in summary["interval"] and summary["unit"] == "image"
+    assert summary["interval_over"] == "groups of images (index-block:4)" and summary["unit"] == "image"
     bad = CliRunner().invoke(app, ["tune", str(run), "--data", str(data), "--group-by", "blocks",
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "index-block:N or column:NAME" in str(bad.exception)
@@ -159,7 +166,12 @@ def test_crossval_of_an_image_set_speaks_of_images(image_run, tmp_path):
     assert "interval over groups of images (index-block:4)" in (tmp_path / "cv3" / "crossval.md").read_text()
     with pytest.raises(BadInputError, match="index-block:N or column:NAME"):
         cross_validate(runs, data, tmp_path / "cv4", progress=False, group_by="blocks")
+    with pytest.raises(BadInputError, match="no column 'site'"):  # a column too, before any scoring
+        cross_validate(runs, data, tmp_path / "cv4", progress=False, group_by="column:site")
     assert not (tmp_path / "cv4").exists()
+    by_type = cross_validate(runs, data, tmp_path / "cv5", progress=False, against=tmp_path / "cv",
+                             group_by="column:label_name")
+    assert by_type["interval_over"] == "groups of images (column:label_name)"
     page = write_report(tmp_path / "cv").read_text()
     assert f"out of fold on {len(images)} images" in page and "patient" not in page.lower()
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from brainseg.data.splits import (
+    case_groups,
     load_split,
     patient_table,
     save_split,
@@ -220,3 +221,13 @@ def test_group_by_a_column_and_bad_group_settings():
         split_patients(table, group_by="blocks")
     with pytest.raises(BadInputError, match="numeric image names"):
         split_patients(table.assign(patient="img" + table["patient"]), group_by="index-block:16")
+
+
+def test_case_groups_for_the_bootstrap():
+    assert case_groups(["3", "17"]) is None  # without a grouping, each case is its own unit
+    assert case_groups(["3", "17", "18"], "index-block:16").tolist() == ["block1-16", "block17-32",
+                                                                         "block17-32"]
+    table = image_index(8, ["a", "b"]).assign(site=lambda t: "s" + (t.index // 4).astype(str))
+    assert case_groups(["1", "5", "2"], "column:site", table).tolist() == ["s0", "s1", "s0"]
+    with pytest.raises(BadInputError, match="'99' is not in the data set"):
+        case_groups(["99"], "column:site", table)

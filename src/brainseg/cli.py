@@ -397,9 +397,9 @@ def evaluate_command(
 
 
 IntervalGroups = Annotated[str, typer.Option(
-    "--group-by", help="Draw the changes' bootstrap intervals over groups of cases, e.g. index-block:16 "
-                       "for Figshare images (neighbouring indices are mostly one patient); empty: over "
-                       "cases.")]
+    "--group-by", help="Draw the changes' bootstrap intervals over groups of cases: index-block:N (e.g. "
+                       "index-block:16 for Figshare images, whose neighbouring indices are mostly one "
+                       "patient) or column:NAME (a column of labels.csv); empty: over cases.")]
 
 
 @app.command("tune", short_help="Choose threshold and post-processing on validation or out of fold.")
@@ -426,8 +426,8 @@ def tune_command(
     base = summary["baseline"]
     typer.echo(f"{summary['metric']} on {summary['patients']} {summary['side']} {summary['unit']}s "
                f"(baseline, threshold {base['threshold']:g}): {base['dice_mean']:.4f}")
-    over = f"blocks of {summary['unit']}s ({group_by})" if group_by else f"{summary['unit']}s"
-    typer.echo(f"  option             mean    change [95% bootstrap interval over {over}]")
+    typer.echo("  option             mean    change [95% bootstrap interval over "
+               f"{summary['interval_over']}]")
     for name, row in summary["each_option_alone"].items():
         typer.echo(f"  {name:<18} {row['dice_mean']:.4f} {_change_text(row, base)}"
                    + (f" at threshold {row['threshold']:g}" if name == "tuned_threshold" else ""))

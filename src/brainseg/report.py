@@ -14,6 +14,7 @@ import yaml
 
 from brainseg.data.index import detect_layout, natural_key
 from brainseg.data.io import read_mask
+from brainseg.data.splits import SIZE_UNIT
 from brainseg.errors import BadInputError, BrainsegError
 from brainseg.evaluation.evaluate import CASE_FIGURES, SCORED_PER, cases_table
 from brainseg.predict import data_set_root
@@ -167,7 +168,7 @@ def _evaluation_section(root: Path, folder: Path) -> str:
              f"<p>Tumour detection per {'slice' if unit == 'patient' else 'image'}: "
              f"accuracy {detection['accuracy']:.4f}, sensitivity "
              f"{_num(detection['sensitivity'])}, specificity {_num(detection['specificity'])}.</p>"]
-    bands = f"By tumour size ({'voxels' if unit == 'patient' else 'pixels'} of the truth)"
+    bands = f"By tumour size ({SIZE_UNIT[unit]} of the truth)"
     for key, title in (("by_class", "By tumour type"), ("by_size_band", bands)):
         groups = summary.get(key) or {}
         if groups:

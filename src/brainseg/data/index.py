@@ -402,7 +402,8 @@ def _decode(found: Discovery, directory: Path | None, digest: str, progress: boo
         with ThreadPoolExecutor(workers) as pool:
             decoded = pool.map(lambda p: decode_pair(p.image, p.mask, found.root), found.pairs)
             results = zip(found.pairs, decoded, strict=True)
-            for pair, result in progress_bar(results, desc="reading slices", unit="slice",
+            unit = "slice" if found.layout == "kaggle_3m" else "image"
+            for pair, result in progress_bar(results, desc=f"reading {unit}s", unit=unit,
                                              total=len(found.pairs), enabled=progress):
                 if isinstance(result, Problem):
                     problems.append(result)

@@ -39,14 +39,23 @@ def patient_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 SCORED_PER = {"patient": "per patient volume", "image": "per image"}  # how the headline Dice is taken
+SIZE_UNIT = {"patient": "voxels", "image": "pixels"}  # what a tumour's size is counted in
 
 
-def case_groups(cases, group_by: str = "") -> np.ndarray | None:
+def case_groups(cases, group_by: str = "", table: pd.DataFrame | None = None) -> np.ndarray | None:
     """The bootstrap's resampling unit for each case (a patient or image name): its group with
-    `group_by` (as units_of, e.g. index-block:16), or None (each case alone) without it."""
+    `group_by` (as units_of, e.g. index-block:16), or None (each case alone) without it. A
+    column:NAME group is looked up in `table`, the data set's index."""
     if not group_by:
         return None
-    return units_of(pd.DataFrame({"patient": [str(case) for case in cases]}), group_by).to_numpy()
+    cases = [str(case) for case in cases]
+    if table is None:
+        table = pd.DataFrame({"patient": cases})
+    group_of = dict(zip(table["patient"].astype(str), units_of(table, group_by), strict=True))
+    unknown = [case for case in cases if case not in group_of]
+    if unknown:
+        raise BadInputError("--group-by", f"{unknown[0]!r} is not in the data set's index")
+    return np.array([group_of[case] for case in cases])
 
 
 def drawn_over(unit: str, group_by: str = "") -> str:

@@ -85,7 +85,9 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         if side == "test":
             for run, (_, run_split, _) in zip(runs, models, strict=True):
                 _check_unseen(run, run_split, patients)
-    case_groups(sorted(patients), group_by)  # a bad --group-by is refused before any run is evaluated
+    # column:NAME groups come from the index; a bad --group-by is refused before any run is evaluated
+    grouped_index = scan(data, progress=False).table if group_by.startswith("column:") else None
+    case_groups(sorted(patients), group_by, grouped_index)
     rows, per_patient, histories, cases = [], {}, {}, None
     paths = [path for path, _, _ in models]
     names = _unique_names([str(run) if is_pretrained(run) else path
@@ -106,7 +108,7 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         if history is not None:
             histories[name] = history
         rows.append(_row(name, history, summary))
-    groups = case_groups(cases, group_by)
+    groups = case_groups(cases, group_by, grouped_index)
     for row in rows[1:]:  # each model's change against the first, paired over the same cases
         change = paired_change(per_patient[row["run"]], per_patient[rows[0]["run"]], groups=groups)
         row.update({"change_vs_first": change["mean"], "change_low": change["low"],

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 
 from brainseg import plots
-from brainseg.data.index import ensure_outside
-from brainseg.data.splits import SCORED_PER, case_groups, drawn_over
+from brainseg.data.index import ensure_outside, scan
+from brainseg.data.splits import SCORED_PER, SIZE_UNIT, case_groups, drawn_over
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import mean_interval, paired_change
 from brainseg.evaluation.evaluate import SIZE_BANDS, EvaluateOptions, cases_table, evaluate
@@ -53,8 +53,10 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     ensure_outside(out, data)
     baseline = _read_out_of_fold(Path(against)) if against is not None else None
     folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
-    if not group_by.startswith("column:"):  # a malformed --group-by too (a column is checked once
-        case_groups(["1"], group_by)  # the cases are scored)
+    # column:NAME groups come from the index; a bad --group-by is refused before anything is evaluated
+    index = scan(data, layout, progress=False).table if group_by.startswith("column:") else None
+    if group_by:
+        case_groups([] if index is None else index["patient"], group_by, index)
     base = options or EvaluateOptions()
     tables, unit = [], "patient"
     for fold, run in folds.items():
@@ -67,9 +69,10 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
         tables.append(table.assign(fold=fold, run=str(run)))
     pooled = pd.concat(tables, ignore_index=True)
     pooled.to_csv(out / "out_of_fold.csv", index=False)
-    summary = _summary(pooled, folds, fold_count, base, unit, group_by)
+    summary = _summary(pooled, folds, fold_count, base, unit, group_by, index)
     if baseline is not None:
-        summary["against"] = {"folder": str(against), **paired_changes(pooled, baseline, unit, group_by)}
+        changes = paired_changes(pooled, baseline, unit, group_by, index)
+        summary["against"] = {"folder": str(against), **changes}
     (out / "crossval.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "crossval.md").write_text(_markdown(summary))
     per_fold = {f"fold {fold}": pooled.loc[pooled["fold"] == fold, "dice"].to_numpy() for fold in folds}
@@ -85,7 +88,8 @@ def _read_out_of_fold(folder: Path) -> pd.DataFrame:
     return pd.read_csv(table, dtype={"patient": str, "image": str})
 
 
-def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient", group_by: str = "") -> dict:
+def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient", group_by: str = "",
+                   index: pd.DataFrame | None = None) -> dict:
     """Per-case change new - base in Dice and recall, overall and by size band (from `base`, the
     truth is the same), with bootstrap intervals; cases only one side scored are counted apart."""
     if unit not in base:
@@ -95,7 +99,7 @@ def paired_changes(new: pd.DataFrame, base: pd.DataFrame, unit: str = "patient",
         raise BadInputError("--against", f"shares no {unit} with these runs' out-of-fold table")
 
     def changes(rows: pd.DataFrame) -> dict:
-        groups = case_groups(rows[unit], group_by)
+        groups = case_groups(rows[unit], group_by, index)
         return {metric: paired_change(rows[metric], rows[f"{metric}_base"], groups=groups)
                 for metric in ("dice", "recall")}
 
@@ -114,7 +118,7 @@ def _stats(values: pd.Series, unit: str = "patient") -> dict:
 
 
 def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, options: EvaluateOptions,
-             unit: str = "patient", group_by: str = "") -> dict:
+             unit: str = "patient", group_by: str = "", index: pd.DataFrame | None = None) -> dict:
     sequences = {}
     if unit == "patient" and "equal_channels" in pooled:
         # kaggle_3m copies FLAIR over a sequence a patient lacks: such patients are scored apart.
@@ -132,7 +136,8 @@ def _summary(pooled: pd.DataFrame, folds: dict[int, Path], fold_count: int, opti
                                "flair_replaces", "precision")},
         "dice": _stats(pooled["dice"], unit),
         # 95% percentile bootstrap over cases (or their groups): how far the out-of-fold mean could move
-        "dice_mean_interval": mean_interval(pooled["dice"], groups=case_groups(pooled[unit], group_by)),
+        "dice_mean_interval": mean_interval(pooled["dice"],
+                                            groups=case_groups(pooled[unit], group_by, index)),
         "interval_over": drawn_over(unit, group_by),
         "per_fold": {str(fold): _stats(pooled.loc[pooled["fold"] == fold, "dice"], unit)
                      for fold in sorted(folds)},
@@ -180,7 +185,6 @@ def _against_lines(against: dict, unit: str, over: str) -> list[str]:
     lines = [f"## Change against {against['folder']}", "",
              f"Paired over {against[f'{unit}s']} {unit}s (mean change, 95% bootstrap interval over {over}, "
              "verdict).", "", f"| {unit}s | n | Dice | recall |", "|---|---|---|---|", row("all", against)]
-    size = "pixels" if unit == "image" else "voxels"
-    lines += [row(f"tumour {band} {size}", rows) for band, rows in against["by_size_band"].items()]
+    lines += [row(f"tumour {band} {SIZE_UNIT[unit]}", rows) for band, rows in against["by_size_band"].items()]
     return [*lines, ""]
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.index import ensure_outside, scan
-from brainseg.data.splits import case_groups, split_unit
+from brainseg.data.splits import case_groups, drawn_over, split_unit
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import paired_change
 from brainseg.evaluation.crossval import check_folds
@@ -59,7 +59,7 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
     scores = {combo: [] for combo in itertools.product((False, True), COMPONENTS, MIN_SIZES, THRESHOLDS)}
     patients = [(plain, volume) for plain, rows in jobs for _, volume in rows.groupby("patient", sort=True)]
     # a bad --group-by fails here, before anything is scored
-    groups = case_groups([volume["patient"].iloc[0] for _, volume in patients], group_by)
+    groups = case_groups([volume["patient"].iloc[0] for _, volume in patients], group_by, result.table)
     for plain, volume in progress_bar(patients, desc="tuning", unit="patient", enabled=progress):
         keys = volume.sort_values("slice")["image_path"].tolist()
         images = np.stack([result.store.image(k) for k in keys])
@@ -81,6 +81,7 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
                        groups)
     if split_unit(result.table) == "image":
         summary.update(metric="mean Dice per image", unit="image")
+    summary["interval_over"] = drawn_over(summary["unit"], group_by)
     if folds:
         summary["runs"] = [str(run) for run in model]
     if store:
@@ -168,9 +169,8 @@ def _summary(table: pd.DataFrame, scores: dict, default: float, side: str, patie
         "best_combination": best,
         "recommended": recommended,
         "recommended_because": because,
-        "interval": f"95% percentile bootstrap over {'groups of cases' if groups is not None else 'cases'} "
-                    "of each option's paired change against the baseline (change.low/high); a gain only "
-                    "where the whole interval is above 0",
+        "interval": "95% percentile bootstrap of each option's paired change against the baseline "
+                    "(change.low/high); a gain only where the whole interval is above 0",
     }
 
 
