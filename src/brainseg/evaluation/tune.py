@@ -85,7 +85,8 @@ def tune(model: str | Path | list, data: str | Path, out: str | Path, *, side: s
     if folds:
         summary["runs"] = [str(run) for run in model]
     if store:
-        summary["stored_in"] = str(store_postprocessing(Path(jobs[0][0].source), summary["recommended"]))
+        summary["stored_in"] = str(store_postprocessing(Path(jobs[0][0].source), summary["recommended"],
+                                                        summary["unit"]))
     (out / "tuning.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -201,11 +202,11 @@ def _recommended(alone: dict, baseline: dict, at) -> tuple[dict, str]:
     return row, "each a gain alone by its interval: " + ", ".join(chosen)
 
 
-def store_postprocessing(model: Path, chosen: dict) -> Path:
+def store_postprocessing(model: Path, chosen: dict, unit: str = "patient") -> Path:
     """Write a tuned threshold and post-processing into the model file's description (a run's model.pt).
 
     Prediction and evaluation then apply them unless told otherwise."""
-    source = "tuned on validation patients (brainseg tune)"
+    source = f"tuned on validation {unit}s (brainseg tune)"
     return store_settings(model, {
         "threshold": float(chosen["threshold"]), "threshold_source": source,
         "postprocessing": {"largest_component": bool(chosen["largest_component"]),
