@@ -7,7 +7,7 @@
 # not depend on machine load and no fold's validation patients choose anything for themselves.
 set -euo pipefail
 DATA=${1:?data folder}; OUT=${2:?output folder}
-EPOCHS=${EPOCHS:-16}
+EPOCHS=${EPOCHS:-16}  # ARMS_TO_RUN="C_tversky D_deep" runs only those (A's crossval must exist)
 mkdir -p "$OUT"
 TEST=TCGA_DU_6404_19850629,TCGA_CS_6667_20011105,TCGA_DU_5851_19950428,TCGA_HT_7879_19981009,TCGA_HT_7692_19960724,TCGA_CS_4944_20010208,TCGA_HT_7616_19940813
 [ -f "$OUT/split5.json" ] || brainseg split "$DATA" --folds 5 --seed 0 --test-patients "$TEST" --out "$OUT/split5.json"
@@ -23,7 +23,7 @@ declare -A ARMS=(
 )
 # One arm's five folds, then its out-of-fold scores: A's alone, the others' paired against A's per
 # patient with 95% bootstrap intervals (the decisions).
-for arm in A_baseline B_small C_tversky D_deep E_context; do
+for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context}; do
   for fold in 0 1 2 3 4; do
     run="$OUT/$arm/fold$fold"
     [ -f "$run/model.pt" ] && continue
