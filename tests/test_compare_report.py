@@ -71,3 +71,12 @@ def test_compare_counts_training_minutes_across_a_resume(tiny_run, tmp_path):
     history.to_csv(resumed / "history.csv", index=False)  # the clock restarted when epoch 2 resumed
     table = compare_runs([run, resumed], data, tmp_path / "cmp", side="val", progress=False)
     assert table["train_minutes"].iloc[1] == 2.5 and table["epochs"].iloc[1] == 3
+
+
+def test_compare_markdown_formats_each_column_alike():
+    from brainseg.evaluation.compare import _cell
+
+    assert [_cell(5.0, "hd95_median"), _cell(12.0, "hd95_median")] == ["5.0", "12.0"]  # pixels, not scores
+    assert [_cell(0.5, "dice_mean"), _cell(113.66, "train_minutes"), _cell(61.0, "epochs")] == \
+        ["0.5000", "113.7", "61"]
+    assert _cell(float("nan"), "dice_mean") == "–"

@@ -161,12 +161,20 @@ def _row(name: str, history: pd.DataFrame | None, summary: dict) -> dict:
     }
 
 
-def _cell(value) -> str:
-    """Scores with 4 decimals, larger numbers (HD95 in pixels, minutes) with 1, missing as a dash."""
+ONE_DECIMAL = ("hd95", "minutes")  # columns in pixels or minutes
+WHOLE = ("epochs", "base_filters", "in_channels", "images", "patients")  # counts; other numbers are scores
+
+
+def _cell(value, column: str = "") -> str:
+    """Scores with 4 decimals, HD95 (pixels) and minutes with 1, counts whole, missing as a dash."""
     if value is pd.NA or value is None:
         return "–"
     if isinstance(value, float):
-        return "–" if np.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+        if np.isnan(value):
+            return "–"
+        if column in WHOLE:
+            return f"{value:.0f}"
+        return f"{value:.1f}" if any(word in column for word in ONE_DECIMAL) else f"{value:.4f}"
     return str(value)
 
 
@@ -180,6 +188,6 @@ def _markdown(table: pd.DataFrame, side: str, patients: int, unit: str = "patien
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "|".join("---" for _ in headers) + "|")
     for _, row in table.iterrows():
-        cells = [_cell(v) for v in row]
+        cells = [_cell(value, column) for column, value in row.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
