@@ -69,6 +69,20 @@ def test_an_image_set_is_scored_per_image_with_types_and_size_bands(image_run, t
     assert all("image" in case for case in summary["cases"])
 
 
+def test_evaluate_verb_speaks_of_images_and_leaves_out_what_it_cannot_count(image_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainseg.cli import app
+
+    _, other, run = image_run
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(other), "--split", "all",
+                                      "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    assert "Dice per image over 8 images" in result.output
+    assert "tumour detection per image:" in result.output
+    assert "specificity –" in result.output and "nan" not in result.output  # every image has a tumour
+
+
 def test_compare_takes_any_labelled_folder_as_a_test_set(image_run, tmp_path):
     data, other, run = image_run
     table = compare_runs([run, run], other, tmp_path / "cmp", side="all", progress=False)

@@ -373,6 +373,7 @@ def evaluate_command(
 
     Example: brainseg evaluate runs/unet --data ../shared/data/lgg --split test --out runs/unet/test
     """
+    from brainseg.data.splits import DETECTED_PER
     from brainseg.evaluation.evaluate import CASE_TABLES, SCORED_PER, EvaluateOptions, evaluate
 
     options = EvaluateOptions(side=split, split_file=str(split_file or ""), fold=fold, threshold=threshold,
@@ -389,9 +390,10 @@ def evaluate_command(
             if group["dice"]["n"]:
                 typer.echo(f"  {name}: {group['cases']} {unit}s, Dice mean {group['dice']['mean']:.4f}, "
                            f"recall mean {group['recall']['mean']:.4f}")
-    detection = summary["detection"]
-    typer.echo(f"tumour detection per slice: accuracy {detection['accuracy']:.4f}, "
-               f"sensitivity {detection['sensitivity']:.4f}, specificity {detection['specificity']:.4f}")
+    detection = {key: "–" if value is None or value != value else f"{value:.4f}"  # NaN: nothing to count
+                 for key, value in summary["detection"].items()}
+    typer.echo(f"tumour detection per {DETECTED_PER[unit]}: accuracy {detection['accuracy']}, "
+               f"sensitivity {detection['sensitivity']}, specificity {detection['specificity']}")
     figures = ", ".join(summary["figures"])
     typer.echo(f"wrote {out}/summary.json, {CASE_TABLES[unit]}, per_slice.csv, {figures}")
 

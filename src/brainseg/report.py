@@ -14,7 +14,7 @@ import yaml
 
 from brainseg.data.index import detect_layout, natural_key
 from brainseg.data.io import read_mask
-from brainseg.data.splits import SIZE_UNIT
+from brainseg.data.splits import DETECTED_PER, SIZE_UNIT
 from brainseg.errors import BadInputError, BrainsegError
 from brainseg.evaluation.evaluate import CASE_FIGURES, SCORED_PER, cases_table
 from brainseg.predict import data_set_root
@@ -165,7 +165,7 @@ def _evaluation_section(root: Path, folder: Path) -> str:
              f"<p>Model <code>{html.escape(str(summary['model'].get('model')))}</code>, threshold "
              f"{summary['options']['threshold']:g}. Scores {per}:</p>",
              _table(pd.DataFrame(rows)),
-             f"<p>Tumour detection per {'slice' if unit == 'patient' else 'image'}: "
+             f"<p>Tumour detection per {DETECTED_PER[unit]}: "
              f"accuracy {detection['accuracy']:.4f}, sensitivity "
              f"{_num(detection['sensitivity'])}, specificity {_num(detection['specificity'])}.</p>"]
     bands = f"By tumour size ({SIZE_UNIT[unit]} of the truth)"

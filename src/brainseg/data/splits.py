@@ -40,6 +40,7 @@ def patient_table(table: pd.DataFrame) -> pd.DataFrame:
 
 SCORED_PER = {"patient": "per patient volume", "image": "per image"}  # how the headline Dice is taken
 SIZE_UNIT = {"patient": "voxels", "image": "pixels"}  # what a tumour's size is counted in
+DETECTED_PER = {"patient": "slice", "image": "image"}  # what tumour detection is scored on
 
 
 def case_groups(cases, group_by: str = "", table: pd.DataFrame | None = None) -> np.ndarray | None:
