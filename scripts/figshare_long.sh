@@ -2,9 +2,10 @@
 # Figshare F1: U-Net with the per-image Dice loss, started from the LGG ensemble's member 3, alone on
 # the CPU for 90 minutes (docs/experiments.md, "Figshare: longer, from an LGG network").
 #   scripts/figshare_long.sh DATA SPLIT OUT [RUN...]   RUN: earlier runs to score beside it
-#   e.g. scripts/figshare_long.sh ../shared/data/figshare256 split.json runs/fig3 runs/fig2/unet_img
+#   e.g. scripts/figshare_long.sh ../shared/data/figshare256 scripts/splits/figshare256_f1.json runs/fig3
+# (scripts/splits/figshare256_f1.json is F1's split: 586 training, 120 validation images in 8 blocks.)
 set -euo pipefail
-DATA=${1:?figshare256 folder}; SPLIT=${2:?split.json of the shipped model}; OUT=${3:?output folder}
+DATA=${1:?figshare256 folder}; SPLIT=${2:?F1 split.json}; OUT=${3:?output folder}
 shift 3
 mkdir -p "$OUT"
 brainseg train --config src/brainseg/configs/figshare_cpu.yaml --data "$DATA" --split "$SPLIT" \

@@ -83,6 +83,15 @@ def test_evaluate_verb_speaks_of_images_and_leaves_out_what_it_cannot_count(imag
     assert "specificity –" in result.output and "nan" not in result.output  # every image has a tumour
 
 
+def test_evaluate_on_all_says_how_many_cases_the_model_learnt_from(image_run, tmp_path, capsys):
+    data, other, run = image_run
+    unseen = evaluate(run, other, tmp_path / "other", options=EvaluateOptions(side="all"), progress=False)
+    assert unseen["data"]["seen_by_model"] == 0 and "note:" not in capsys.readouterr().err
+    own = evaluate(run, data, tmp_path / "own", options=EvaluateOptions(side="all"), progress=False)
+    assert own["data"]["seen_by_model"] == 24  # its training and validation images
+    assert "trained or was validated on 24 of these 24 images" in capsys.readouterr().err
+
+
 def test_compare_takes_any_labelled_folder_as_a_test_set(image_run, tmp_path):
     data, other, run = image_run
     table = compare_runs([run, run], other, tmp_path / "cmp", side="all", progress=False)

@@ -80,12 +80,13 @@ def test_the_shipped_models_fit_the_package_limit():
 
 
 @pytest.mark.shared
-def test_figshare_validation_dice_matches_the_model_card(shared_data, tmp_path):
-    """Its validation images (blocks of 16 indices of figshare256, from the split stored in it)."""
+def test_figshare_test_dice_matches_the_model_card(shared_data, tmp_path):
+    """Its test images: the originals in even blocks of 16 indices (from the split stored in it)."""
     from brainseg.evaluation.evaluate import EvaluateOptions, evaluate
 
-    summary = evaluate("pretrained:figshare", shared_data / "figshare256", tmp_path / "eval", progress=False,
-                       options=EvaluateOptions(side="val", precision="32"))
-    assert summary["data"]["unit"] == "image" and summary["data"]["images"] == 120
-    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(card_value("figshare_val_dice_mean"),
+    summary = evaluate("pretrained:figshare", shared_data / "figshare", tmp_path / "eval", progress=False,
+                       options=EvaluateOptions(side="test", precision="32"))
+    assert summary["data"]["unit"] == "image" and summary["data"]["images"] == 114
+    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(card_value("figshare_test_dice_mean"),
                                                                     abs=0.01)
+    assert summary["data"]["seen_by_model"] == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from brainseg.errors import BadInputError
 from brainseg.inference import Predictor
 from brainseg.metrics import count, detection, dice, hd95, iou, precision, recall
 from brainseg.progress import progress as progress_bar
-from brainseg.runs.folder import check_unseen, split_for
+from brainseg.runs.folder import check_unseen, member_patients_seen, split_for
 
 CONVENTIONS = {
     "headline": "mean Dice per patient volume (slices stacked, Dice = 2|A∩B|/(|A|+|B|) over the volume)",
@@ -136,6 +137,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     rows = select_rows(result.table, split, options)
     check_unseen(model, predictor.description, rows["patient"], options.side)
     unit = split_unit(result.table)
+    seen = _seen_count(model, predictor.description, rows["patient"]) if options.side == "all" else 0
+    if seen:  # --split all takes every case; say when some are not new to the model
+        print(f"note: the model trained or was validated on {seen} of these {rows['patient'].nunique()} "
+              f"{unit}s; their scores are not of unseen {unit}s (--split test scores only those)",
+              file=sys.stderr)
     labels = rows.groupby("patient")[LABEL_COLUMN].first() if LABEL_COLUMN in rows else None
     first = rows["image_path"].iloc[0]  # refused before anything is written
     _replace_with_flair(result.store.image(first)[None], options.flair_replaces, first)
@@ -188,7 +194,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
         cases = per_patient
     cases.to_csv(out / CASE_TABLES[unit], index=False)
     per_slice.to_csv(out / "per_slice.csv", index=False)
-    summary = _summary(per_patient, per_slice, predictor, result, options, cutoff, unit)
+    summary = _summary(per_patient, per_slice, predictor, result, options, cutoff, unit, seen)
     summary["figures"] = _figures(out, per_patient, grid, examples, options, cutoff, result, rows,
                                   packed_masks)
     (out / "summary.json").write_text(json.dumps(_clean(summary), indent=2) + "\n")
@@ -243,13 +249,22 @@ def _grouped(per_patient: pd.DataFrame, column: str, order=None) -> dict:
             for name in names}
 
 
-def _summary(per_patient, per_slice, predictor, result, options, cutoff, unit) -> dict:
+def _seen_count(model: Path, description: dict, patients: pd.Series) -> int:
+    """How many of these cases the model (or an ensemble member) trained or was validated on."""
+    seen = member_patients_seen(model, description)
+    if seen is None:
+        return 0
+    return len((set(seen["trained"]) | set(seen["validated"])) & set(patients.astype(str)))
+
+
+def _summary(per_patient, per_slice, predictor, result, options, cutoff, unit, seen=0) -> dict:
     scored = per_slice[(per_slice["true_pixels"] > 0) | (per_slice["predicted_pixels"] > 0)]
     return {
         "model": predictor.identity,
         # "cases" always; "patients" or "images" as well, so an image set never speaks of patients
         "data": {"root": str(result.root), "layout": result.layout, "side": options.side, "unit": unit,
-                 "cases": len(per_patient), f"{unit}s": len(per_patient), "slices": len(per_slice)},
+                 "cases": len(per_patient), f"{unit}s": len(per_patient), "slices": len(per_slice),
+                 "seen_by_model": seen},  # cases it trained or was validated on (only --split all has any)
         "options": {**asdict(options), "threshold": cutoff, **predictor.postprocessing},
         "conventions": CONVENTIONS if unit == "patient" else IMAGE_CONVENTIONS,
         "per_patient": {name: _stats(per_patient[name]) for name in
