@@ -39,6 +39,15 @@ def make_image_set(root, numbers, *, size=64, seed=0):
     return root
 
 
+def brainseg_cli(args: list[str]):
+    """`brainseg ARGS...` in this process, as a user would type it."""
+    from typer.testing import CliRunner
+
+    from brainseg.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
 @pytest.fixture(scope="session")
 def image_run(tmp_path_factory):
     """(training images, other images, run folder): a 2-epoch model on 24 greyscale images."""
@@ -70,12 +79,8 @@ def test_an_image_set_is_scored_per_image_with_types_and_size_bands(image_run, t
 
 
 def test_evaluate_verb_speaks_of_images_and_leaves_out_what_it_cannot_count(image_run, tmp_path):
-    from typer.testing import CliRunner
-
-    from brainseg.cli import app
-
     _, other, run = image_run
-    result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(other), "--split", "all",
+    result = brainseg_cli(["evaluate", str(run), "--data", str(other), "--split", "all",
                                       "--out", str(tmp_path / "ev")])
     assert result.exit_code == 0, result.output
     assert "Dice per image over 8 images" in result.output
@@ -117,12 +122,8 @@ def test_compare_takes_any_labelled_folder_as_a_test_set(image_run, tmp_path):
 
 
 def test_compare_verb_applies_the_threshold_and_post_processing_it_is_given(image_run, tmp_path):
-    from typer.testing import CliRunner
-
-    from brainseg.cli import app
-
     _, other, run = image_run
-    result = CliRunner().invoke(app, ["compare", str(run), str(run), "--data", str(other), "--split", "all",
+    result = brainseg_cli(["compare", str(run), str(run), "--data", str(other), "--split", "all",
                                       "--threshold", "0.3", "--min-fraction", "0.25", "--group-by",
                                       "index-block:4", "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
@@ -133,18 +134,14 @@ def test_compare_verb_applies_the_threshold_and_post_processing_it_is_given(imag
 
 
 def test_tune_draws_its_intervals_over_index_blocks(image_run, tmp_path):
-    from typer.testing import CliRunner
-
-    from brainseg.cli import app
-
     data, _, run = image_run
-    result = CliRunner().invoke(app, ["tune", str(run), "--data", str(data), "--group-by", "index-block:4",
+    result = brainseg_cli(["tune", str(run), "--data", str(data), "--group-by", "index-block:4",
                                       "--out", str(tmp_path / "tune")])
     assert result.exit_code == 0, result.output
     assert "interval over groups of images (index-block:4)" in result.output
     summary = json.loads((tmp_path / "tune" / "tuning.json").read_text())
     assert summary["interval_over"] == "groups of images (index-block:4)" and summary["unit"] == "image"
-    bad = CliRunner().invoke(app, ["tune", str(run), "--data", str(data), "--group-by", "blocks",
+    bad = brainseg_cli(["tune", str(run), "--data", str(data), "--group-by", "blocks",
                                    "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "index-block:N or column:NAME" in str(bad.exception)
     assert not (tmp_path / "bad" / "tuning.csv").exists()
