@@ -11,29 +11,22 @@ HOLD_OUT=${4:-even}  # even: originals in even blocks are the test; all: no test
 mkdir -p "$OUT"
 printf 'folders: [%s, %s]\n' "$(realpath "$SHARED/figshare256")" "$(realpath "$SHARED/figshare")" \
   > "$OUT/figshare_all.yaml"
-# The split (originals by blocks of 16 consecutive indices: odd blocks train, even blocks test) and
-# F1's schedule up to its best epoch (brainseg's own refit rule), as train options.
-SCHEDULE=$(python - "$SHARED" "$F1" "$OUT" "$HOLD_OUT" <<'PY'
+# The split: originals by blocks of 16 consecutive indices, odd blocks train, even blocks test.
+python - "$SHARED" "$OUT" "$HOLD_OUT" <<'PY'
 import json, sys
 from pathlib import Path
-from brainseg.training import refit_settings
-shared, f1, out = map(Path, sys.argv[1:4])
+shared, out = map(Path, sys.argv[1:3])
 names = lambda folder: sorted(p.stem for p in (shared / folder / "images").glob("*.png"))
 originals, extra = names("figshare"), names("figshare256")
-test = [n for n in originals if ((int(n) - 1) // 16) % 2 == 0] if sys.argv[4] == "even" else []
+test = [n for n in originals if ((int(n) - 1) // 16) % 2 == 0] if sys.argv[3] == "even" else []
 train = sorted(set(extra) | (set(originals) - set(test)), key=int)
 json.dump({"format": "brainseg-split/1", "unit": "image", "grouped_by": "index-block:16",
            "train": train, "val": [], "test": sorted(test, key=int)}, open(out / "split.json", "w"), indent=1)
-settings = refit_settings(f1)
-print(f"--epochs {settings['train.epochs']} --set train.lr_milestones={json.dumps(settings['train.lr_milestones'], separators=(',', ':'))}")
 PY
-)
 RUN=$OUT/$([ "$HOLD_OUT" = all ] && echo f3 || echo f2)
-# shellcheck disable=SC2086
-[ -f "$RUN/model.pt" ] || brainseg train --config "$F1/config.yaml" --data "$OUT/figshare_all.yaml" \
-  --split "$OUT/split.json" --set data.refit=true --set train.max_minutes=0 $SCHEDULE --out "$RUN"
-# No validation images of its own: the threshold and post-processing tuned for F1 (same recipe).
-python -c "import sys; from brainseg.runs.model_file import store_settings, tuned_settings as t
-store_settings(sys.argv[1], t(sys.argv[2]))" "$RUN/model.pt" "$F1/model.pt"
+# brainseg's refit of F1 on this data: F1's config and schedule up to its best epoch, no validation,
+# and F1's tuned threshold and post-processing (a refit has no validation images of its own).
+[ -f "$RUN/model.pt" ] || brainseg train --refit "$F1" --data "$OUT/figshare_all.yaml" \
+  --split "$OUT/split.json" --out "$RUN"
 [ "$HOLD_OUT" = all ] || brainseg compare "$F1" "$RUN" --data "$OUT/figshare_all.yaml" --split test \
   --split-file "$OUT/split.json" --group-by index-block:16 --out "$OUT/compare_test"
