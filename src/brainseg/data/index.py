@@ -247,6 +247,12 @@ def index_dataset(root: str | Path, layout: str = "auto", **options) -> pd.DataF
     return result.table
 
 
+def index_for_groups(root: str | Path, group_by: str, layout: str = "auto") -> pd.DataFrame | None:
+    """The index a column:NAME grouping looks its groups up in (splits.case_groups); None for any
+    other grouping, which needs only the case names."""
+    return scan(root, layout).table if group_by.startswith("column:") else None
+
+
 def check_dataset(root: str | Path, layout: str = "auto", **options) -> CheckReport:
     """Every problem found in the data set's files."""
     return scan(root, layout, require_slices=False, **options).report

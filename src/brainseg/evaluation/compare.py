@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg import plots
-from brainseg.data.index import ensure_outside, scan
+from brainseg.data.index import ensure_outside, index_for_groups, scan
 from brainseg.data.splits import (
     case_groups,
     drawn_over,
@@ -86,7 +86,7 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
             for run, (_, run_split, _) in zip(runs, models, strict=True):
                 _check_unseen(run, run_split, patients)
     # column:NAME groups come from the index; a bad --group-by is refused before any run is evaluated
-    grouped_index = scan(data, progress=False).table if group_by.startswith("column:") else None
+    grouped_index = index_for_groups(data, group_by)
     case_groups(sorted(patients), group_by, grouped_index)
     rows, per_patient, histories, cases = [], {}, {}, None
     paths = [path for path, _, _ in models]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainseg import plots
-from brainseg.data.index import ensure_outside, scan
+from brainseg.data.index import ensure_outside, index_for_groups
 from brainseg.data.splits import SCORED_PER, SIZE_UNIT, case_groups, drawn_over
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import mean_interval, paired_change
@@ -54,7 +54,7 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     baseline = _read_out_of_fold(Path(against)) if against is not None else None
     folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
     # column:NAME groups come from the index; a bad --group-by is refused before anything is evaluated
-    index = scan(data, layout, progress=False).table if group_by.startswith("column:") else None
+    index = index_for_groups(data, group_by, layout)
     if group_by:
         case_groups([] if index is None else index["patient"], group_by, index)
     base = options or EvaluateOptions()
