@@ -63,6 +63,7 @@ def test_an_image_set_is_scored_per_image_with_types_and_size_bands(image_run, t
     assert summary["data"]["unit"] == "image" and "patients" not in summary["data"]
     assert summary["data"]["images"] == summary["data"]["cases"] == 8
     assert (tmp_path / "ev" / "per_image.csv").exists() and not (tmp_path / "ev" / "per_patient.csv").exists()
+    assert not (tmp_path / "ev" / "per_slice.csv").exists()  # it would repeat per_image.csv
     table = pd.read_csv(tmp_path / "ev" / "per_image.csv")
     assert "image" in table and "patient" not in table and "slices" not in table
     assert {"true_pixels", "predicted_pixels"} <= set(table.columns) and "true_voxels" not in table
@@ -86,6 +87,7 @@ def test_evaluate_verb_speaks_of_images_and_leaves_out_what_it_cannot_count(imag
     assert "Dice per image over 8 images" in result.output
     assert "tumour detection per image:" in result.output
     assert "specificity –" in result.output and "nan" not in result.output  # every image has a tumour
+    assert "per_image.csv" in result.output and "per_slice.csv" not in result.output
 
 
 def test_evaluate_on_all_says_how_many_cases_the_model_learnt_from(image_run, tmp_path, capsys):

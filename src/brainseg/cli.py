@@ -374,7 +374,8 @@ def evaluate_command(
     Example: brainseg evaluate runs/unet --data ../shared/data/lgg --split test --out runs/unet/test
     """
     from brainseg.data.splits import DETECTED_PER
-    from brainseg.evaluation.evaluate import CASE_TABLES, SCORED_PER, EvaluateOptions, evaluate
+    from brainseg.evaluation.evaluate import CASE_TABLES, SCORED_PER, SLICE_TABLES, EvaluateOptions, evaluate
+    from brainseg.report import score_text
 
     options = EvaluateOptions(side=split, split_file=str(split_file or ""), fold=fold, threshold=threshold,
                               largest_component=largest_component, min_size=min_size,
@@ -390,12 +391,11 @@ def evaluate_command(
             if group["dice"]["n"]:
                 typer.echo(f"  {name}: {group['cases']} {unit}s, Dice mean {group['dice']['mean']:.4f}, "
                            f"recall mean {group['recall']['mean']:.4f}")
-    detection = {key: "–" if value is None or value != value else f"{value:.4f}"  # NaN: nothing to count
-                 for key, value in summary["detection"].items()}
+    detection = {key: score_text(value) for key, value in summary["detection"].items()}
     typer.echo(f"tumour detection per {DETECTED_PER[unit]}: accuracy {detection['accuracy']}, "
                f"sensitivity {detection['sensitivity']}, specificity {detection['specificity']}")
-    figures = ", ".join(summary["figures"])
-    typer.echo(f"wrote {out}/summary.json, {CASE_TABLES[unit]}, per_slice.csv, {figures}")
+    files = ", ".join(filter(None, (CASE_TABLES[unit], SLICE_TABLES[unit], *summary["figures"])))
+    typer.echo(f"wrote {out}/summary.json, {files}")
 
 
 IntervalGroups = Annotated[str, typer.Option(

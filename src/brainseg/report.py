@@ -165,17 +165,18 @@ def _evaluation_section(root: Path, folder: Path) -> str:
              f"<p>Model <code>{html.escape(str(summary['model'].get('model')))}</code>, threshold "
              f"{summary['options']['threshold']:g}. Scores {per}:</p>",
              _table(pd.DataFrame(rows)),
-             f"<p>Tumour detection per {DETECTED_PER[unit]}: "
-             f"accuracy {detection['accuracy']:.4f}, sensitivity "
-             f"{_num(detection['sensitivity'])}, specificity {_num(detection['specificity'])}.</p>"]
+             f"<p>Tumour detection per {DETECTED_PER[unit]}: accuracy {score_text(detection['accuracy'])}, "
+             f"sensitivity {score_text(detection['sensitivity'])}, "
+             f"specificity {score_text(detection['specificity'])}.</p>"]
     bands = f"By tumour size ({SIZE_UNIT[unit]} of the truth)"
     for key, title in (("by_class", "By tumour type"), ("by_size_band", bands)):
         groups = summary.get(key) or {}
         if groups:
             parts.append(f"<h3>{title}</h3>")
             parts.append(_table(pd.DataFrame([
-                {"group": name, "cases": g["cases"], "dice mean": _num(g["dice"]["mean"]),
-                 "dice median": _num(g["dice"]["median"]), "recall mean": _num(g["recall"]["mean"])}
+                {"group": name, "cases": g["cases"], "dice mean": score_text(g["dice"]["mean"]),
+                 "dice median": score_text(g["dice"]["median"]),
+                 "recall mean": score_text(g["recall"]["mean"])}
                 for name, g in groups.items()])))
     cases = cases_table(folder)
     if cases.exists():
@@ -198,8 +199,9 @@ def _evaluation_section(root: Path, folder: Path) -> str:
     return "\n".join(parts)
 
 
-def _num(value) -> str:
-    return "–" if value is None else f"{value:.4f}"
+def score_text(value) -> str:
+    """A score to 4 decimals, or "–" where there was nothing to count (None, or NaN before JSON)."""
+    return "–" if value is None or value != value else f"{value:.4f}"
 
 
 SHOWN_OVERLAYS = 6

@@ -66,6 +66,8 @@ CASE_FIGURES = {"patient": ("worst_patients.png", "patient_dice.png"),
 # Tumour size bands in voxels (pixels for an image), where small tumours are half-missed.
 SIZE_BANDS = ((0, "none"), (1, "<5k"), (5_000, "5k-20k"), (20_000, ">20k"))
 CASE_TABLES = {"patient": "per_patient.csv", "image": "per_image.csv"}
+# An image is its own volume, so a per-slice table of an image set would repeat per_image.csv.
+SLICE_TABLES = {"patient": "per_slice.csv", "image": None}
 
 
 def size_band(true_voxels: int) -> str:
@@ -193,7 +195,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *, layout: st
     else:
         cases = per_patient
     cases.to_csv(out / CASE_TABLES[unit], index=False)
-    per_slice.to_csv(out / "per_slice.csv", index=False)
+    if SLICE_TABLES[unit]:
+        per_slice.to_csv(out / SLICE_TABLES[unit], index=False)
     summary = _summary(per_patient, per_slice, predictor, result, options, cutoff, unit, seen)
     summary["figures"] = _figures(out, per_patient, grid, examples, options, cutoff, result, rows,
                                   packed_masks)
