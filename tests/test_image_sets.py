@@ -281,6 +281,7 @@ def test_image_set_outputs_speak_of_images_in_training_exploring_and_the_report(
 
     from brainseg.data.explore import explore, summary_lines
     from brainseg.report import write_report
+    from brainseg.training import refit_settings
 
     data, _, run = image_run
     metrics = json.loads((run / "val_metrics.json").read_text())
@@ -289,6 +290,10 @@ def test_image_set_outputs_speak_of_images_in_training_exploring_and_the_report(
     table = pd.read_csv(run / "val_images.csv")
     assert list(table.columns) == ["image", "dice", "tumour_pixels"]
     assert not (run / "val_patients.csv").exists()
+    history = pd.read_csv(run / "history.csv")
+    assert history["val_image_dice"].notna().any() and "val_patient_dice" not in history
+    best = int(history.loc[history["val_image_dice"].idxmax(), "epoch"])
+    assert refit_settings(run)["train.epochs"] == best + 1  # a refit reads the image-named column
     summary = explore(data, tmp_path / "explore")
     assert summary["images"] == 24 and "patients" not in summary and "slices_per_patient" not in summary
     lines = "\n".join(summary_lines(summary))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from brainseg.data.splits import SCORED_PER
+from brainseg.data.splits import SCORED_PER, validation_score_column
 
 OVERLAY_COLOUR = (1.0, 0.0, 0.0)
 # Outlines in the report's figures: named in every legend, and far apart for red-green colour blindness
@@ -142,14 +142,15 @@ def learning_curves(history, path: Path, best_epoch: int | None = None, unit: st
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("loss (log scale)")
     loss_ax.set_title("Learning curves")
-    for column, label in (("val_patient_dice", f"validation Dice {SCORED_PER[unit]}"),
+    score = validation_score_column(history)
+    for column, label in ((score, f"validation Dice {SCORED_PER[unit]}"),
                           ("val_dice", "validation Dice (slices, micro)"), ("train_dice", "train Dice")):
-        if column in history and history[column].notna().any():
+        if column and column in history and history[column].notna().any():
             dice_ax.plot(epochs, history[column], marker="o", markersize=3, label=label)
     dice_ax.set_xlabel("epoch")
     dice_ax.set_ylabel("Dice")
     dice_ax.set_ylim(0, 1)
-    validated = any(c in history and history[c].notna().any() for c in ("val_patient_dice", "val_dice"))
+    validated = any(c and c in history and history[c].notna().any() for c in (score, "val_dice"))
     dice_ax.set_title("Dice" if validated else "Training Dice (no validation scores)")
     if best_epoch is not None:
         for ax in (loss_ax, dice_ax):
@@ -302,10 +303,10 @@ def compare_curves(histories: dict, path: Path, unit: str = "patient") -> Path:
     for name, history in histories.items():
         minutes = training_minutes(history["seconds"])
         line, = loss_ax.plot(minutes, history["train_loss"], label=name)
-        if "val_patient_dice" in history and history["val_patient_dice"].notna().any():
-            scored = history["val_patient_dice"].notna().to_numpy()
-            dice_ax.plot(minutes[scored], history["val_patient_dice"][scored], color=line.get_color(),
-                         label=name)
+        score = validation_score_column(history)
+        if score and history[score].notna().any():
+            scored = history[score].notna().to_numpy()
+            dice_ax.plot(minutes[scored], history[score][scored], color=line.get_color(), label=name)
     loss_ax.set_ylabel("training loss")  # linear: a log axis over less than a decade shows one tick
     dice_ax.set_ylabel(f"validation Dice {SCORED_PER[unit]}")
     dice_ax.set_ylim(0, 1)

@@ -44,7 +44,15 @@ from brainseg import __version__, plots
 from brainseg.config import RunConfig, TrainConfig, load_config, save_config
 from brainseg.data.dataset import NORMALISATIONS, SliceDataset, collate
 from brainseg.data.index import ensure_outside, scan
-from brainseg.data.splits import load_split, save_split, select, split_patients, split_unit
+from brainseg.data.splits import (
+    VALIDATION_SCORE,
+    load_split,
+    save_split,
+    select,
+    split_patients,
+    split_unit,
+    validation_score_column,
+)
 from brainseg.data.transforms import build_transforms, seed_worker
 from brainseg.devices import default_workers, resolve_accelerator, resolve_precision
 from brainseg.errors import BadInputError, OptionError
@@ -413,9 +421,10 @@ class SliceDataModule(L.LightningDataModule):
 class HistoryCallback(Callback):
     """Writes history.csv after every epoch and learning_curves.png when training ends."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, unit: str) -> None:
         self.path = run_dir / HISTORY_FILE
         self.run_dir = run_dir
+        self.score_column = VALIDATION_SCORE[unit]  # the logged MONITOR, named for patients or images
         self.started = time.perf_counter()
 
     def on_train_start(self, trainer, module) -> None:
@@ -443,7 +452,8 @@ class HistoryCallback(Callback):
         for name in ("train_loss_epoch", "train_dice", "train_iou", "train_accuracy", "val_loss", "val_dice",
                      "val_iou", "val_accuracy", MONITOR):
             fresh = validated or not name.startswith("val")
-            row[name.replace("_epoch", "")] = metrics.get(name, float("nan")) if fresh else float("nan")
+            column = self.score_column if name == MONITOR else name.replace("_epoch", "")
+            row[column] = metrics.get(name, float("nan")) if fresh else float("nan")
         frame = pd.DataFrame([row])
         frame.to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
 
@@ -457,8 +467,9 @@ def write_learning_curves(run_dir: Path) -> Path | None:
     if history.empty:
         return None
     best = None
-    if MONITOR in history and history[MONITOR].notna().any():
-        best = int(history.loc[history[MONITOR].idxmax(), "epoch"])
+    score = validation_score_column(history)
+    if score and history[score].notna().any():
+        best = int(history.loc[history[score].idxmax(), "epoch"])
     split = run_dir / SPLIT_FILE
     unit = load_split(split).get("unit", "patient") if split.exists() else "patient"
     return plots.learning_curves(history, run_dir / "learning_curves.png", best, unit)
@@ -618,11 +629,12 @@ def refit_settings(run_dir: str | Path) -> dict:
         raise BadInputError(run_dir, "is itself a refit; refit the validated run it came from")
     history_file = run_dir / HISTORY_FILE
     history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
-    scored = history.dropna(subset=[MONITOR]) if MONITOR in history else history.iloc[0:0]
+    score = validation_score_column(history)
+    scored = history.dropna(subset=[score]) if score else history.iloc[0:0]
     if scored.empty or not (run_dir / SPLIT_FILE).exists():
-        raise BadInputError(run_dir, f"has no validated epoch ({HISTORY_FILE} with {MONITOR}) and "
-                                     f"{SPLIT_FILE} to refit from")
-    best = int(scored.loc[scored[MONITOR].idxmax(), "epoch"])
+        raise BadInputError(run_dir, f"has no validated epoch ({HISTORY_FILE} with a validation Dice) "
+                                     f"and {SPLIT_FILE} to refit from")
+    best = int(scored.loc[scored[score].idxmax(), "epoch"])
     lr = history.set_index("epoch")["lr"]
     milestones = [int(e) for e in lr.index if 0 < e <= best and e - 1 in lr.index and lr[e] < lr[e - 1]]
     return {"data.refit": True, "data.split": str((run_dir / SPLIT_FILE).resolve()),
@@ -739,7 +751,8 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     # callback's last.ckpt only when the best improves, and would make --resume restart from there.
     latest = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
                              enable_version_counter=False)
-    callbacks = [latest, HistoryCallback(run_dir), LearningRateMonitor("epoch")]
+    callbacks = [latest, HistoryCallback(run_dir, split.get("unit", "patient")),
+                 LearningRateMonitor("epoch")]
     if refit:  # no validation: keep the last epoch, stop at train.epochs
         checkpoint = latest
     else:

@@ -41,6 +41,13 @@ def patient_table(table: pd.DataFrame) -> pd.DataFrame:
 SCORED_PER = {"patient": "per patient volume", "image": "per image"}  # how the headline Dice is taken
 SIZE_UNIT = {"patient": "voxels", "image": "pixels"}  # what a tumour's size is counted in
 DETECTED_PER = {"patient": "slice", "image": "image"}  # what tumour detection is scored on
+# history.csv's column of the validation Dice that picks the best epoch, named for what it averages
+VALIDATION_SCORE = {"patient": "val_patient_dice", "image": "val_image_dice"}
+
+
+def validation_score_column(history) -> str | None:
+    """The column of a history table that holds its validation Dice per case, if it has one."""
+    return next((column for column in VALIDATION_SCORE.values() if column in history), None)
 
 
 def case_groups(cases, group_by: str = "", table: pd.DataFrame | None = None) -> np.ndarray | None:
