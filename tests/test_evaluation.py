@@ -451,3 +451,10 @@ def test_data_without_slices_on_the_side_names_data_not_an_option_tune_lacks():
     table = pd.DataFrame({"patient": ["A"], "image_path": ["a.tif"]})
     with pytest.raises(BadInputError, match=r"^--data: no slices of this data set are on the val side"):
         select_rows(table, {"train": ["A"], "val": ["B"], "test": []}, EvaluateOptions(side="val"))
+
+
+def test_a_split_with_nothing_on_the_side_points_to_scoring_on_unseen_data():
+    table = pd.DataFrame({"patient": ["A"], "image_path": ["a.tif"]})
+    trained_on_all = {"unit": "image", "train": ["A"], "val": [], "test": []}
+    with pytest.raises(BadInputError, match=r"^--split: the model's split has no test images; .*--split all"):
+        select_rows(table, trained_on_all, EvaluateOptions(side="test"))

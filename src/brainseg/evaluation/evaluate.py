@@ -114,6 +114,10 @@ def select_rows(table: pd.DataFrame, split: dict | None, options: EvaluateOption
     if options.side == "val" and split.get("refit_val"):
         raise BadInputError("--split", "this model was refit on its validation patients (train and val "
                                        "together); score it on test")
+    if fold is None and not split.get(options.side):  # e.g. a model trained on every case it was given
+        raise BadInputError("--split", f"the model's split has no {options.side} "
+                                       f"{split.get('unit', 'patient')}s; score it with --split all on "
+                                       "data it never saw")
     rows = select(table, split, options.side, fold)
     if rows.empty:  # evaluate, tune and crossval all take --data; only evaluate has --split
         raise BadInputError("--data", f"no slices of this data set are on the {options.side} side of "
