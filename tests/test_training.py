@@ -192,6 +192,7 @@ def test_refit_trains_on_train_and_val_patients_without_validation(synthetic, on
     result = run_training(tmp_path / "refit", refit=source, progress=False,
                           overrides={"train.epochs": 3, "train.lr_milestones": [1, 2]})
     assert result.refit and result.val_patient_dice == {} and result.model_file.exists()
+    assert result.unit == "patient"  # the CLI says what the refit trained on
     refit = Predictor.load(result.model_file)  # keeps the threshold tuned on the run's validation
     assert refit.cutoff == 0.6 and refit.postprocessing["largest_component"] is True
     run = result.run_dir

@@ -301,7 +301,8 @@ def _train_overrides(options: dict) -> dict:
 
 def _echo_training(result) -> None:
     if result.refit:
-        typer.echo(f"refit on train and val patients (no validation); kept {result.best_checkpoint}")
+        typer.echo(f"refit on its train and val {result.unit}s (no validation); "
+                   f"kept {result.best_checkpoint}")
         typer.echo(f"wrote {result.model_file} ({result.minutes:.1f} min)")
         return
     scores = [v for v in result.val_patient_dice.values() if v == v]

@@ -791,7 +791,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
             remove_stale_checkpoints(last.parent, keep=None)
             model_file = _write_model_file(final, run_dir / MODEL_FILE)
         return TrainResult(run_dir, final, model_file, {}, (time.perf_counter() - started) / 60, refit=True,
-                           resumed_from=resumed_from)
+                           resumed_from=resumed_from, unit=split.get("unit", "patient"))
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     found = best is not None and best.exists()
     if trainer.world_size > 1:  # rank 0's view decides, so that every process validates or none does
