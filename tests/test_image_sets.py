@@ -294,6 +294,10 @@ def test_image_set_outputs_speak_of_images_in_training_exploring_and_the_report(
     assert history["val_image_dice"].notna().any() and "val_patient_dice" not in history
     best = int(history.loc[history["val_image_dice"].idxmax(), "epoch"])
     assert refit_settings(run)["train.epochs"] == best + 1  # a refit reads the image-named column
+    refit = brainseg_cli(["train", "--refit", str(run), "--out", str(tmp_path / "refit"),
+                          "--set", "train.epochs=1"])
+    assert refit.exit_code == 0, refit.output
+    assert "refit on its train and val images (no validation)" in refit.output
     summary = explore(data, tmp_path / "explore")
     assert summary["images"] == 24 and "patients" not in summary and "slices_per_patient" not in summary
     lines = "\n".join(summary_lines(summary))
