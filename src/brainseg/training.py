@@ -717,6 +717,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     result = scan(config.data.root, config.data.layout, cache=config.data.cache, progress=progress)
     ensure_outside(run_dir, result.root)
     split = prepare_split(config, result.table)
+    unit = split.get("unit", "patient")  # what the split divides: patients, or images for an image set
     refit = config.data.refit
     fold = config.data.fold
     if refit:  # a plain split from here on, with the fold's patients
@@ -751,7 +752,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     # callback's last.ckpt only when the best improves, and would make --resume restart from there.
     latest = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
                              enable_version_counter=False)
-    callbacks = [latest, HistoryCallback(run_dir, split.get("unit", "patient")),
+    callbacks = [latest, HistoryCallback(run_dir, unit),
                  LearningRateMonitor("epoch")]
     if refit:  # no validation: keep the last epoch, stop at train.epochs
         checkpoint = latest
@@ -791,7 +792,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
             remove_stale_checkpoints(last.parent, keep=None)
             model_file = _write_model_file(final, run_dir / MODEL_FILE)
         return TrainResult(run_dir, final, model_file, {}, (time.perf_counter() - started) / 60, refit=True,
-                           resumed_from=resumed_from, unit=split.get("unit", "patient"))
+                           resumed_from=resumed_from, unit=unit)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     found = best is not None and best.exists()
     if trainer.world_size > 1:  # rank 0's view decides, so that every process validates or none does
@@ -806,7 +807,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
             _write_val_metrics(run_dir, best, patient_scores, val_table, precision, trainer)
     minutes = (time.perf_counter() - started) / 60
     return TrainResult(run_dir, best, model_file, patient_scores, minutes, resumed_from=resumed_from,
-                       unit=split.get("unit", "patient"))
+                       unit=unit)
 
 
 def _write_model_file(checkpoint: Path, path: Path) -> Path:
