@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from brainseg.data.splits import SCORED_PER, validation_score_column
+from brainseg.data.splits import DETECTED_PER, SCORED_PER, validation_score_column
 
 OVERLAY_COLOUR = (1.0, 0.0, 0.0)
 # Outlines in the report's figures: named in every legend, and far apart for red-green colour blindness
@@ -144,7 +144,8 @@ def learning_curves(history, path: Path, best_epoch: int | None = None, unit: st
     loss_ax.set_title("Learning curves")
     score = validation_score_column(history)
     for column, label in ((score, f"validation Dice {SCORED_PER[unit]}"),
-                          ("val_dice", "validation Dice (slices, micro)"), ("train_dice", "train Dice")):
+                          ("val_dice", f"validation Dice ({DETECTED_PER[unit]}s, micro)"),
+                          ("train_dice", "train Dice")):
         if column and column in history and history[column].notna().any():
             dice_ax.plot(epochs, history[column], marker="o", markersize=3, label=label)
     dice_ax.set_xlabel("epoch")
