@@ -219,6 +219,21 @@ def test_dice_per_image_weighs_a_missed_small_tumour_as_much_as_a_found_large_on
         create_loss("bce")(torch.full_like(empty, -3.0), empty).item())
 
 
+def test_tversky_per_image_averages_the_tumour_images_and_weighs_misses_more():
+    target = torch.zeros(3, 1, 16, 16)
+    target[0, 0, 4:12, 4:12] = 1  # 64 tumour pixels, 16 of them missed below
+    target[1, 0, 4:12, 4:12] = 1  # found exactly
+    hard = torch.where(target.bool(), 20.0, -20.0)  # image 2 has no tumour: left to BCE
+    hard[0, 0, 4:6, 4:12] = -20.0
+    bce = create_loss("bce")(hard, target)
+    per_image = create_loss("bce_tversky_image")(hard, target) - bce
+    missed = 1 - 48 / (48 + 0.7 * 16)  # image 0's Tversky loss; image 1's is 0
+    assert per_image.item() == pytest.approx(missed / 2, abs=1e-3)
+    batch = create_loss("bce_tversky")(hard, target) - bce  # pooled: the found image dilutes the miss
+    assert batch.item() == pytest.approx(1 - 112 / (112 + 0.7 * 16), abs=1e-3)
+    assert per_image > batch
+
+
 def test_loss_accepts_bf16_logits():
     target = _batch()
     logits = torch.randn(4, 1, 16, 16)

@@ -237,8 +237,8 @@ def train_command(
         "Slices per batch (per process).", "train.batch_size"))] = None,
     lr: Annotated[float | None, typer.Option(help=_configured("Learning rate.", "train.lr"))] = None,
     loss: Annotated[str | None, typer.Option(help=_configured(
-        "bce, dice, bce_dice, bce_dice_image (Dice per tumour image) or bce_tversky (missed "
-        "pixels weigh 0.7).", "train.loss"))] = None,
+        "bce, dice, bce_dice, bce_dice_image (Dice per tumour image), bce_tversky (missed "
+        "pixels weigh 0.7) or bce_tversky_image (Tversky per tumour image).", "train.loss"))] = None,
     precision: Annotated[str | None, typer.Option(help=_configured(
         "auto (bf16 where native), 32, bf16 or 16.", "train.precision"))] = None,
     devices: Annotated[int | None, typer.Option(help=_configured(

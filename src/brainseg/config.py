@@ -189,7 +189,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    loss: str = "bce_dice"  # bce, dice, bce_dice, bce_dice_image or bce_tversky (see losses)
+    loss: str = "bce_dice"  # one of losses.LOSS_NAMES
     early_stopping_patience: int = 10  # epochs without a better validation patient Dice
     lr_patience: int = 4  # ReduceLROnPlateau patience, in epochs
     lr_factor: float = 0.5

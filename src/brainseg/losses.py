@@ -10,7 +10,8 @@ left to the BCE term, where per-image Dice would give them a constant loss witho
 
 ``bce_tversky`` replaces Dice with the Tversky index (Salehi et al. 2017) over the batch, weighing
 missed tumour pixels 0.7 and false-positive pixels 0.3 (Dice weighs both 0.5): for models that
-under-segment, as the shipped ones do on small and faint tumours.
+under-segment, as the shipped ones do on small and faint tumours. ``bce_tversky_image`` takes that index
+per tumour image and averages, as ``bce_dice_image`` does with Dice.
 
 ``DistillationLoss`` mixes one of them with BCE against a teacher's probabilities (brainseg distill).
 """
@@ -23,7 +24,7 @@ from torch import nn
 
 from brainseg.errors import BrainsegError
 
-LOSS_NAMES = ("bce", "dice", "bce_dice", "bce_dice_image", "bce_tversky")
+LOSS_NAMES = ("bce", "dice", "bce_dice", "bce_dice_image", "bce_tversky", "bce_tversky_image")
 TVERSKY_FALSE_POSITIVE, TVERSKY_FALSE_NEGATIVE = 0.3, 0.7  # MONAI's alpha and beta
 _ALIASES = {"dice_bce": "bce_dice", "dicece": "bce_dice", "dice_ce": "bce_dice"}
 _SMOOTH = 1e-5
@@ -51,41 +52,42 @@ class SegmentationLoss(nn.Module):
         return f"name={self.name!r}"
 
 
-class DicePerImageLoss(nn.Module):
-    """Mean soft Dice loss over the images whose target has foreground (0 when none has)."""
+class PerTumourImageLoss(nn.Module):
+    """The mean of a per-image overlap loss (MONAI, ``batch=False``) over the images whose target has
+    foreground; 0 when none has."""
 
-    def __init__(self) -> None:
+    def __init__(self, overlap: nn.Module) -> None:
         super().__init__()
-        self.dice = DiceLoss(sigmoid=True, batch=False, reduction="none", smooth_nr=_SMOOTH,
-                             smooth_dr=_SMOOTH)
+        self.overlap = overlap
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        per_image = self.dice(logits, target).flatten()
+        per_image = self.overlap(logits, target).flatten()
         present = target.flatten(1).amax(dim=1) > 0
         if not bool(present.any()):
             return logits.sum() * 0.0  # keeps the graph so backward still runs
         return per_image[present].mean()
 
 
-class BCEPlusDicePerImage(nn.Module):
-    def __init__(self) -> None:
+def _dice_per_image() -> PerTumourImageLoss:
+    return PerTumourImageLoss(DiceLoss(sigmoid=True, batch=False, reduction="none", smooth_nr=_SMOOTH,
+                                       smooth_dr=_SMOOTH))
+
+
+def _tversky(batch: bool) -> TverskyLoss:
+    return TverskyLoss(sigmoid=True, alpha=TVERSKY_FALSE_POSITIVE, beta=TVERSKY_FALSE_NEGATIVE, batch=batch,
+                       reduction="mean" if batch else "none", smooth_nr=_SMOOTH, smooth_dr=_SMOOTH)
+
+
+class BCEPlus(nn.Module):
+    """BCE on every pixel plus an overlap loss."""
+
+    def __init__(self, overlap: nn.Module) -> None:
         super().__init__()
         self.bce = nn.BCEWithLogitsLoss()
-        self.dice = DicePerImageLoss()
+        self.overlap = overlap
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.bce(logits, target) + self.dice(logits, target)
-
-
-class BCEPlusTversky(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.bce = nn.BCEWithLogitsLoss()
-        self.tversky = TverskyLoss(sigmoid=True, alpha=TVERSKY_FALSE_POSITIVE, beta=TVERSKY_FALSE_NEGATIVE,
-                                   batch=True, smooth_nr=_SMOOTH, smooth_dr=_SMOOTH)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.bce(logits, target) + self.tversky(logits, target)
+        return self.bce(logits, target) + self.overlap(logits, target)
 
 
 class DistillationLoss(nn.Module):
@@ -127,16 +129,19 @@ def normalise_loss_name(name: str) -> str:
 
 def create_loss(name: str = "bce_dice") -> SegmentationLoss:
     """``"bce"``, ``"dice"``, ``"bce_dice"`` (BCE + batch Dice with equal weights), ``"bce_dice_image"``
-    (BCE + the mean Dice of the images with tumour) or ``"bce_tversky"`` (BCE + batch Tversky, missed
-    pixels weighing 0.7), all on logits."""
+    (BCE + the mean Dice of the images with tumour), ``"bce_tversky"`` (BCE + batch Tversky, missed
+    pixels weighing 0.7) or ``"bce_tversky_image"`` (BCE + the mean Tversky of the images with tumour),
+    all on logits."""
     key = normalise_loss_name(name)
     loss: nn.Module
     if key == "bce":
         loss = nn.BCEWithLogitsLoss()
     elif key == "bce_dice_image":
-        loss = BCEPlusDicePerImage()
+        loss = BCEPlus(_dice_per_image())
     elif key == "bce_tversky":
-        loss = BCEPlusTversky()
+        loss = BCEPlus(_tversky(batch=True))
+    elif key == "bce_tversky_image":
+        loss = BCEPlus(PerTumourImageLoss(_tversky(batch=False)))
     elif key == "dice":
         loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=_SMOOTH, smooth_dr=_SMOOTH)
     else:
