@@ -68,9 +68,10 @@ class PerTumourImageLoss(nn.Module):
         return per_image[present].mean()
 
 
-def _dice_per_image() -> PerTumourImageLoss:
-    return PerTumourImageLoss(DiceLoss(sigmoid=True, batch=False, reduction="none", smooth_nr=_SMOOTH,
-                                       smooth_dr=_SMOOTH))
+def _dice(batch: bool) -> DiceLoss:
+    """Soft Dice over the batch (one number) or per image (``batch=False``: one value per image)."""
+    return DiceLoss(sigmoid=True, batch=batch, reduction="mean" if batch else "none", smooth_nr=_SMOOTH,
+                    smooth_dr=_SMOOTH)
 
 
 def _tversky(batch: bool) -> TverskyLoss:
@@ -137,13 +138,13 @@ def create_loss(name: str = "bce_dice") -> SegmentationLoss:
     if key == "bce":
         loss = nn.BCEWithLogitsLoss()
     elif key == "bce_dice_image":
-        loss = BCEPlus(_dice_per_image())
+        loss = BCEPlus(PerTumourImageLoss(_dice(batch=False)))
     elif key == "bce_tversky":
         loss = BCEPlus(_tversky(batch=True))
     elif key == "bce_tversky_image":
         loss = BCEPlus(PerTumourImageLoss(_tversky(batch=False)))
     elif key == "dice":
-        loss = DiceLoss(sigmoid=True, batch=True, smooth_nr=_SMOOTH, smooth_dr=_SMOOTH)
+        loss = _dice(batch=True)
     else:
         # For one channel MONAI's DiceCELoss uses BCEWithLogitsLoss (mean) for the CE term.
         loss = DiceCELoss(sigmoid=True, batch=True, smooth_nr=_SMOOTH, smooth_dr=_SMOOTH,
