@@ -2,7 +2,8 @@
 # Out-of-fold comparison of LGG training recipes over the 68 non-test patients (5 folds), as
 # pre-registered in docs/experiments.md ("Small tumours, out of fold"; "Tversky loss and deep
 # supervision, out of fold"; "Neighbouring slices (2.5D), out of fold"; "256² from the start, out of fold";
-# "Small-tumour slices drawn more often, alone, out of fold"; "Tversky and deep supervision together").
+# "Small-tumour slices drawn more often, alone, out of fold"; "Tversky and deep supervision together";
+# "No dropout, the same minutes, out of fold").
 #   scripts/lgg_oof.sh DATA OUT        e.g. scripts/lgg_oof.sh ../shared/data/lgg runs/lgg_oof
 # Every arm trains the same fixed schedule (no early stopping, last epoch kept), so the scores do
 # not depend on machine load and no fold's validation patients choose anything for themselves.
@@ -22,12 +23,13 @@ declare -A ARMS=(
   [D_deep]="--set model.options.deep_supervision=2"
   [E_context]="--context 1"
   [H_small_draws]="--set data.small_tumour_weight=3"
+  [J_no_dropout]="--set model.dropout=0 --epochs 22 --set train.lr_milestones=[14,19]"
   [I_tversky_deep]="--loss bce_tversky --set model.options.deep_supervision=2"
   [G_256]="--image-size 256"
 )
 # One arm's five folds, then its out-of-fold scores: A's alone, the others' paired against A's per
 # patient with 95% bootstrap intervals (the decisions).
-for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_draws I_tversky_deep G_256}; do
+for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_draws J_no_dropout I_tversky_deep G_256}; do
   for fold in 0 1 2 3 4; do
     run="$OUT/$arm/fold$fold"
     [ -f "$run/model.pt" ] && continue
