@@ -351,6 +351,32 @@ def test_crossval_takes_a_checkpoint_inside_each_fold_run(tiny_run, tmp_path):
         cross_validate(runs, data, tmp_path / "cv_bad", options=options, against=tmp_path)
 
 
+def test_crossval_pools_ensembles_of_one_folds_runs(tiny_run, tmp_path):
+    from brainseg.evaluation.crossval import cross_validate
+    from brainseg.runs.combine import build_ensemble
+
+    data, run = tiny_run
+    split = _two_folds(run)
+    options = EvaluateOptions(precision="32")
+    singles = [_as_fold(run, tmp_path / f"fold{k}", k, split) for k in (0, 1)]
+    twins = [_as_fold(run, tmp_path / f"twin{k}", k, split) for k in (0, 1)]
+    # Each fold's run twice over (as two recipes of one fold would be): the same probabilities.
+    pairs = []
+    for k in (0, 1):
+        summary = build_ensemble([singles[k], twins[k] / "model.pt"], tmp_path / f"pair{k}")
+        assert summary["fold"] == k
+        pairs.append(tmp_path / f"pair{k}")
+    alone = cross_validate(singles, data, tmp_path / "cv_alone", options=options, progress=False)
+    paired = cross_validate(pairs, data, tmp_path / "cv_pairs", options=options, progress=False)
+    assert paired["per_fold"] == alone["per_fold"]
+    pooled = pd.read_csv(tmp_path / "cv_pairs" / "out_of_fold.csv")
+    assert sorted(pooled.loc[pooled["fold"] == 1, "patient"]) == split["folds"][1]["val"]
+    # Runs of different folds make an ensemble without a fold, which crossval refuses.
+    build_ensemble([singles[0], singles[1]], tmp_path / "mixed")
+    with pytest.raises(BadInputError, match="not runs of one fold"):
+        cross_validate([tmp_path / "mixed", pairs[1]], data, tmp_path / "cv_mixed", progress=False)
+
+
 def test_crossval_scores_copied_sequence_patients_apart():
     from brainseg.evaluation.crossval import _summary
 

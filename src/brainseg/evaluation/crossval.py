@@ -16,19 +16,21 @@ from brainseg.data.splits import SCORED_PER, SIZE_UNIT, case_groups, drawn_over
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import mean_interval, paired_change
 from brainseg.evaluation.evaluate import SIZE_BANDS, EvaluateOptions, cases_table, evaluate
-from brainseg.runs.folder import SPLIT_FILE, fold_of, run_folder_of
+from brainseg.runs.folder import CONFIG_FILE, MODEL_FILE, SPLIT_FILE, fold_of, run_folder_of
+from brainseg.runs.model_file import load_model_file
 
 
 def check_folds(runs: list[str | Path]) -> tuple[dict[int, Path], int]:
     """({fold: model} sorted by fold, the split's fold count) for runs that are distinct folds of one
     k-fold split. A model is a run folder, or a model file or checkpoint inside one (e.g.
-    RUN/checkpoints/last.ckpt, to score the last epoch instead of the best)."""
+    RUN/checkpoints/last.ckpt, to score the last epoch instead of the best), or the folder of an
+    ensemble of one fold's runs."""
     if not runs:
         raise BadInputError("crossval", "give the run folder of at least one fold")
     folds: dict[int, Path] = {}
     first_split = None
     for run in map(Path, runs):
-        fold, split = fold_of(run_folder_of(run))
+        fold, split = _fold_and_split(run)
         if first_split is None:
             first_split = split
         elif split["folds"] != first_split["folds"]:
@@ -37,6 +39,17 @@ def check_folds(runs: list[str | Path]) -> tuple[dict[int, Path], int]:
             raise BadInputError(run, f"fold {fold} is given twice (also {folds[fold]})")
         folds[fold] = run
     return dict(sorted(folds.items())), len(first_split["folds"])
+
+
+def _fold_and_split(run: Path) -> tuple[int, dict]:
+    """A fold run's fold and split; for an ensemble of one fold's runs, the fold it recorded."""
+    if run.is_dir() and not (run / CONFIG_FILE).exists() and (run / MODEL_FILE).exists():
+        description, _ = load_model_file(run)
+        if "fold" not in description:
+            raise BadInputError(run, "an ensemble whose members are not runs of one fold; build it from "
+                                     "the runs (or their checkpoints) of a single fold")
+        return fold_of(run, description["fold"])
+    return fold_of(run_folder_of(run))
 
 
 def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,

@@ -15,7 +15,14 @@ from brainseg.data.splits import save_split
 from brainseg.errors import BadInputError, OptionError
 from brainseg.evaluation.postprocess import check_min_fraction, check_min_size
 from brainseg.models import create_model
-from brainseg.runs.folder import MODEL_FILE, SPLIT_FILE, member_patients_seen, model_file, stored_split
+from brainseg.runs.folder import (
+    MODEL_FILE,
+    SPLIT_FILE,
+    member_fold,
+    member_patients_seen,
+    model_file,
+    stored_split,
+)
 from brainseg.runs.model_file import (
     CHECKPOINT_FORMAT,
     file_digest,
@@ -55,7 +62,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
     out = Path(out)
     if (out / MODEL_FILE).exists():
         raise BadInputError(out, f"already holds a {MODEL_FILE}; choose a new --out")
-    members, weights, sources, splits, seen = [], {}, [], [], []
+    members, weights, sources, splits, seen, folds = [], {}, [], [], [], set()
     for i, model in enumerate(models):
         path = model_file(model)  # 'pretrained' is the shipped file
         description, state = load_model_file(path)
@@ -68,6 +75,7 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
                         "model": description["model"]["name"], "context": members[-1]["context"]})
         splits.append(stored_split(path, description))
         seen.append(member_patients_seen(path, description))
+        folds.add(member_fold(path))
 
     first = members[0]["preprocessing"]
     for member, source in zip(members, sources, strict=True):
@@ -99,18 +107,22 @@ def build_ensemble(models: list[str | Path], out: str | Path, *, threshold: floa
     unknown = [source["file"] for source, member in zip(sources, seen, strict=True) if member is None]
     if unknown:
         description["patients_seen"]["unknown_for"] = unknown
-    create_model("ensemble", **kwargs).load_state_dict(weights)  # fails here, not at predict time
-    out.mkdir(parents=True, exist_ok=True)
-    save_model_file(description, weights, out / MODEL_FILE)
     # Members of different folds of one k-fold split hold the same split.json but learnt from
     # different patients: they do not share a split.
     shared_split = (splits[0] if splits[0] and all(s == splits[0] for s in splits)
                     and all(m == seen[0] for m in seen) else None)
+    fold = next(iter(folds)) if shared_split and len(folds) == 1 else None
+    if fold is not None:  # one fold's runs (e.g. two recipes): crossval can pool such ensembles
+        description["fold"] = fold
+    create_model("ensemble", **kwargs).load_state_dict(weights)  # fails here, not at predict time
+    out.mkdir(parents=True, exist_ok=True)
+    save_model_file(description, weights, out / MODEL_FILE)
     if shared_split:
         save_split(shared_split, out / SPLIT_FILE)
     summary = {"model": str(out / MODEL_FILE), "members": sources, "context": context,
                "threshold": threshold, **copied, "split": "shared by all members" if shared_split else
                "members differ: pass --split-file to evaluate (patients a member trained on are refused)",
+               **({"fold": fold} if fold is not None else {}),
                "patients_seen": {kind: len(value) if isinstance(value, list) else value
                                  for kind, value in description["patients_seen"].items()}}
     (out / "ensemble.json").write_text(json.dumps(summary, indent=2) + "\n")

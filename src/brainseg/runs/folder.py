@@ -62,9 +62,10 @@ def run_folder_of(model: Path) -> Path:
     raise BadInputError(model, "is not inside a run folder, so its fold is unknown")
 
 
-def fold_of(run: Path) -> tuple[int, dict]:
-    """The fold a run trained on and its k-fold split (refused for a run of a plain split)."""
-    fold = load_run_config(run).data.fold
+def fold_of(run: Path, fold: int | None = None) -> tuple[int, dict]:
+    """The fold a run trained on and its k-fold split (refused for a run of a plain split). `fold`: the
+    fold when the folder has no config of its own (an ensemble of one fold's runs records it)."""
+    fold = load_run_config(run).data.fold if fold is None else fold
     if not (run / SPLIT_FILE).exists():
         raise BadInputError(run, f"no {SPLIT_FILE} in the run folder")
     split = load_split(run / SPLIT_FILE)
@@ -130,13 +131,19 @@ def member_patients_seen(model: Path, description: dict) -> dict | None:
     split = stored_split(model, description)
     if split is None:
         return None
-    try:
-        fold = load_run_config(run_folder_of(model)).data.fold
-    except BrainsegError:  # a model file away from its run: its fold is unknown, count every fold
-        fold = None
-    fold = fold if fold is not None and fold >= 0 and split.get("folds") else None
+    fold = member_fold(model) if split.get("folds") else None  # unknown: count every fold
     return {"trained": sorted(seen_patients(split, fold, TRAINED_KEYS)),
             "validated": sorted(seen_patients(split, fold, ("val",)))}
+
+
+def member_fold(model: Path) -> int | None:
+    """The fold of a k-fold split that the run holding `model` trained on; None for a run of a plain
+    split, or a model file away from its run folder."""
+    try:
+        fold = load_run_config(run_folder_of(model)).data.fold
+    except BrainsegError:
+        return None
+    return fold if fold >= 0 else None
 
 
 def check_unseen(model_path: Path, description: dict, patients, side: str) -> None:

@@ -101,6 +101,8 @@ def check_description(path: str | Path, description) -> dict:
     threshold = description.get("threshold", 0.5)
     if not _number(threshold) or not is_probability_cut(threshold):
         raise bad(f"threshold must be a number between 0 and 1, not {threshold!r}")
+    if not whole(description.get("fold", 0), 0):
+        raise bad(f"fold must be a whole number of 0 or more, not {description['fold']!r}")
     stored = description.get("postprocessing", {})
     if not isinstance(stored, dict):
         raise bad("'postprocessing' must be a mapping")
