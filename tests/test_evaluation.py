@@ -300,6 +300,8 @@ def test_crossval_pools_each_fold_on_its_own_validation_patients(tiny_run, tmp_p
     assert "Cross-validation (out of fold)" in page and 'href="out_of_fold.csv"' in page
     assert "<td>all three sequences recorded</td>" in page and "out of fold on 3 patients" in page
     assert 'src="fold1/patient_dice.png"' in page  # each fold's own evaluation is in the report too
+    # At a glance, each line names the subfolder its result comes from; the report's own, none.
+    assert "; <code>fold1</code>)</li>" in page and "<code>.</code>" not in page
 
     # Runs that are not folds, or that repeat a fold, are refused before anything is scored.
     with pytest.raises(BadInputError, match="not a run of a k-fold split"):

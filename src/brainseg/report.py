@@ -291,10 +291,15 @@ def _crossval_line(root: Path, crossval: Path) -> str:
     dice, unit = summary["dice"], summary.get("unit", "patient")
     if dice["mean"] is None:
         return ""
-    where = crossval.parent.relative_to(root).as_posix()
     return (f"<li><b>{dice['mean']:.3f}</b> mean Dice {SCORED_PER[unit]} out of fold on "
-            f"{dice[f'{unit}s']} {unit}s (median {dice['median']:.3f}, min {dice['min']:.3f}; "
-            f"<code>{html.escape(where)}</code>)</li>")
+            f"{dice[f'{unit}s']} {unit}s (median {dice['median']:.3f}, min {dice['min']:.3f}"
+            f"{_subfolder(root, crossval.parent)})</li>")
+
+
+def _subfolder(root: Path, folder: Path) -> str:
+    """'; <code>sub/folder</code>' naming where a result lies in the report, nothing for the root."""
+    where = folder.relative_to(root).as_posix()
+    return f"; <code>{html.escape(where)}</code>" if where != "." else ""
 
 
 def _evaluation_line(root: Path, summary_path: Path) -> str:
@@ -302,12 +307,11 @@ def _evaluation_line(root: Path, summary_path: Path) -> str:
     dice = summary.get("per_patient", {}).get("dice")
     if not dice or dice.get("mean") is None:
         return ""
-    where = summary_path.parent.relative_to(root).as_posix()
     unit = summary["data"].get("unit", "patient")
     return (f"<li><b>{dice['mean']:.3f}</b> mean Dice {SCORED_PER[unit]} on "
             f"{summary['data']['cases']} {html.escape(summary['data']['side'])} {unit}s "
-            f"(median {dice['median']:.3f}, min {dice['min']:.3f}; "
-            f"<code>{html.escape(where)}</code>)</li>")
+            f"(median {dice['median']:.3f}, min {dice['min']:.3f}"
+            f"{_subfolder(root, summary_path.parent)})</li>")
 
 
 def _stderr(message: str) -> None:
