@@ -375,7 +375,7 @@ def test_crossval_pools_ensembles_of_one_folds_runs(tiny_run, tmp_path):
     assert sorted(pooled.loc[pooled["fold"] == 1, "patient"]) == split["folds"][1]["val"]
     # Runs of different folds make an ensemble without a fold, which crossval refuses.
     build_ensemble([singles[0], singles[1]], tmp_path / "mixed")
-    with pytest.raises(BadInputError, match="not runs of one fold"):
+    with pytest.raises(BadInputError, match="nor an ensemble built from the runs of one fold"):
         cross_validate([tmp_path / "mixed", pairs[1]], data, tmp_path / "cv_mixed", progress=False)
 
 

@@ -46,8 +46,8 @@ def _fold_and_split(run: Path) -> tuple[int, dict]:
     if run.is_dir() and not (run / CONFIG_FILE).exists() and (run / MODEL_FILE).exists():
         description, _ = load_model_file(run)
         if "fold" not in description:
-            raise BadInputError(run, "an ensemble whose members are not runs of one fold; build it from "
-                                     "the runs (or their checkpoints) of a single fold")
+            raise BadInputError(run, "has no fold: neither a fold's run folder (no config.yaml) nor an "
+                                     "ensemble built from the runs of one fold")
         return fold_of(run, description["fold"])
     return fold_of(run_folder_of(run))
 
