@@ -10,6 +10,9 @@
 set -euo pipefail
 DATA=${1:?data folder}; OUT=${2:?output folder}
 EPOCHS=${EPOCHS:-16}  # ARMS_TO_RUN="C_tversky D_deep" runs only those (A's crossval must exist)
+# FOLDS="3 4" trains only those folds, so that two copies of this script can share an arm's folds
+# (one per core); an arm is scored once all five of its folds have a model.
+FOLDS=${FOLDS:-0 1 2 3 4}
 mkdir -p "$OUT"
 TEST=TCGA_DU_6404_19850629,TCGA_CS_6667_20011105,TCGA_DU_5851_19950428,TCGA_HT_7879_19981009,TCGA_HT_7692_19960724,TCGA_CS_4944_20010208,TCGA_HT_7616_19940813
 [ -f "$OUT/split5.json" ] || brainseg split "$DATA" --folds 5 --seed 0 --test-patients "$TEST" --out "$OUT/split5.json"
@@ -32,13 +35,14 @@ declare -A ARMS=(
 # One arm's five folds, then its out-of-fold scores: A's alone, the others' paired against A's per
 # patient with 95% bootstrap intervals (the decisions).
 for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_draws J_no_dropout I_tversky_deep G_256}; do
-  for fold in 0 1 2 3 4; do
+  for fold in $FOLDS; do
     run="$OUT/$arm/fold$fold"
     [ -f "$run/model.pt" ] && continue
     rm -rf "$run"
     # shellcheck disable=SC2086
     brainseg train --data "$DATA" --out "$run" --fold "$fold" "${SCHEDULE[@]}" ${ARMS[$arm]}
   done
+  for fold in 0 1 2 3 4; do [ -f "$OUT/$arm/fold$fold/model.pt" ] || continue 2; done
   against=()
   [ "$arm" = A_baseline ] || against=(--against "$OUT/A_baseline/crossval")
   [ -f "$OUT/$arm/crossval/crossval.json" ] || brainseg crossval \
