@@ -44,7 +44,11 @@ for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_
   done
   for fold in 0 1 2 3 4; do [ -f "$OUT/$arm/fold$fold/model.pt" ] || continue 2; done
   against=()
-  [ "$arm" = A_baseline ] || against=(--against "$OUT/A_baseline/crossval")
+  if [ "$arm" != A_baseline ] && [ -f "$OUT/A_baseline/crossval/out_of_fold.csv" ]; then
+    against=(--against "$OUT/A_baseline/crossval")
+  elif [ "$arm" != A_baseline ]; then
+    echo "note: A_baseline has no crossval in $OUT yet, so $arm is scored without its paired change" >&2
+  fi
   [ -f "$OUT/$arm/crossval/crossval.json" ] || brainseg crossval \
     "$OUT"/$arm/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" \
     --out "$OUT/$arm/crossval" --threshold 0.5 --min-fraction 0 "${against[@]}"
