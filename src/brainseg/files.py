@@ -1,4 +1,4 @@
-"""Writing a file so that a failure never leaves it half written."""
+"""Writing a file so that a failure never leaves it half written, and the PNGs that predictions write."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from brainseg.errors import BadInputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # `replacing` names its temporary file .NAME.PID.RANDOM.partial, so that one left by a killed process
 # can be told from one that a running process is still writing.
@@ -32,6 +36,29 @@ def writing(path: Path) -> Iterator[Path]:
         yield path
     except OSError as error:
         raise WriteError(path, error) from None
+
+
+# zlib level 1: a 256x256 RGB overlay encodes about 4x faster than at Pillow's default (6), for a file
+# about 15% larger; with one network, encoding at 6 took longer than predicting.
+PNG_COMPRESS_LEVEL = 1
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """`array` (H x W greyscale or H x W x 3 RGB, uint8) as PNG."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Write `array` as a PNG at `path` (its folder made if needed); a failure names `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.write_bytes(png_bytes(array))
 
 
 @contextmanager

@@ -44,6 +44,11 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.25) -> np.ndar
     return rgb
 
 
+def overlay_rgb8(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`overlay` as 8-bit RGB, for a PNG."""
+    return (overlay(image, mask) * 255).round().astype(np.uint8)
+
+
 def _outline(ax, mask: np.ndarray, colour: str, width: float = 1.0) -> None:
     if np.asarray(mask).any():
         ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors=[colour], linewidths=width)

@@ -18,7 +18,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from brainseg import plots
 from brainseg.config import normalise_device
@@ -35,9 +34,9 @@ from brainseg.data.io import (
     read_image,
 )
 from brainseg.errors import BadInputError, BrainsegError, OptionError
-from brainseg.files import WriteError, writing
+from brainseg.files import WriteError, write_png, writing
 from brainseg.inference import Predictor
-from brainseg.plots import overlay
+from brainseg.plots import overlay_rgb8
 from brainseg.predict_dicom import channel_plan, dicom_case_row, parse_channels
 from brainseg.progress import counter
 from brainseg.runs.model_file import whole
@@ -238,16 +237,6 @@ def nifti_to_slices(path: Path, axis: int, limits: SizeLimits = DEFAULT_LIMITS,
     np.clip(data, 0, 255, out=data)
     slices = np.rint(data, out=data).astype(np.uint8)
     return (slices[..., None] if slices.ndim == 3 else slices), volume
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with writing(path):
-        Image.fromarray(array).save(path)
-
-
-def _overlay_png(path: Path, image: np.ndarray, mask: np.ndarray) -> None:
-    _write_png(path, (overlay(image, mask) * 255).round().astype(np.uint8))
 
 
 def check_outputs(inputs: list[Path], out: Path, *, overwrite: bool = False) -> None:
@@ -485,11 +474,11 @@ def _predict_images(predictor, cases: list[Case], out: Path, save_probabilities:
     for case, image, probability in zip(good, images, probabilities, strict=True):
         mask = predictor.masks(probability)
         target = out / "masks" / f"{case.name}.png"
-        _write_png(target, mask.astype(np.uint8) * 255)
+        write_png(target, mask.astype(np.uint8) * 255)
         if overlays:
-            _overlay_png(out / "overlays" / f"{case.name}.png", image, mask)
+            write_png(out / "overlays" / f"{case.name}.png", overlay_rgb8(image, mask))
         if save_probabilities:
-            _write_png(out / "probabilities" / f"{case.name}.png", _probability_png(probability))
+            write_png(out / "probabilities" / f"{case.name}.png", _probability_png(probability))
         rows.append({"case": case.name, "kind": "image", "input": str(case.paths[0]), "slices": 1,
                      "tumour_pixels": int(mask.sum()), "mask": str(target), "status": "ok"})
     return rows
@@ -509,11 +498,11 @@ def _predict_volume_case(predictor, case: Case, out: Path, save_probabilities: b
     masks = predictor.masks(probability)  # post-processed in 3D
     folder = out / "masks" / case.name
     for path, image, mask, prob in zip(case.paths, images, masks, probability, strict=True):
-        _write_png(folder / f"{path.stem}_mask.png", mask.astype(np.uint8) * 255)
+        write_png(folder / f"{path.stem}_mask.png", mask.astype(np.uint8) * 255)
         if overlays:
-            _overlay_png(out / "overlays" / case.name / f"{path.stem}.png", image, mask)
+            write_png(out / "overlays" / case.name / f"{path.stem}.png", overlay_rgb8(image, mask))
         if save_probabilities:
-            _write_png(out / "probabilities" / case.name / f"{path.stem}.png", _probability_png(prob))
+            write_png(out / "probabilities" / case.name / f"{path.stem}.png", _probability_png(prob))
     return {"case": case.name, "kind": "patient", "input": str(_case_input(case)), "slices": len(case.paths),
             "tumour_pixels": int(masks.sum()), "mask": str(folder),
             "equal_channels": equal_channel_text(images), "status": "ok"}

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from brainseg.data.dicom import (
     DicomGeometry,
@@ -34,9 +33,9 @@ from brainseg.data.dicom import (
 )
 from brainseg.data.io import DEFAULT_LIMITS, SizeLimits
 from brainseg.errors import BadInputError, OptionError
-from brainseg.files import writing
+from brainseg.files import write_png
 from brainseg.inference import Predictor
-from brainseg.plots import overlay
+from brainseg.plots import overlay_rgb8
 
 SEG_FILE = "seg.dcm"
 NIFTI_FILE = "mask.nii.gz"
@@ -246,12 +245,6 @@ def predict_dicom(predictor: Predictor, path: str | Path) -> DicomPrediction:
     return prediction
 
 
-def _png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with writing(path):
-        Image.fromarray(array).save(path)
-
-
 def write_dicom_outputs(prediction: DicomPrediction, folder: Path, *, overlays: Path | None = None,
                         probabilities: bool = False, model: str = "brainseg",
                         anonymize: bool = False) -> dict[str, Path]:
@@ -268,9 +261,9 @@ def write_dicom_outputs(prediction: DicomPrediction, folder: Path, *, overlays: 
         written["probability"] = write_nifti(prediction.probability.astype(np.float32), prediction.geometry,
                                              folder / PROBABILITY_FILE)
     for k, (image, mask) in enumerate(zip(prediction.volume, prediction.mask, strict=True), start=1):
-        _png(folder / f"slice_{k:03d}_mask.png", mask.astype(np.uint8) * 255)
+        write_png(folder / f"slice_{k:03d}_mask.png", mask.astype(np.uint8) * 255)
         if overlays is not None:
-            _png(overlays / f"slice_{k:03d}.png", (overlay(image, mask) * 255).round().astype(np.uint8))
+            write_png(overlays / f"slice_{k:03d}.png", overlay_rgb8(image, mask))
     return written
 
 

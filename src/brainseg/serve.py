@@ -32,7 +32,6 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 
 from brainseg import __version__, plots
 from brainseg.data.dicom import DicomSeries, find_series, holds_dicom, read_series, write_nifti, write_seg
@@ -48,8 +47,9 @@ from brainseg.data.io import (
 )
 from brainseg.errors import BadInputError, BrainsegError, OptionError
 from brainseg.explain import saliency
+from brainseg.files import png_bytes
 from brainseg.inference import Predictor
-from brainseg.plots import overlay
+from brainseg.plots import overlay_rgb8
 from brainseg.predict import is_nifti, nifti_to_slices, patient_slices, stack_slices
 from brainseg.predict_dicom import (
     DicomPrediction,
@@ -124,12 +124,6 @@ def _as_upload_errors(folder: str | Path):
         raise UploadError(400, told(error.problem)) from None
     except BrainsegError as error:
         raise UploadError(400, told(str(error))) from None
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _display(image: np.ndarray) -> np.ndarray:
@@ -344,10 +338,10 @@ class Service:
     def _result(self, predictor, kind: str, images: np.ndarray, masks: np.ndarray, name: str,
                 extra: dict | None = None) -> dict:
         identifier = uuid.uuid4().hex
-        mask_pngs = [_png(m.astype(np.uint8) * 255) for m in masks]
-        image_pngs = [_png(_display(i)) for i in images]
+        mask_pngs = [png_bytes(m.astype(np.uint8) * 255) for m in masks]
+        image_pngs = [png_bytes(_display(i)) for i in images]
         best = int(masks.reshape(len(masks), -1).sum(1).argmax())
-        files = {"overlay.png": (_png((overlay(images[best], masks[best]) * 255).round().astype(np.uint8)),
+        files = {"overlay.png": (png_bytes(overlay_rgb8(images[best], masks[best])),
                                  "image/png")}
         if len(masks) == 1:
             files["mask.png"] = (mask_pngs[0], "image/png")
