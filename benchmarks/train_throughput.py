@@ -1,14 +1,16 @@
 """Training throughput: the project's Lightning training step against a plain eager fp32 loop.
 
 Usage: python benchmarks/train_throughput.py [--steps 6] [--batch 16] [--quick]
-       [--model resunet] [--option upsample=transpose]
+       [--model resunet] [--option upsample=transpose] [--dropout 0.1] [--also-dropout 0]
 
 For every row, the same network, batch and input size run in the same process, alternating:
   * baseline: plain eager PyTorch, fp32, NCHW: zero_grad, forward, BCE+Dice loss, backward, Adam step;
   * project:  brainseg's SegmentationModule under a Lightning Trainer, with the row's precision and
               memory format (the configuration `brainseg train` would pick on this machine).
-It also times the data pipeline alone (memory-mapped slice cache -> tensors -> default augmentation)
-and sets its images/s against what the project's training step consumes.
+With --also-dropout X, one more row runs the project's default configuration with dropout X (drawing
+dropout's random masks is a large share of a CPU step). It also times the data pipeline alone
+(memory-mapped slice cache -> tensors -> default augmentation) and sets its images/s against what the
+project's training step consumes.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ class StepTimer(Callback):
 
 
 def baseline_seconds(model_name: str, options: dict, filters: int, size: int, batch: int, steps: int,
-                     warmup: int) -> list[float]:
+                     warmup: int, dropout: float) -> list[float]:
     torch.manual_seed(0)
-    model = create_model(model_name, in_channels=3, base_filters=filters, depth=4, **options)
+    model = create_model(model_name, in_channels=3, base_filters=filters, depth=4, dropout=dropout, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = create_loss("bce_dice")
     data = RandomSlices(batch, size)
@@ -86,11 +88,12 @@ def fit_with_timer(module, loader, precision: str, steps: int) -> StepTimer:
 
 
 def project_step_seconds(model_name: str, options: dict, filters: int, size: int, batch: int, steps: int,
-                         warmup: int, precision: str, channels_last: bool) -> list[float]:
+                         warmup: int, precision: str, channels_last: bool, dropout: float) -> list[float]:
     torch.manual_seed(0)
     # val_every beyond the run: the LR scheduler waits for a validation that never comes.
     config = RunConfig().override({"model.name": model_name, "model.options": options,
-                                   "model.base_filters": filters, "model.depth": 4, "train.val_every": 1000,
+                                   "model.base_filters": filters, "model.depth": 4, "model.dropout": dropout,
+                                   "train.val_every": 1000,
                                    "train.channels_last": channels_last, "data.image_size": size})
     module = SegmentationModule(config.to_dict(), 3, ["p"])
     loader = DataLoader(RandomSlices(batch, size), batch_size=batch, sampler=[0] * batch * (warmup + steps))
@@ -128,37 +131,46 @@ def main() -> None:
     parser.add_argument("--model", default="unet", help="registry name of the network")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra model argument, e.g. upsample=transpose (repeatable)")
+    parser.add_argument("--dropout", type=float, default=RunConfig().model.dropout,
+                        help="the network's dropout, in both loops (default: the recipes')")
+    parser.add_argument("--also-dropout", type=float, default=None,
+                        help="add a row: the project's default configuration with this dropout")
     args = parser.parse_args()
     # Parsed as `--set model.options.KEY=VALUE` is, so "2" becomes 2 here too.
     options = RunConfig().override({f"model.options.{key}": value for key, value in
                                     (item.split("=", 1) for item in args.option)}).model.options
     auto = resolve_precision("auto", "cpu")
     print(machine_header())
-    print(f"model {args.model} {options or ''}")
+    print(f"model {args.model} {options or ''}, dropout {args.dropout}")
     print(f"batch {args.batch}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} "
           f"alternating rounds; medians. Precision 'auto' resolves to {auto} on this machine.\n")
 
     rows_to_run = [(16, 128), (32, 128)] + ([] if args.quick else [(16, 256), (32, 256)])
-    variants = [("32-true", False), ("32-true", True), ("bf16-mixed", False), ("bf16-mixed", True)]
+    variants = [("32-true", False, args.dropout), ("32-true", True, args.dropout),
+                ("bf16-mixed", False, args.dropout), ("bf16-mixed", True, args.dropout)]
+    if args.also_dropout is not None:
+        variants.append((auto, True, args.also_dropout))
     table = []
     consumed = {}
     for filters, size in rows_to_run:
         base: list[float] = []
-        project: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+        project: dict[tuple[str, bool, float], list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):
-            base += baseline_seconds(args.model, options, filters, size, args.batch, args.steps, args.warmup)
-            for precision, channels_last in variants:
-                project[(precision, channels_last)] += project_step_seconds(
+            base += baseline_seconds(args.model, options, filters, size, args.batch, args.steps, args.warmup,
+                                     args.dropout)
+            for precision, channels_last, dropout in variants:
+                project[(precision, channels_last, dropout)] += project_step_seconds(
                     args.model, options, filters, size, args.batch, args.steps, args.warmup, precision,
-                    channels_last)
+                    channels_last, dropout)
         base_rate = args.batch / statistics.median(base)
         table.append([f"F={filters}", f"{size}²", "baseline: eager fp32 NCHW", f"{base_rate:.1f}", "1.00"])
-        for (precision, channels_last), times in project.items():
+        for (precision, channels_last, dropout), times in project.items():
             rate = args.batch / statistics.median(times)
             layout = "channels_last" if channels_last else "NCHW"
-            table.append([f"F={filters}", f"{size}²", f"brainseg {precision} {layout}", f"{rate:.1f}",
-                          f"{rate / base_rate:.2f}"])
-            if precision == auto and channels_last:
+            other = f", dropout {dropout}" if dropout != args.dropout else ""
+            label = f"brainseg {precision} {layout}{other}"
+            table.append([f"F={filters}", f"{size}²", label, f"{rate:.1f}", f"{rate / base_rate:.2f}"])
+            if precision == auto and channels_last and dropout == args.dropout:
                 consumed[(filters, size)] = rate
     print_table(["filters", "input", "training step", "images/s", "× baseline"], table)
 
