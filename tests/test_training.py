@@ -213,6 +213,25 @@ def test_refit_trains_on_train_and_val_patients_without_validation(synthetic, on
         run_training(tmp_path / "again", refit=run, progress=False)
 
 
+def test_a_models_recipe_trains_again_on_other_data(synthetic, one_epoch_run, tmp_path):
+    """--config MODEL: the config stored in a model file, less the data and split it trained on."""
+    from brainseg.config import load_config
+    from brainseg.errors import BadInputError
+    from brainseg.runs.combine import build_ensemble
+
+    recipe = load_config(one_epoch_run.model_file)
+    trained = load_config(one_epoch_run.run_dir / "config.yaml")
+    assert recipe.data.root == recipe.data.split == "" and trained.data.root == str(synthetic)
+    assert recipe.override({"data.root": trained.data.root, "data.split": trained.data.split}) == trained
+    result = run_training(tmp_path / "again", config_file=one_epoch_run.run_dir, progress=False,
+                          overrides={"data.root": str(synthetic)})
+    assert load_config(result.run_dir / "config.yaml").model == trained.model
+    assert load_config("pretrained:figshare").model.base_filters == 16  # the shipped recipe, by name
+    build_ensemble([one_epoch_run.run_dir, one_epoch_run.run_dir], tmp_path / "ensemble")
+    with pytest.raises(BadInputError, match="holds no training config"):
+        load_config(tmp_path / "ensemble")  # each member has its own
+
+
 def test_fine_tuning_refuses_weights_of_another_network(synthetic, one_epoch_run, tmp_path):
     from brainseg.errors import BadInputError
 

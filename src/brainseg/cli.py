@@ -216,7 +216,9 @@ def synth_command(
 def train_command(
     data: Annotated[Path | None, typer.Option(help="Data set folder.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="New run folder.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config; flags override it.")] = None,
+    config: Annotated[Path | None, typer.Option(help=(
+        "YAML config, a shipped recipe (lgg_cpu, figshare_cpu) or a model whose recipe to train again "
+        "(a run, a model file, pretrained:figshare); flags override it."))] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder from its "
                                                      "last checkpoint.")] = None,
     refit: Annotated[Path | None, typer.Option(help="Refit this validated run on its train and val "

@@ -7,13 +7,14 @@ are stored in its description.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from brainseg.config import is_probability_cut
+from brainseg.config import RunConfig, is_probability_cut
 from brainseg.errors import BadInputError, BrainsegError
 from brainseg.files import replacing
 from brainseg.models import create_model
@@ -167,6 +168,19 @@ def write_pretrained(model: str | Path, out: str | Path | None = None, name: str
     target.parent.mkdir(parents=True, exist_ok=True)
     half = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     return save_model_file(description, half, target)
+
+
+def trained_config(model: str | Path) -> RunConfig:
+    """The config a model was trained with (its recipe: network, augmentation, loss, schedule, start
+    weights), without the data folder and split file it named, which were paths where it trained."""
+    description, _ = load_model_file(model)
+    config = description.get("config")
+    if not isinstance(config, dict):
+        raise BadInputError(model, "holds no training config (an ensemble's members each have their own: "
+                                   "give one member's run)")
+    values = copy.deepcopy(config)
+    values.setdefault("data", {}).update(root="", split="")
+    return RunConfig.from_dict(values, str(model))
 
 
 def tuned_settings(model: str | Path) -> dict:
