@@ -2,15 +2,19 @@
 # Figshare F2: F1's recipe (pretrained:figshare) refit on more images, as pre-registered in
 # docs/experiments.md ("Figshare: F1's recipe on more images"). Trains on all 706 figshare256 images
 # plus the originals in odd blocks of 16 indices, for F1's epochs and LR drops, without validation;
-# scores F1 and F2 on the originals in even blocks, which neither trained on.
+# scores it on the originals in even blocks, which it did not train on.
 # With a fourth argument `all` (F3, the shipped model) it trains on every image and tests nothing.
-#   scripts/figshare_refit.sh SHARED F1 OUT [all]   e.g. scripts/figshare_refit.sh ../shared/data runs/fig3/f1 runs/fig4
-# A variant of the recipe (F4): brainseg train options after `even`, a run name and the run to compare
-# it with first, e.g.
-#   RUN_NAME=f4 AGAINST=runs/fig4/f2 scripts/figshare_refit.sh ../shared/data runs/fig3/f1 runs/fig6 even \
-#       --loss bce_tversky_image
+#   scripts/figshare_refit.sh SHARED RECIPE OUT [even|all] [brainseg train options]
+# RECIPE: F1's run folder (refit: its config, its epochs up to its best, its tuned settings), or a model
+# made that way, whose file holds the recipe (pretrained:figshare is F3: F1's config and schedule; its
+# threshold and post-processing are copied too), e.g.
+#   scripts/figshare_refit.sh ../shared/data pretrained:figshare runs/fig4          # F2 and its test
+#   RUN_NAME=f4 AGAINST=runs/fig4/f2 scripts/figshare_refit.sh ../shared/data pretrained:figshare runs/fig6 \
+#       even --loss bce_tversky_image                                                # a variant against F2
+# The test: AGAINST paired with the new run (brainseg compare, OUT/compare_test), or, with no AGAINST, the
+# new run alone (brainseg evaluate, OUT/test_RUN_NAME); the per-image table is OUT/.../per_image.csv.
 set -euo pipefail
-SHARED=${1:?folder holding figshare/ and figshare256/}; F1=${2:?F1 run folder}; OUT=${3:?output folder}
+SHARED=${1:?folder holding figshare/ and figshare256/}; RECIPE=${2:?F1 run folder or a model}; OUT=${3:?output folder}
 HOLD_OUT=${4:-even}  # even: originals in even blocks are the test; all: no test
 shift $(( $# < 4 ? $# : 4 ))  # what is left goes to brainseg train
 mkdir -p "$OUT"
@@ -29,9 +33,22 @@ json.dump({"format": "brainseg-split/1", "unit": "image", "grouped_by": "index-b
            "train": train, "val": [], "test": sorted(test, key=int)}, open(out / "split.json", "w"), indent=1)
 PY
 RUN=$OUT/${RUN_NAME:-$([ "$HOLD_OUT" = all ] && echo f3 || echo f2)}
-# brainseg's refit of F1 on this data: F1's config and schedule up to its best epoch, no validation,
-# and F1's tuned threshold and post-processing (a refit has no validation images of its own).
-[ -f "$RUN/model.pt" ] || brainseg train --refit "$F1" --data "$OUT/figshare_all.yaml" \
-  --split "$OUT/split.json" --out "$RUN" "$@"
-[ "$HOLD_OUT" = all ] || brainseg compare "${AGAINST:-$F1}" "$RUN" --data "$OUT/figshare_all.yaml" --split test \
-  --split-file "$OUT/split.json" --group-by index-block:16 --out "$OUT/compare_test"
+if [ -f "$RECIPE/history.csv" ]; then
+  # brainseg's refit of F1 on this data: F1's config and schedule up to its best epoch, no validation,
+  # and F1's tuned threshold and post-processing (a refit has no validation images of its own).
+  [ -f "$RUN/model.pt" ] || brainseg train --refit "$RECIPE" --data "$OUT/figshare_all.yaml" \
+    --split "$OUT/split.json" --out "$RUN" "$@"
+else
+  [ -f "$RUN/model.pt" ] || brainseg train --config "$RECIPE" --data "$OUT/figshare_all.yaml" \
+    --split "$OUT/split.json" --out "$RUN" "$@"
+  python -c 'import sys; from brainseg.runs.model_file import store_settings, tuned_settings
+store_settings(sys.argv[1], tuned_settings(sys.argv[2]))' "$RUN" "$RECIPE"
+fi
+[ "$HOLD_OUT" = all ] && exit 0
+if [ -n "${AGAINST:-}" ]; then
+  brainseg compare "$AGAINST" "$RUN" --data "$OUT/figshare_all.yaml" --split test \
+    --split-file "$OUT/split.json" --group-by index-block:16 --out "$OUT/compare_test"
+else
+  brainseg evaluate "$RUN" --data "$OUT/figshare_all.yaml" --split test --split-file "$OUT/split.json" \
+    --precision 32 --out "$OUT/test_$(basename "$RUN")"
+fi
