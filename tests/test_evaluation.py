@@ -351,6 +351,16 @@ def test_crossval_takes_a_checkpoint_inside_each_fold_run(tiny_run, tmp_path):
     assert "## Change against" in (tmp_path / "cv_against" / "crossval.md").read_text()
     with pytest.raises(BadInputError, match="is not a crossval folder"):
         cross_validate(runs, data, tmp_path / "cv_bad", options=options, against=tmp_path)
+    # A saved crossval folder in place of the runs (their models gone): the same pairing, read again.
+    shutil.rmtree(runs[0])
+    again = cross_validate([tmp_path / "cv_folders"], data, tmp_path / "cv_again", progress=False,
+                           against=tmp_path / "cv_files")
+    assert again["against"] == against and again["options"]["precision"] == "32"
+    saved = [tmp_path / "cv_folders"]
+    with pytest.raises(BadInputError, match="cannot change without its models"):
+        cross_validate(saved, data, tmp_path / "cv_x", options=EvaluateOptions(threshold=0.3))
+    with pytest.raises(BadInputError, match="write the new summary to another folder"):
+        cross_validate(saved, data, saved[0], against=tmp_path / "cv_files")
 
 
 def test_crossval_pools_ensembles_of_one_folds_runs(tiny_run, tmp_path):

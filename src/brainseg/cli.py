@@ -492,7 +492,8 @@ def compare_command(
 def crossval_command(
     runs: Annotated[list[Path], typer.Argument(
         help="One run folder per fold of a k-fold split, or a model file or checkpoint inside one "
-             "(RUN/checkpoints/last.ckpt scores the last epoch), or an ensemble of one fold's runs.",
+             "(RUN/checkpoints/last.ckpt scores the last epoch), or an ensemble of one fold's runs; or "
+             "one earlier crossval folder, read again without its models (to pair it with --against).",
         show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the results.")] = Path("crossval"),

@@ -58,6 +58,8 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     """Evaluate each fold's run on that fold's validation patients; write out_of_fold.csv,
     crossval.json, crossval.md and crossval.png to `out` (each fold's evaluation in out/foldK).
 
+    `runs` may instead be one earlier crossval folder, whose pooled table is read again (no models
+    needed), e.g. to pair it with a recipe scored later.
     `against`: an earlier crossval folder (another recipe on the same folds); the summary then holds
     the paired change in Dice and recall per patient, overall and by tumour size band, each with its
     95% bootstrap interval and verdict. The intervals are drawn over cases, or over groups of them with
@@ -65,22 +67,18 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     out = Path(out)
     ensure_outside(out, data)
     baseline = _read_out_of_fold(Path(against)) if against is not None else None
-    folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
+    saved = _saved_crossval(runs, out, options)
+    if saved is None:
+        folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
     # column:NAME groups come from the index; a bad --group-by is refused before anything is evaluated
     index = index_for_groups(data, group_by, layout)
     if group_by:
         case_groups([] if index is None else index["patient"], group_by, index)
-    base = options or EvaluateOptions()
-    tables, unit = [], "patient"
-    for fold, run in folds.items():
-        fold_options = EvaluateOptions(**{**base.__dict__, "side": "val", "fold": fold,
-                                          "split_file": str(run_folder_of(run) / SPLIT_FILE)})
-        scored = evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options,
-                          progress=progress)
-        unit = scored["data"]["unit"]
-        table = pd.read_csv(cases_table(out / f"fold{fold}"), dtype={unit: str})
-        tables.append(table.assign(fold=fold, run=str(run)))
-    pooled = pd.concat(tables, ignore_index=True)
+    if saved is not None:
+        pooled, folds, fold_count, base, unit = saved
+    else:
+        pooled, base, unit = _score_folds(folds, data, out, options or EvaluateOptions(), layout, progress)
+    out.mkdir(parents=True, exist_ok=True)
     pooled.to_csv(out / "out_of_fold.csv", index=False)
     summary = _summary(pooled, folds, fold_count, base, unit, group_by, index)
     if baseline is not None:
@@ -92,6 +90,43 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     plots.compare_models({**per_fold, "all": pooled["dice"].to_numpy()}, out / "crossval.png",
                          f"Out-of-fold Dice {SCORED_PER[unit]} ({len(pooled)} {unit}s)", unit)
     return summary
+
+
+def _score_folds(folds: dict[int, Path], data: str | Path, out: Path, base: EvaluateOptions, layout: str,
+                 progress: bool) -> tuple[pd.DataFrame, EvaluateOptions, str]:
+    """Each fold's run evaluated on its fold's validation cases (out/foldK), pooled."""
+    tables, unit = [], "patient"
+    for fold, run in folds.items():
+        fold_options = EvaluateOptions(**{**base.__dict__, "side": "val", "fold": fold,
+                                          "split_file": str(run_folder_of(run) / SPLIT_FILE)})
+        scored = evaluate(run, data, out / f"fold{fold}", layout=layout, options=fold_options,
+                          progress=progress)
+        unit = scored["data"]["unit"]
+        table = pd.read_csv(cases_table(out / f"fold{fold}"), dtype={unit: str})
+        tables.append(table.assign(fold=fold, run=str(run)))
+    return pd.concat(tables, ignore_index=True), base, unit
+
+
+def _saved_crossval(runs: list[str | Path], out: Path, options: EvaluateOptions | None):
+    """An earlier crossval folder given in place of the runs: its pooled table, folds, fold count,
+    options and unit, so that it can be paired again (--against) once its models are gone; else None."""
+    if len(runs) != 1 or not (Path(runs[0]) / "out_of_fold.csv").is_file():
+        return None
+    folder = Path(runs[0])
+    if out.resolve() == folder.resolve():
+        raise BadInputError(out, "is the crossval folder being read; write the new summary to another folder")
+    if options is not None and options != EvaluateOptions():
+        raise BadInputError(folder, "holds predictions already scored with its own settings (crossval.json); "
+                                    "the threshold and post-processing cannot change without its models")
+    try:
+        earlier = json.loads((folder / "crossval.json").read_text())
+        unit = earlier["unit"]
+        folds = {int(fold): Path(run) for fold, run in earlier["folds"].items()}
+        fold_count = len(folds) + len(earlier["missing_folds"])
+        base = EvaluateOptions(**earlier["options"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise BadInputError(folder, "has out_of_fold.csv but no readable crossval.json beside it") from None
+    return pd.read_csv(folder / "out_of_fold.csv", dtype={unit: str}), folds, fold_count, base, unit
 
 
 def _read_out_of_fold(folder: Path) -> pd.DataFrame:
