@@ -22,7 +22,6 @@ from brainseg.data.dataset import NORMALISATIONS, channel_scales, to_input
 from brainseg.devices import check_device, inference_precision, normalise_device, normalise_precision
 from brainseg.errors import BadInputError, OptionError
 from brainseg.evaluation.postprocess import check_min_fraction, check_min_size, postprocess
-from brainseg.export import OnnxNetwork, export_model, exported_from
 from brainseg.runs.folder import ONNX_FILE, model_file, resolve_model_path
 from brainseg.runs.model_file import build_network, check_description, file_digest, load_model_file, whole
 
@@ -104,6 +103,8 @@ class Predictor:
     def _from_export(cls, path: Path, **options) -> Predictor:
         """ONNX Runtime on a torch model file: the model.onnx beside it if that was exported from this
         very file, else a fresh export in a temporary folder, removed once the session has read it."""
+        from brainseg.export import export_model, exported_from  # onnx is slow to import: only for ONNX
+
         source = model_file(path)
         load_model_file(source)  # a bad model file is reported as such, not as a failed export
         digest = file_digest(source)
@@ -118,6 +119,8 @@ class Predictor:
 
     @classmethod
     def from_onnx(cls, path: str | Path, **options) -> Predictor:
+        from brainseg.export import OnnxNetwork
+
         path = Path(path)
         if not path.exists():
             raise BadInputError(path, "model file does not exist")

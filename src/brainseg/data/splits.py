@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from brainseg.config import check_seed
 from brainseg.data.index import ensure_outside, scan
@@ -114,6 +113,9 @@ def split_patients(table: pd.DataFrame, *, val: float = 0.15, test: float = 0.15
     With `group_by` (see `units_of`) whole groups go to one side, and a test patient takes its group.
     Strata are the tumour type where the index has one (labels.csv), else the tumour volume.
     """
+    # scikit-learn here, not at the top: every command imports this module, few make a split
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
     seed = check_seed(seed)
     unknown = sorted(set(test_patients) - set(table["patient"].astype(str)))
     if unknown:
