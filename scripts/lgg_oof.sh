@@ -33,7 +33,8 @@ declare -A ARMS=(
   [K_no_dropout]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39]"
 )
 # One arm's five folds, then its out-of-fold scores: A's alone, the others' paired against A's per
-# patient with 95% bootstrap intervals (the decisions).
+# patient with 95% bootstrap intervals (the decisions). An arm scored before A is paired later:
+#   brainseg crossval OUT/ARM/crossval --data DATA --against OUT/A_baseline/crossval --out OUT/ARM/against_A
 for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_draws J_no_dropout I_tversky_deep G_256}; do
   for fold in $FOLDS; do
     run="$OUT/$arm/fold$fold"
@@ -52,4 +53,8 @@ for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_
   [ -f "$OUT/$arm/crossval/crossval.json" ] || brainseg crossval \
     "$OUT"/$arm/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" \
     --out "$OUT/$arm/crossval" --threshold 0.5 --min-fraction 0 "${against[@]}"
+  # Threshold and post-processing out of fold, while the fold models exist (they do not outlast a
+  # session; the tables are kept in docs/results).
+  [ -f "$OUT/$arm/tune/tuning.json" ] || brainseg tune \
+    "$OUT"/$arm/fold{0,1,2,3,4}/checkpoints/last.ckpt --data "$DATA" --out "$OUT/$arm/tune"
 done
