@@ -1,12 +1,14 @@
 """`brainseg predict` speed of several models on the same shared LGG patient folders.
 
-Usage: python benchmarks/predict_models.py [MODEL ...] [--patients 3] [--rounds 3]
+Usage: python benchmarks/predict_models.py [MODEL ...] [--patients 3] [--rounds 3] [--png-level 6 1]
        (default models: pretrained, and a plain eager fp32 U-Net F=16 at 256² as the baseline)
 
 Each model predicts the first N test patients of the shipped model's split (masks, overlays and the
 table written, as the CLI does) through the API the CLI calls, in one process, alternating models
 round by round: the interpreter's start-up and imports are excluded, each call's model loading is
 included. Prints slices/s (median of the rounds) and each model's speed as a ratio of the first's.
+With --png-level, each model runs once per zlib level of the mask and overlay PNGs (brainseg writes at
+level 1; Pillow's default is 6).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import brainseg.files
 from _common import SHARED_DATA, machine_header, print_table
 from brainseg.inference import Predictor
 from brainseg.predict import predict_paths
@@ -49,6 +52,8 @@ def main() -> None:
     parser.add_argument("models", nargs="*", default=["pretrained"])
     parser.add_argument("--patients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--png-level", type=int, nargs="+", default=[brainseg.files.PNG_COMPRESS_LEVEL],
+                        help="zlib levels of the PNGs to compare (each model runs at each)")
     args = parser.parse_args()
     print(machine_header())
     lgg = SHARED_DATA / "lgg" / "kaggle_3m"
@@ -61,19 +66,27 @@ def main() -> None:
     for model in args.models:  # a first load outside the timing warms the file cache and imports
         Predictor.load(model)
     baseline = eager_baseline()
+    rows = [(model, level) for model in args.models for level in args.png_level]
+
+    def label(model: str, level: int) -> str:
+        return f"{model} (PNG level {level})" if len(args.png_level) > 1 else model
+
     rates: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as root:
         for round_ in range(args.rounds):
-            for model in args.models:
-                out = Path(root) / f"{round_}-{len(rates.get(model, []))}-{Path(str(model)).name}"
+            for model, level in rows:
+                name = label(model, level)
+                out = Path(root) / f"{round_}-{len(rates.get(name, []))}-{Path(str(model)).name}-{level}"
+                brainseg.files.PNG_COMPRESS_LEVEL = level
                 started = time.perf_counter()
                 predict_paths(model, folders, out, progress=False, echo=lambda *_: None)
-                rates.setdefault(model, []).append(slices / (time.perf_counter() - started))
+                rates.setdefault(name, []).append(slices / (time.perf_counter() - started))
             rates.setdefault(BASELINE, []).append(slices / time_eager(baseline, slices))
-    first = statistics.median(rates[args.models[0]])
+    first_name = label(*rows[0])
+    first = statistics.median(rates[first_name])
     print(f"\n`brainseg predict` on {len(folders)} test patient folders ({slices} slices), median of "
           f"{args.rounds} rounds; {BASELINE}: a plain eager fp32 U-Net F=16 at 256², network only")
-    print_table(["model", "slices/s", f"× {args.models[0]}"],
+    print_table(["model", "slices/s", f"× {first_name}"],
                 [[name, f"{statistics.median(r):.1f}", f"{statistics.median(r) / first:.2f}"]
                  for name, r in rates.items()])
 
