@@ -218,18 +218,20 @@ def test_a_models_recipe_trains_again_on_other_data(synthetic, one_epoch_run, tm
     from brainseg.config import load_config
     from brainseg.errors import BadInputError
     from brainseg.runs.combine import build_ensemble
+    from brainseg.training import recipe
 
-    recipe = load_config(one_epoch_run.model_file)
+    stored = recipe(one_epoch_run.model_file)
     trained = load_config(one_epoch_run.run_dir / "config.yaml")
-    assert recipe.data.root == recipe.data.split == "" and trained.data.root == str(synthetic)
-    assert recipe.override({"data.root": trained.data.root, "data.split": trained.data.split}) == trained
+    assert stored.data.root == stored.data.split == "" and trained.data.root == str(synthetic)
+    assert stored.override({"data.root": trained.data.root, "data.split": trained.data.split}) == trained
     result = run_training(tmp_path / "again", config_file=one_epoch_run.run_dir, progress=False,
                           overrides={"data.root": str(synthetic)})
     assert load_config(result.run_dir / "config.yaml").model == trained.model
-    assert load_config("pretrained:figshare").model.base_filters == 16  # the shipped recipe, by name
+    assert recipe("pretrained:figshare").model.base_filters == 16  # the shipped recipe, by name
+    assert recipe("lgg_cpu") == load_config("lgg_cpu")  # a recipe's name or a YAML file, as before
     build_ensemble([one_epoch_run.run_dir, one_epoch_run.run_dir], tmp_path / "ensemble")
     with pytest.raises(BadInputError, match="holds no training config"):
-        load_config(tmp_path / "ensemble")  # each member has its own
+        recipe(tmp_path / "ensemble")  # each member has its own
 
 
 def test_fine_tuning_refuses_weights_of_another_network(synthetic, one_epoch_run, tmp_path):

@@ -288,13 +288,8 @@ def packaged_configs() -> dict[str, Path]:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML config; a bare name such as 'lgg_cpu' means the recipe shipped in the package, and a
-    model (a run folder, a model file, 'pretrained:NAME') the config it was trained with."""
+    """Read a YAML config; a bare name such as 'lgg_cpu' means the recipe shipped in the package."""
     path = Path(path)
-    if _names_a_model(path):
-        from brainseg.runs.model_file import trained_config
-
-        return trained_config(path)
     if not path.exists() and path.suffix == "" and str(path) in packaged_configs():
         path = packaged_configs()[str(path)]
     try:
@@ -313,12 +308,6 @@ def load_config(path: str | Path) -> RunConfig:
         if str(error).startswith(f"{path}:"):
             raise
         raise BadInputError(path, str(error)) from None
-
-
-def _names_a_model(path: Path) -> bool:
-    from brainseg.runs.pretrained import is_pretrained
-
-    return is_pretrained(path) or path.suffix in (".pt", ".ckpt") or path.is_dir()
 
 
 def save_config(config: RunConfig, path: str | Path) -> Path:

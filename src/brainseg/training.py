@@ -81,8 +81,10 @@ from brainseg.runs.model_file import (
     load_model_file,
     model_file_from_checkpoint,
     store_settings,
+    trained_config,
     tuned_settings,
 )
+from brainseg.runs.pretrained import is_pretrained
 
 # Lightning 2.6 on torch 2.13 warns about its own use of a deprecated pytree API on every step.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -942,6 +944,15 @@ def _write_val_metrics(run_dir: Path, best: Path, scores: dict[str, float], val_
     (run_dir / "val_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def recipe(config: str | Path) -> RunConfig:
+    """What --config names: a YAML file, a shipped recipe ('lgg_cpu'), or a model (a run folder, a model
+    file, 'pretrained:figshare') whose file holds the config it was trained with."""
+    path = Path(config)
+    if is_pretrained(path) or path.suffix in (".pt", ".ckpt") or path.is_dir():
+        return trained_config(path)
+    return load_config(path)
+
+
 def run_training(out: str | Path, *, config_file: str | Path | None = None,
                  overrides: dict | None = None, resume: bool = False, refit: str | Path | None = None,
                  progress: bool = True, echo=print) -> TrainResult:
@@ -957,7 +968,7 @@ def run_training(out: str | Path, *, config_file: str | Path | None = None,
     elif refit:
         base = load_run_config(refit).override(refit_settings(refit))
     elif config_file:
-        base = load_config(config_file)
+        base = recipe(config_file)
     else:
         base = RunConfig()
     config = base.override({k: v for k, v in (overrides or {}).items() if v is not None})
