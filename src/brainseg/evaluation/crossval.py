@@ -70,13 +70,13 @@ def cross_validate(runs: list[str | Path], data: str | Path, out: str | Path, *,
     saved = _saved_crossval(runs, out, options)
     if saved is None:
         folds, fold_count = check_folds(runs)  # every run is checked before anything is evaluated
+    else:
+        pooled, folds, fold_count, base, unit = saved
     # column:NAME groups come from the index; a bad --group-by is refused before anything is evaluated
     index = index_for_groups(data, group_by, layout)
     if group_by:
         case_groups([] if index is None else index["patient"], group_by, index)
-    if saved is not None:
-        pooled, folds, fold_count, base, unit = saved
-    else:
+    if saved is None:
         pooled, base, unit = _score_folds(folds, data, out, options or EvaluateOptions(), layout, progress)
     out.mkdir(parents=True, exist_ok=True)
     pooled.to_csv(out / "out_of_fold.csv", index=False)
@@ -107,7 +107,8 @@ def _score_folds(folds: dict[int, Path], data: str | Path, out: Path, base: Eval
     return pd.concat(tables, ignore_index=True), base, unit
 
 
-def _saved_crossval(runs: list[str | Path], out: Path, options: EvaluateOptions | None):
+def _saved_crossval(runs: list[str | Path], out: Path, options: EvaluateOptions | None
+                    ) -> tuple[pd.DataFrame, dict[int, Path], int, EvaluateOptions, str] | None:
     """An earlier crossval folder given in place of the runs: its pooled table, folds, fold count,
     options and unit, so that it can be paired again (--against) once its models are gone; else None."""
     if len(runs) != 1 or not (Path(runs[0]) / "out_of_fold.csv").is_file():
