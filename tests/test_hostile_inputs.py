@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,14 +109,14 @@ def test_a_patient_folder_with_a_slice_of_another_size_is_refused_by_name_and_th
 def test_a_full_disk_names_the_file_and_keeps_the_table_of_the_cases_done(tiny_run, tmp_path, monkeypatch):
     data, run = tiny_run
     patients = sorted(p for p in data.iterdir() if p.is_dir())[:2]
-    original = Image.Image.save
+    original = Path.write_bytes  # how brainseg.files.write_png writes each mask
 
-    def full_disk(image, path, *args, **kwargs):
+    def full_disk(path, data):
         if patients[1].name in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
-        original(image, path, *args, **kwargs)
+        return original(path, data)
 
-    monkeypatch.setattr(Image.Image, "save", full_disk)
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     out = tmp_path / "out"
     named = rf"^{out / 'masks' / patients[1].name}/\S+_mask\.png: could not write \(No space left on device\)"
     with pytest.raises(WriteError, match=named):
