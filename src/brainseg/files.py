@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
 
 from brainseg.errors import BadInputError
-
-if TYPE_CHECKING:
-    import numpy as np
 
 # `replacing` names its temporary file .NAME.PID.RANDOM.partial, so that one left by a killed process
 # can be told from one that a running process is still writing.
@@ -45,10 +45,6 @@ PNG_COMPRESS_LEVEL = 1
 
 def png_bytes(array: np.ndarray) -> bytes:
     """`array` (H x W greyscale or H x W x 3 RGB, uint8) as PNG."""
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
