@@ -520,7 +520,8 @@ def crossval_command(
                               min_fraction=min_fraction, flair_replaces=flair_replaces, precision=precision)
     cross_validate(runs, data, out, options=options, layout=layout, against=against, group_by=group_by)
     typer.echo((out / "crossval.md").read_text())
-    typer.echo(f"wrote {out}/out_of_fold.csv, crossval.json, crossval.md, crossval.png, one folder per fold")
+    folders = ", one folder per fold" if any(out.glob("fold*")) else ""  # none for a saved table read again
+    typer.echo(f"wrote {out}/out_of_fold.csv, crossval.json, crossval.md, crossval.png{folders}")
 
 
 @app.command("predict", short_help="Predict tumour masks for images, patient folders, NIfTI and DICOM.")
