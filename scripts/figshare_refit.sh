@@ -13,6 +13,8 @@
 #       even --loss bce_tversky_image                                                # a variant against F2
 # The test: AGAINST paired with the new run (brainseg compare, OUT/compare_test), or, with no AGAINST, the
 # new run alone (brainseg evaluate, OUT/test_RUN_NAME); the per-image table is OUT/.../per_image.csv.
+# AGAINST may be a run or a kept evaluation of one (docs/results/figshare_f2b: F2b's test, its model gone).
+# Both score in fp32.
 set -euo pipefail
 SHARED=${1:?folder holding figshare/ and figshare256/}; RECIPE=${2:?F1 run folder or a model}; OUT=${3:?output folder}
 HOLD_OUT=${4:-even}  # even: originals in even blocks are the test; all: no test
@@ -47,7 +49,7 @@ fi
 [ "$HOLD_OUT" = all ] && exit 0
 if [ -n "${AGAINST:-}" ]; then
   brainseg compare "$AGAINST" "$RUN" --data "$OUT/figshare_all.yaml" --split test \
-    --split-file "$OUT/split.json" --group-by index-block:16 --out "$OUT/compare_test"
+    --split-file "$OUT/split.json" --group-by index-block:16 --precision 32 --out "$OUT/compare_test"
 else
   brainseg evaluate "$RUN" --data "$OUT/figshare_all.yaml" --split test --split-file "$OUT/split.json" \
     --precision 32 --out "$OUT/test_$(basename "$RUN")"

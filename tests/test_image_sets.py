@@ -135,6 +135,43 @@ def test_compare_verb_applies_the_threshold_and_post_processing_it_is_given(imag
     assert summary["options"]["min_fraction"] == 0.25
 
 
+def test_compare_pairs_a_kept_evaluation_whose_model_is_gone(image_run, tmp_path):
+    import shutil
+
+    _, other, run = image_run
+    gone = tmp_path / "gone"
+    shutil.copytree(run, gone)
+    kept = tmp_path / "kept"  # what docs/results keeps of a run: its evaluation, not its model
+    evaluate(gone, other, kept, options=EvaluateOptions(side="all", precision="32"), progress=False)
+    both = ["--data", str(other), "--split", "all", "--group-by", "index-block:4", "--precision", "32"]
+    fresh = brainseg_cli(["compare", str(gone), str(run), *both, "--out", str(tmp_path / "fresh")])
+    assert fresh.exit_code == 0, fresh.output
+    shutil.rmtree(gone)
+    again = brainseg_cli(["compare", str(kept), str(run), *both, "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    columns = ["dice_mean", "dice_glioma", "threshold", "change_vs_first", "change_low", "change_high"]
+    first, second = (pd.read_csv(tmp_path / name / "compare.csv") for name in ("fresh", "again"))
+    pd.testing.assert_frame_equal(first[columns], second[columns])
+    assert second["run"].tolist() == ["kept", run.name]
+    # Scored otherwise, or on other cases, it is refused before anything is evaluated.
+    for options, message in (
+            ({"side": "all"}, r"kept: was scored with precision 32; give --precision as it was"),
+            ({"side": "all", "options": EvaluateOptions(precision="32", threshold=0.3)},
+             r"kept: was scored with threshold 0.5"),
+            ({"side": "val", "options": EvaluateOptions(precision="32")},
+             r"kept: scored the all side; this comparison scores val")):
+        with pytest.raises(BadInputError, match=message):
+            compare_runs([kept, run], other, tmp_path / "refused", progress=False, **options)
+        assert not (tmp_path / "refused").exists()
+    one_fewer = tmp_path / "one_fewer"
+    shutil.copytree(kept, one_fewer)
+    table = pd.read_csv(one_fewer / "per_image.csv")
+    table.iloc[1:].to_csv(one_fewer / "per_image.csv", index=False)
+    with pytest.raises(BadInputError, match=r"one_fewer: scored other cases than the all side compared here"):
+        compare_runs([one_fewer, run], other, tmp_path / "refused", side="all",
+                     options=EvaluateOptions(precision="32"), progress=False)
+
+
 def test_tune_draws_its_intervals_over_index_blocks(image_run, tmp_path):
     data, _, run = image_run
     result = brainseg_cli(["tune", str(run), "--data", str(data), "--group-by", "index-block:4",

@@ -40,6 +40,7 @@ MAX_PIXELS = 4096 * 4096  # data.io.MAX_SLICE_PIXELS, written here to keep data.
 MaxPixels = Annotated[int, typer.Option(help="Most pixels in one decoded slice (4096x4096 by default), "
                                              "read from the file's header before decoding.")]
 THRESHOLD_HELP = "Probability cut (default: the threshold stored in the model file, else 0.5)."
+ScoringPrecision = Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")]
 MinFraction = Annotated[float | None, typer.Option(
     help="Drop 3D components smaller than this fraction of the largest, e.g. 0.25; 0 keeps all "
          "(default: the model file's).", show_default=False)]
@@ -369,7 +370,7 @@ def evaluate_command(
         help="Robustness check: overwrite post-contrast ('post') or pre- and post-contrast ('pre+post') "
              "with FLAIR before predicting, as kaggle_3m does for a missing sequence.")] = "",
     seed: Annotated[int, typer.Option(help="Seed for the slices in the prediction grid.")] = 0,
-    precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
+    precision: ScoringPrecision = "auto",
     layout: Layout = "auto",
 ) -> None:
     """Score a model per patient volume and per slice; write summary.json, CSVs and figures.
@@ -460,7 +461,9 @@ def _settings_text(row: dict) -> str:
 
 @app.command("compare", short_help="Score several models on the same patients, side by side.")
 def compare_command(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders to compare.", show_default=False)],
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run folders or model files to compare; or an earlier `brainseg evaluate` folder, whose "
+             "per-case scores are read again (its model may be gone).", show_default=False)],
     data: Annotated[Path, typer.Option(help="Data set folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the comparison.")] = Path("comparison"),
     split: Annotated[str, typer.Option(help="Split side to score: test, val, or all (any labelled folder "
@@ -470,6 +473,7 @@ def compare_command(
     largest_component: LargestComponent = None,
     min_fraction: MinFraction = None,
     tta: Annotated[bool, typer.Option(help="Average with a left-right flipped prediction.")] = False,
+    precision: ScoringPrecision = "auto",
     group_by: IntervalGroups = "",
 ) -> None:
     """Score several runs on the same patients; write compare.csv, compare.md and compare.png.
@@ -480,7 +484,7 @@ def compare_command(
     from brainseg.evaluation.evaluate import EvaluateOptions
 
     options = EvaluateOptions(threshold=threshold, largest_component=largest_component,
-                              min_fraction=min_fraction, tta_flip=tta)
+                              min_fraction=min_fraction, tta_flip=tta, precision=precision)
     table = compare_runs(runs, data, out, side=split, split_file=split_file, options=options,
                          group_by=group_by)
     typer.echo((out / "compare.md").read_text())
@@ -502,7 +506,7 @@ def crossval_command(
     min_fraction: MinFraction = None,
     flair_replaces: Annotated[str, typer.Option(
         help="Robustness check: overwrite 'post' or 'pre+post' with FLAIR before predicting.")] = "",
-    precision: Annotated[str, typer.Option(help="auto (bf16 where native), 32 or bf16.")] = "auto",
+    precision: ScoringPrecision = "auto",
     layout: Layout = "auto",
     against: Annotated[Path | None, typer.Option(
         help="An earlier crossval folder (another recipe, same folds): report the paired change in Dice "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from brainseg.data.splits import (
 from brainseg.errors import BadInputError
 from brainseg.evaluation.bootstrap import paired_change
 from brainseg.evaluation.evaluate import SCORED_PER, EvaluateOptions, cases_table, evaluate
-from brainseg.runs.folder import HISTORY_FILE, SPLIT_FILE, resolve_model_path, split_file_beside
+from brainseg.runs.folder import HISTORY_FILE, MODEL_FILE, SPLIT_FILE, resolve_model_path, split_file_beside
 from brainseg.runs.model_file import load_model_file
 from brainseg.runs.pretrained import is_pretrained
 
@@ -40,6 +41,50 @@ def _model(run: str | Path) -> tuple[Path, dict | None, Path | None]:
         validate_split(description["split"], str(run))
         return path, description["split"], None
     return path, None, None
+
+
+# What a saved evaluation's scores depend on besides the model: compare must score the others alike.
+SCORING_SETTINGS = {"threshold": "--threshold", "largest_component": "--largest-component",
+                    "min_size": "--min-size", "min_fraction": "--min-fraction", "tta_flip": "--tta",
+                    "flair_replaces": "--flair-replaces", "precision": "--precision"}
+
+
+def _saved_evaluation(run: str | Path) -> dict | None:
+    """An earlier `brainseg evaluate` folder given in place of a model (its summary.json and per-case
+    table, no model): its summary, so that a model gone with its run folder can still be paired; else None."""
+    folder = Path(run)
+    if is_pretrained(run) or not folder.is_dir() or (folder / MODEL_FILE).exists() \
+            or not (folder / "summary.json").is_file():
+        return None
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        complete = {"side", "seen_by_model", "unit"} <= set(summary["data"]) and "model" in summary["model"] \
+            and set(SCORING_SETTINGS) <= set(summary["options"])
+    except (OSError, ValueError, KeyError, TypeError):
+        complete = False
+    if not complete:
+        raise BadInputError(folder, "has a summary.json that is not one brainseg evaluate wrote")
+    if not cases_table(folder).is_file():
+        raise BadInputError(folder, "has summary.json but no per_patient.csv or per_image.csv beside it")
+    return summary
+
+
+def _check_saved(folder: str | Path, summary: dict, side: str, options: EvaluateOptions) -> None:
+    """A saved evaluation pairs with the others only if it scored the same side, none of it seen by its
+    model, with the settings the others are scored with (given explicitly, or its own where left out)."""
+    scored = summary["data"]
+    if scored["side"] != side:
+        raise BadInputError(folder, f"scored the {scored['side']} side; this comparison scores {side}")
+    if scored["seen_by_model"]:
+        raise BadInputError(folder, f"its model trained or was validated on {scored['seen_by_model']} of "
+                                    "the cases it scored")
+    for name, flag in SCORING_SETTINGS.items():
+        wanted, saved = getattr(options, name), summary["options"][name]
+        if wanted != saved and (wanted is not None or name == "precision"):
+            shown = saved if name != "tta_flip" else ("on" if saved else "off")
+            raise BadInputError(folder, f"was scored with {name} {shown}; give {flag} as it was (or leave "
+                                        "the threshold and post-processing out), so that every model is "
+                                        "scored alike")
 
 
 def _check_unseen(run: str | Path, split: dict | None, patients: set[str]) -> None:
@@ -65,26 +110,36 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     out = Path(out)
     ensure_outside(out, data)
     # Every input is checked before any is evaluated, so that a bad last one leaves no half comparison.
-    models = [_model(run) for run in runs]
+    saved = {index: summary for index, run in enumerate(runs) if (summary := _saved_evaluation(run))}
+    models = [(Path(run), None, None) if index in saved else _model(run) for index, run in enumerate(runs)]
+    base = options or EvaluateOptions()
+    for index, summary in saved.items():
+        _check_saved(runs[index], summary, side, base)
     if side == "all":  # any labelled folder as a test set: every case, none seen by any model
         result = scan(data, progress=progress)
         patients, split, split_path = set(result.table["patient"].astype(str)), None, None
-        for run, (_, run_split, _) in zip(runs, models, strict=True):
-            _check_unseen(run, run_split, patients)
+        for index, (run, (_, run_split, _)) in enumerate(zip(runs, models, strict=True)):
+            if index not in saved:
+                _check_unseen(run, run_split, patients)
     else:
         if split_file:
             split_path, split = Path(split_file), load_split(split_file)
         else:
             split, split_path = models[0][1:]
             if split is None:
-                raise BadInputError(runs[0], f"has no {SPLIT_FILE} beside it and no split stored in it; "
-                                             "pass --split-file or --split all")
+                what = "is a saved evaluation" if 0 in saved else \
+                    f"has no {SPLIT_FILE} beside it and no split stored in it"
+                raise BadInputError(runs[0], f"{what}; pass --split-file or --split all")
         if side not in split:
             raise BadInputError(split_path or runs[0], f"has no {side!r} side")
         patients = set(split[side])
         if side == "test":
-            for run, (_, run_split, _) in zip(runs, models, strict=True):
-                _check_unseen(run, run_split, patients)
+            for index, (run, (_, run_split, _)) in enumerate(zip(runs, models, strict=True)):
+                if index not in saved:
+                    _check_unseen(run, run_split, patients)
+    for index in saved:
+        if set(pd.read_csv(cases_table(Path(runs[index])), dtype=str).iloc[:, 0]) != patients:
+            raise BadInputError(runs[index], f"scored other cases than the {side} side compared here")
     # column:NAME groups come from the index; a bad --group-by is refused before any run is evaluated
     grouped_index = index_for_groups(data, group_by)
     case_groups(sorted(patients), group_by, grouped_index)
@@ -95,10 +150,14 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     for index, (run, name) in enumerate(zip(paths, names, strict=True)):
         if index and split_path is None and split is not None:  # the first model's split lives only in
             split_path = save_split(split, out / SPLIT_FILE)  # its model file, which its evaluation read
-        base = options or EvaluateOptions()
-        run_options = EvaluateOptions(**{**base.__dict__, "side": side, "split_file": str(split_path or "")})
-        summary = evaluate(run, data, out / name, options=run_options, progress=progress)
-        scores = pd.read_csv(cases_table(out / name), dtype={"patient": str, "image": str})
+        if index in saved:  # read again, not scored: its model may be gone
+            summary, scored_in = saved[index], run
+        else:
+            run_options = EvaluateOptions(**{**base.__dict__, "side": side,
+                                             "split_file": str(split_path or "")})
+            scored_in = out / name
+            summary = evaluate(run, data, scored_in, options=run_options, progress=progress)
+        scores = pd.read_csv(cases_table(scored_in), dtype={"patient": str, "image": str})
         ids = scores.iloc[:, 0].astype(str).tolist()  # the case column: patient or image
         if cases is not None and ids != cases:
             raise BadInputError(run, "scored other cases than the first run, so changes cannot be paired")
