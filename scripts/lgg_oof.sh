@@ -3,7 +3,8 @@
 # pre-registered in docs/experiments.md ("Small tumours, out of fold"; "Tversky loss and deep
 # supervision, out of fold"; "Neighbouring slices (2.5D), out of fold"; "256² from the start, out of fold";
 # "Small-tumour slices drawn more often, alone, out of fold"; "Tversky and deep supervision together";
-# "No dropout, the same minutes, out of fold"; "The LGG candidate", K or K_no_dropout by J's result).
+# "No dropout, the same minutes, out of fold"; "The LGG candidate", K or K_no_dropout by J's result;
+# "K with missing-sequence augmentation", KM).
 #   scripts/lgg_oof.sh DATA OUT        e.g. scripts/lgg_oof.sh ../shared/data/lgg runs/lgg_oof
 # Every arm trains the same fixed schedule (no early stopping, last epoch kept), so the scores do
 # not depend on machine load and no fold's validation patients choose anything for themselves.
@@ -31,6 +32,7 @@ declare -A ARMS=(
   [G_256]="--image-size 256"
   [K_candidate]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --epochs 32 --set train.lr_milestones=[20,28]"
   [K_no_dropout]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39]"
+  [KM_missing_sequence]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39] --set augment.p_missing_sequence=0.25"
 )
 # One arm's five folds, then its out-of-fold scores: A's alone, the others' paired against A's per
 # patient with 95% bootstrap intervals (the decisions). An arm scored before A is paired later:
