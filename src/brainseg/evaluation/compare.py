@@ -118,9 +118,6 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
     if side == "all":  # any labelled folder as a test set: every case, none seen by any model
         result = scan(data, progress=progress)
         patients, split, split_path = set(result.table["patient"].astype(str)), None, None
-        for index, (run, (_, run_split, _)) in enumerate(zip(runs, models, strict=True)):
-            if index not in saved:
-                _check_unseen(run, run_split, patients)
     else:
         if split_file:
             split_path, split = Path(split_file), load_split(split_file)
@@ -133,12 +130,14 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         if side not in split:
             raise BadInputError(split_path or runs[0], f"has no {side!r} side")
         patients = set(split[side])
-        if side == "test":
-            for index, (run, (_, run_split, _)) in enumerate(zip(runs, models, strict=True)):
-                if index not in saved:
-                    _check_unseen(run, run_split, patients)
-    for index in saved:
-        if set(pd.read_csv(cases_table(Path(runs[index])), dtype=str).iloc[:, 0]) != patients:
+    if side in ("all", "test"):  # unseen cases only; a saved evaluation was checked by its summary
+        for index, (run, (_, run_split, _)) in enumerate(zip(runs, models, strict=True)):
+            if index not in saved:
+                _check_unseen(run, run_split, patients)
+    kept_scores = {index: pd.read_csv(cases_table(Path(runs[index])), dtype={"patient": str, "image": str})
+                   for index in saved}
+    for index, scores in kept_scores.items():
+        if set(scores.iloc[:, 0].astype(str)) != patients:
             raise BadInputError(runs[index], f"scored other cases than the {side} side compared here")
     # column:NAME groups come from the index; a bad --group-by is refused before any run is evaluated
     grouped_index = index_for_groups(data, group_by)
@@ -151,13 +150,12 @@ def compare_runs(runs: list[str | Path], data: str | Path, out: str | Path, *, s
         if index and split_path is None and split is not None:  # the first model's split lives only in
             split_path = save_split(split, out / SPLIT_FILE)  # its model file, which its evaluation read
         if index in saved:  # read again, not scored: its model may be gone
-            summary, scored_in = saved[index], run
+            summary, scores = saved[index], kept_scores[index]
         else:
             run_options = EvaluateOptions(**{**base.__dict__, "side": side,
                                              "split_file": str(split_path or "")})
-            scored_in = out / name
-            summary = evaluate(run, data, scored_in, options=run_options, progress=progress)
-        scores = pd.read_csv(cases_table(scored_in), dtype={"patient": str, "image": str})
+            summary = evaluate(run, data, out / name, options=run_options, progress=progress)
+            scores = pd.read_csv(cases_table(out / name), dtype={"patient": str, "image": str})
         ids = scores.iloc[:, 0].astype(str).tolist()  # the case column: patient or image
         if cases is not None and ids != cases:
             raise BadInputError(run, "scored other cases than the first run, so changes cannot be paired")
