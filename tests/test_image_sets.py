@@ -155,9 +155,10 @@ def test_compare_pairs_a_kept_evaluation_whose_model_is_gone(image_run, tmp_path
     assert second["run"].tolist() == ["kept", run.name]
     # Scored otherwise, or on other cases, it is refused before anything is evaluated.
     for options, message in (
-            ({"side": "all"}, r"kept: was scored with precision 32; give --precision as it was"),
+            ({"side": "all"}, r"kept: was scored with precision 32; pass --precision 32, so that every model "
+                              r"is scored alike$"),
             ({"side": "all", "options": EvaluateOptions(precision="32", threshold=0.3)},
-             r"kept: was scored with threshold 0.5"),
+             r"kept: was scored with threshold 0.5; pass --threshold 0.5 or leave it out"),
             ({"side": "val", "options": EvaluateOptions(precision="32")},
              r"kept: scored the all side; this comparison scores val")):
         with pytest.raises(BadInputError, match=message):

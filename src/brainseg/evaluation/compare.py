@@ -81,10 +81,10 @@ def _check_saved(folder: str | Path, summary: dict, side: str, options: Evaluate
     for name, flag in SCORING_SETTINGS.items():
         wanted, saved = getattr(options, name), summary["options"][name]
         if wanted != saved and (wanted is not None or name == "precision"):
-            shown = saved if name != "tta_flip" else ("on" if saved else "off")
-            raise BadInputError(folder, f"was scored with {name} {shown}; give {flag} as it was (or leave "
-                                        "the threshold and post-processing out), so that every model is "
-                                        "scored alike")
+            given = (flag if saved else f"--no-{flag[2:]}") if isinstance(saved, bool) else f"{flag} {saved}"
+            leave_out = "" if name == "precision" else " or leave it out"
+            raise BadInputError(folder, f"was scored with {name} {saved}; pass {given}{leave_out}, so that "
+                                        "every model is scored alike")
 
 
 def _check_unseen(run: str | Path, split: dict | None, patients: set[str]) -> None:
