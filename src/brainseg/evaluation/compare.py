@@ -44,9 +44,10 @@ def _model(run: str | Path) -> tuple[Path, dict | None, Path | None]:
 
 
 # What a saved evaluation's scores depend on besides the model: compare must score the others alike.
+# The value is compare's option for it (None: compare has none, so only the default pairs).
 SCORING_SETTINGS = {"threshold": "--threshold", "largest_component": "--largest-component",
-                    "min_size": "--min-size", "min_fraction": "--min-fraction", "tta_flip": "--tta",
-                    "flair_replaces": "--flair-replaces", "precision": "--precision"}
+                    "min_size": None, "min_fraction": "--min-fraction", "tta_flip": "--tta",
+                    "flair_replaces": None, "precision": "--precision"}
 
 
 def _saved_evaluation(run: str | Path) -> dict | None:
@@ -81,6 +82,9 @@ def _check_saved(folder: str | Path, summary: dict, side: str, options: Evaluate
     for name, flag in SCORING_SETTINGS.items():
         wanted, saved = getattr(options, name), summary["options"][name]
         if wanted != saved and (wanted is not None or name == "precision"):
+            if flag is None:
+                raise BadInputError(folder, f"was scored with {name} {saved}, which compare cannot apply to "
+                                            "the other models")
             given = (flag if saved else f"--no-{flag[2:]}") if isinstance(saved, bool) else f"{flag} {saved}"
             leave_out = "" if name == "precision" else " or leave it out"
             raise BadInputError(folder, f"was scored with {name} {saved}; pass {given}{leave_out}, so that "
