@@ -118,6 +118,28 @@ def test_resume_continues_from_the_saved_epoch(synthetic, tmp_path):
     assert last["epoch"] == 2  # Lightning stores the index of the last finished epoch
 
 
+def test_last_checkpoint_holds_every_epoch_when_validation_is_sparse(synthetic, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(synthetic, **{"train.epochs": 3, "train.val_every": 2}), run, progress=False)
+    # Epoch 2 did not validate; a kill after it must not lose it.
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
+def test_resume_from_a_checkpoint_saved_at_validation_end(synthetic, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(synthetic, **{"train.epochs": 2, "train.val_every": 2}), run, progress=False)
+    # With validation every other epoch, best-*.ckpt is written at validation end, inside its epoch;
+    # last.ckpt was too, before it was saved at every epoch's end. Resuming from such a checkpoint
+    # enters that epoch's end with no epoch start.
+    checkpoints = run / "checkpoints"
+    shutil.copy(checkpoints / "best-epoch001.ckpt", checkpoints / "last.ckpt")
+    run_training(run, overrides={"train.epochs": 3}, resume=True, progress=False)
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert history["lr"].notna().all()
+    assert (run / "model.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def one_epoch_run(synthetic, tmp_path_factory):
     """A finished small run to start other runs from."""

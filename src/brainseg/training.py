@@ -430,6 +430,9 @@ class HistoryCallback(Callback):
         self.started = time.perf_counter()
 
     def on_train_start(self, trainer, module) -> None:
+        # A checkpoint saved at validation end (as best-*.ckpt are, and last.ckpt was before it was saved
+        # at every epoch's end) resumes straight into that epoch's end, with no epoch start before it.
+        self.on_train_epoch_start(trainer, module)
         if trainer.is_global_zero and self.path.exists():  # resuming: drop epochs that will rerun
             history = pd.read_csv(self.path)
             history[history["epoch"] < trainer.current_epoch].to_csv(self.path, index=False)
@@ -752,8 +755,10 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
 
     # last.ckpt is written every epoch by a callback of its own: Lightning 2.6 refreshes a monitored
     # callback's last.ckpt only when the best improves, and would make --resume restart from there.
+    # It saves at every epoch's end: by default Lightning saves at validation only, so with
+    # train.val_every > 1 a kill lost up to that many epochs.
     latest = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
-                             enable_version_counter=False)
+                             enable_version_counter=False, save_on_train_epoch_end=True)
     callbacks = [latest, HistoryCallback(run_dir, unit),
                  LearningRateMonitor("epoch")]
     if refit:  # no validation: keep the last epoch, stop at train.epochs
