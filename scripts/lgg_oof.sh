@@ -41,6 +41,8 @@ for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_
   for fold in $FOLDS; do
     run="$OUT/$arm/fold$fold"
     [ -f "$run/model.pt" ] && continue
+    # A fold stopped part-way (a kill, the end of a session) goes on from its last epoch.
+    if [ -f "$run/checkpoints/last.ckpt" ] && brainseg train --resume "$run"; then continue; fi
     rm -rf "$run"
     # shellcheck disable=SC2086
     brainseg train --data "$DATA" --out "$run" --fold "$fold" "${SCHEDULE[@]}" ${ARMS[$arm]}
