@@ -6,6 +6,7 @@
 # "No dropout, the same minutes, out of fold"; "The LGG candidate", K or K_no_dropout by J's result;
 # "K with missing-sequence augmentation", KM).
 #   scripts/lgg_oof.sh DATA OUT        e.g. scripts/lgg_oof.sh ../shared/data/lgg runs/lgg_oof
+#   REFIT=KM_missing_sequence scripts/lgg_oof.sh DATA OUT   the arm on all 68, scored on the 7 test patients
 # Every arm trains the same fixed schedule (no early stopping, last epoch kept), so the scores do
 # not depend on machine load and no fold's validation patients choose anything for themselves.
 set -euo pipefail
@@ -34,6 +35,33 @@ declare -A ARMS=(
   [K_no_dropout]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39]"
   [KM_missing_sequence]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39] --set augment.p_missing_sequence=0.25"
 )
+# REFIT=ARM, once ARM's folds are scored and tuned: ARM's recipe on all 68 non-test patients (fold 0's
+# run with its validation patients moved into training, `brainseg train --refit`, for the arm's whole
+# fixed schedule), given the threshold and post-processing its tune chose out of fold, then scored
+# once on the 7 test patients (OUT/ARM_refit/test).
+if [ -n "${REFIT:-}" ]; then
+  run="$OUT/${REFIT}_refit"
+  if [ ! -f "$run/model.pt" ]; then
+    if ! { [ -f "$run/checkpoints/last.ckpt" ] && brainseg train --resume "$run"; }; then
+      rm -rf "$run"
+      # shellcheck disable=SC2086
+      brainseg train --refit "$OUT/$REFIT/fold0" --out "$run" --epochs "$EPOCHS" \
+        --set "train.lr_milestones=[10,14]" ${ARMS[$REFIT]}
+    fi
+  fi
+  python - "$run" "$OUT/$REFIT/tune/tuning.json" <<'PY'
+import json, sys
+from brainseg.runs.model_file import store_settings
+chosen = json.load(open(sys.argv[2]))["recommended"]
+source = f"tuned out of fold over the 68 non-test patients ({sys.argv[2]})"
+store_settings(sys.argv[1], {"threshold": float(chosen["threshold"]), "threshold_source": source,
+                             "postprocessing": {"largest_component": bool(chosen["largest_component"]),
+                                                "min_size": int(chosen["min_size"]),
+                                                "min_fraction": float(chosen["min_fraction"]), "source": source}})
+PY
+  brainseg evaluate "$run" --data "$DATA" --split test --precision 32 --out "$run/test"
+  exit 0
+fi
 # One arm's five folds, then its out-of-fold scores: A's alone, the others' paired against A's per
 # patient with 95% bootstrap intervals (the decisions). An arm scored before A is paired later:
 #   brainseg crossval OUT/ARM/crossval --data DATA --against OUT/A_baseline/crossval --out OUT/ARM/against_A
