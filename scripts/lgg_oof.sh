@@ -51,13 +51,9 @@ if [ -n "${REFIT:-}" ]; then
   fi
   python - "$run" "$OUT/$REFIT/tune/tuning.json" <<'PY'
 import json, sys
-from brainseg.runs.model_file import store_settings
-chosen = json.load(open(sys.argv[2]))["recommended"]
-source = f"tuned out of fold over the 68 non-test patients ({sys.argv[2]})"
-store_settings(sys.argv[1], {"threshold": float(chosen["threshold"]), "threshold_source": source,
-                             "postprocessing": {"largest_component": bool(chosen["largest_component"]),
-                                                "min_size": int(chosen["min_size"]),
-                                                "min_fraction": float(chosen["min_fraction"]), "source": source}})
+from brainseg.evaluation.tune import store_postprocessing
+store_postprocessing(sys.argv[1], json.load(open(sys.argv[2]))["recommended"],
+                     source=f"tuned out of fold over the 68 non-test patients ({sys.argv[2]})")
 PY
   brainseg evaluate "$run" --data "$DATA" --split test --precision 32 --out "$run/test"
   exit 0

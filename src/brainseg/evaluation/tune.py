@@ -202,11 +202,12 @@ def _recommended(alone: dict, baseline: dict, at) -> tuple[dict, str]:
     return row, "each a gain alone by its interval: " + ", ".join(chosen)
 
 
-def store_postprocessing(model: Path, chosen: dict, unit: str = "patient") -> Path:
+def store_postprocessing(model: Path, chosen: dict, unit: str = "patient", source: str = "") -> Path:
     """Write a tuned threshold and post-processing into the model file's description (a run's model.pt).
 
-    Prediction and evaluation then apply them unless told otherwise."""
-    source = f"tuned on validation {unit}s (brainseg tune)"
+    Prediction and evaluation then apply them unless told otherwise. `source` says where they were
+    chosen, when not on the model's own validation cases (a refit's, out of fold)."""
+    source = source or f"tuned on validation {unit}s (brainseg tune)"
     return store_settings(model, {
         "threshold": float(chosen["threshold"]), "threshold_source": source,
         "postprocessing": {"largest_component": bool(chosen["largest_component"]),
