@@ -35,20 +35,14 @@ declare -A ARMS=(
   [K_no_dropout]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39]"
   [KM_missing_sequence]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39] --set augment.p_missing_sequence=0.25"
 )
-# A run stopped part-way (a kill, the end of a session) goes on from its last epoch; one that cannot
-# is removed, to be trained from the start.
-resumed() {
-  [ -f "$1/checkpoints/last.ckpt" ] && brainseg train --resume "$1" && return 0
-  rm -rf "$1"
-  return 1
-}
+source "$(dirname "$0")/resume_run.sh"  # resume_or_clear RUN
 # REFIT=ARM, once ARM's folds are scored and tuned: ARM's recipe on all 68 non-test patients (fold 0's
 # run with its validation patients moved into training, `brainseg train --refit`, for the arm's whole
 # fixed schedule), given the threshold and post-processing its tune chose out of fold, then scored
 # once on the 7 test patients (OUT/ARM_refit/test).
 if [ -n "${REFIT:-}" ]; then
   run="$OUT/${REFIT}_refit"
-  if [ ! -f "$run/model.pt" ] && ! resumed "$run"; then
+  if [ ! -f "$run/model.pt" ] && ! resume_or_clear "$run"; then
     # shellcheck disable=SC2086
     brainseg train --refit "$OUT/$REFIT/fold0" --out "$run" --epochs "$EPOCHS" \
       --set "train.lr_milestones=[10,14]" ${ARMS[$REFIT]}
@@ -69,7 +63,7 @@ for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_
   for fold in $FOLDS; do
     run="$OUT/$arm/fold$fold"
     [ -f "$run/model.pt" ] && continue
-    resumed "$run" && continue
+    resume_or_clear "$run" && continue
     # shellcheck disable=SC2086
     brainseg train --data "$DATA" --out "$run" --fold "$fold" "${SCHEDULE[@]}" ${ARMS[$arm]}
   done

@@ -140,6 +140,50 @@ def test_resume_from_a_checkpoint_saved_at_validation_end(synthetic, tmp_path):
     assert (run / "model.pt").exists()
 
 
+def test_last_checkpoint_knows_its_own_epochs_best(synthetic, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(synthetic, **{"train.epochs": 1}), run, progress=False)
+    states = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    best = [state["best_model_path"] for key, state in states.items()
+            if key.startswith("ModelCheckpoint") and "val_patient_dice" in key]
+    assert best == [str(run / "checkpoints" / "best-epoch000.ckpt")]
+    # so a resume with no epochs left finishes the run: model.pt again from the best epoch
+    (run / "model.pt").unlink()
+    result = run_training(run, resume=True, progress=False)
+    assert result.model_file == run / "model.pt" and result.model_file.exists()
+
+
+def test_a_run_with_no_validated_epoch_says_so_instead_of_ending_quietly(synthetic, tmp_path):
+    from brainseg.errors import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match=r"no epoch was validated .* --resume") as stopped:
+        train(small_config(synthetic, **{"train.epochs": 1, "train.val_every": 2}), tmp_path / "run",
+              progress=False)
+    assert stopped.value.exit_code == 1 and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_signal_stops_training_with_a_reason_and_a_non_zero_status(synthetic, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "brainseg.cli", "train", "--data", str(synthetic), "--out", str(run),
+            "--epochs", "500"]
+    for key, value in SMALL.items():
+        args += ["--set", f"{key}={value}"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # what a batch scheduler or `kill` sends
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {run}: stopped by a signal in epoch ")
+    assert last_line.endswith(f"continue it with: brainseg train --resume {run}")
+    assert "Traceback" not in stderr and not (run / "model.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def one_epoch_run(synthetic, tmp_path_factory):
     """A finished small run to start other runs from."""

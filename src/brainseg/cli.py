@@ -762,7 +762,7 @@ def main() -> None:
         app()
     except BrainsegError as error:
         typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        sys.exit(error.exit_code)
     except OSError as error:  # e.g. an output folder that cannot be written
         typer.echo(f"error: {_os_error_line(error)}", err=True)
         sys.exit(2)

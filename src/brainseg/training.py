@@ -38,6 +38,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
 from brainseg import __version__, plots
@@ -55,7 +56,7 @@ from brainseg.data.splits import (
 )
 from brainseg.data.transforms import build_transforms, seed_worker
 from brainseg.devices import default_workers, resolve_accelerator, resolve_precision
-from brainseg.errors import BadInputError, OptionError
+from brainseg.errors import BadInputError, OptionError, TrainingStopped
 from brainseg.files import WriteError, remove_stale_partials, replacing
 from brainseg.losses import DistillationLoss, create_loss
 from brainseg.metrics import Counts, batch_scores, dice
@@ -759,8 +760,7 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
     # train.val_every > 1 a kill lost up to that many epochs.
     latest = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
                              enable_version_counter=False, save_on_train_epoch_end=True)
-    callbacks = [latest, HistoryCallback(run_dir, unit),
-                 LearningRateMonitor("epoch")]
+    callbacks = [HistoryCallback(run_dir, unit), LearningRateMonitor("epoch")]
     if refit:  # no validation: keep the last epoch, stop at train.epochs
         checkpoint = latest
     else:
@@ -768,6 +768,9 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
                                      auto_insert_metric_name=False, monitor=MONITOR, mode="max", save_top_k=1)
         callbacks += [checkpoint,
                       EarlyStopping(MONITOR, mode="max", patience=config.train.early_stopping_patience)]
+    # After the best-epoch callback: both save at an epoch's end, in list order, and last.ckpt must hold
+    # the best as of its own epoch, or a resume would forget that epoch's best.
+    callbacks.append(latest)
     train_cfg = config.train
     samples = config.data.samples_per_epoch or len(datamodule.train_set)
     processes = train_cfg.devices * train_cfg.num_nodes  # each steps through its share of the samples
@@ -789,7 +792,12 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
             if os.environ.get("MASTER_ADDR") else ""
         echo(f"waiting for {train_cfg.num_nodes} nodes of {train_cfg.devices} process(es) each to "
              f"join{where}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
+    except SIGTERMException:  # Lightning's handler ends the fit with SystemExit(None): status 0
+        raise TrainingStopped(run_dir, f"stopped by a signal in epoch {trainer.current_epoch} of "
+                                       f"{train_cfg.epochs}; continue it with: brainseg train --resume "
+                                       f"{run_dir}", signalled=True) from None
 
     patient_scores: dict[str, float] = {}
     model_file = None
@@ -812,6 +820,11 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, progress:
         if trainer.is_global_zero:
             model_file = _write_model_file(best, run_dir / MODEL_FILE)
             _write_val_metrics(run_dir, best, patient_scores, val_table, precision, trainer)
+    if not found:
+        raise TrainingStopped(run_dir, f"no epoch was validated (validation every {train_cfg.val_every} "
+                                       f"epochs, {trainer.current_epoch} of {train_cfg.epochs} run), so no "
+                                       f"{MODEL_FILE} was written; continue it with more epochs or time: "
+                                       f"brainseg train --resume {run_dir} --epochs N")
     minutes = (time.perf_counter() - started) / 60
     return TrainResult(run_dir, best, model_file, patient_scores, minutes, resumed_from=resumed_from,
                        unit=unit)
