@@ -15,7 +15,7 @@ val = split.pop("refit_val")
 split.update(train=sorted(set(split["train"]) - set(val)), val=sorted(val))
 json.dump(split, open(sys.argv[1], "w"), indent=1)
 PY
-[ -f "$OUT/student/model.pt" ] || brainseg distill pretrained --config src/brainseg/configs/lgg_cpu.yaml \
+[ -f "$OUT/student/model.pt" ] || brainseg distill pretrained --config scripts/lgg_cpu_v1.yaml \
   --data "$DATA" --split "$OUT/split.json" --out "$OUT/student" --image-size 256 --lr 3e-4 --epochs 24 \
   --init pretrained --set train.init_member=3 --set data.refit=true --set "train.lr_milestones=[14,20]" \
   --set train.max_minutes=0 --set train.distill_weight=0.5

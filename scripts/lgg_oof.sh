@@ -18,7 +18,7 @@ FOLDS=${FOLDS:-0 1 2 3 4}
 mkdir -p "$OUT"
 TEST=TCGA_DU_6404_19850629,TCGA_CS_6667_20011105,TCGA_DU_5851_19950428,TCGA_HT_7879_19981009,TCGA_HT_7692_19960724,TCGA_CS_4944_20010208,TCGA_HT_7616_19940813
 [ -f "$OUT/split5.json" ] || brainseg split "$DATA" --folds 5 --seed 0 --test-patients "$TEST" --out "$OUT/split5.json"
-SCHEDULE=(--config src/brainseg/configs/lgg_cpu.yaml --epochs "$EPOCHS" --split "$OUT/split5.json"
+SCHEDULE=(--config "$(dirname "$0")/lgg_cpu_v1.yaml" --epochs "$EPOCHS" --split "$OUT/split5.json"
           --set train.early_stopping_patience=1000 --set "train.lr_milestones=[10,14]"
           --set train.val_every=4 --set train.max_minutes=0)
 declare -A ARMS=(
