@@ -35,6 +35,13 @@ def small_config(root, **extra) -> RunConfig:
     return RunConfig().override({**SMALL, "data.root": str(root), **extra})
 
 
+def small_train_command(root, run, *options: str) -> list[str]:
+    """`brainseg train` of a small run, as a separate process runs it."""
+    settings = [item for key, value in SMALL.items() for item in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "brainseg.cli", "train", "--data", str(root), "--out", str(run), *options,
+            *settings]
+
+
 def test_one_epoch_writes_a_complete_run_folder(synthetic, tmp_path):
     result = train(small_config(synthetic, **{"train.epochs": 1}), tmp_path / "run", progress=False)
     run = result.run_dir
@@ -167,11 +174,8 @@ def test_a_signal_stops_training_with_a_reason_and_a_non_zero_status(synthetic, 
     import time
 
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "brainseg.cli", "train", "--data", str(synthetic), "--out", str(run),
-            "--epochs", "500"]
-    for key, value in SMALL.items():
-        args += ["--set", f"{key}={value}"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(small_train_command(synthetic, run, "--epochs", "500"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -357,10 +361,7 @@ def test_overfitting_four_slices_reaches_dice_above_0_9(synthetic):
 
 def test_two_process_ddp_on_cpu_writes_one_checkpoint(synthetic, tmp_path):
     run = tmp_path / "ddp"
-    args = [sys.executable, "-m", "brainseg.cli", "train", "--data", str(synthetic), "--out", str(run),
-            "--epochs", "1", "--devices", "2", "--accelerator", "cpu"]
-    for key, value in SMALL.items():
-        args += ["--set", f"{key}={value}"]
+    args = small_train_command(synthetic, run, "--epochs", "1", "--devices", "2", "--accelerator", "cpu")
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
