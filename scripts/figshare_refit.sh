@@ -36,7 +36,7 @@ json.dump({"format": "brainseg-split/1", "unit": "image", "grouped_by": "index-b
 PY
 RUN=$OUT/${RUN_NAME:-$([ "$HOLD_OUT" = all ] && echo f3 || echo f2)}
 source "$(dirname "$0")/resume_run.sh"
-[ -f "$RUN/model.pt" ] || resume_or_clear "$RUN" || true  # then trained from the start below
+finished_or_resumed "$RUN" || true  # else trained from the start below
 if [ -f "$RECIPE/history.csv" ]; then
   # brainseg's refit of F1 on this data: F1's config and schedule up to its best epoch, no validation,
   # and F1's tuned threshold and post-processing (a refit has no validation images of its own).

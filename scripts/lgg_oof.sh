@@ -35,14 +35,14 @@ declare -A ARMS=(
   [K_no_dropout]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39]"
   [KM_missing_sequence]="--loss bce_tversky --set model.options.deep_supervision=2 --set data.small_tumour_weight=3 --set model.dropout=0 --epochs 44 --set train.lr_milestones=[28,39] --set augment.p_missing_sequence=0.25"
 )
-source "$(dirname "$0")/resume_run.sh"  # resume_or_clear RUN
+source "$(dirname "$0")/resume_run.sh"  # finished_or_resumed RUN
 # REFIT=ARM, once ARM's folds are scored and tuned: ARM's recipe on all 68 non-test patients (fold 0's
 # run with its validation patients moved into training, `brainseg train --refit`, for the arm's whole
 # fixed schedule), given the threshold and post-processing its tune chose out of fold, then scored
 # once on the 7 test patients (OUT/ARM_refit/test).
 if [ -n "${REFIT:-}" ]; then
   run="$OUT/${REFIT}_refit"
-  if [ ! -f "$run/model.pt" ] && ! resume_or_clear "$run"; then
+  if ! finished_or_resumed "$run"; then
     # shellcheck disable=SC2086
     brainseg train --refit "$OUT/$REFIT/fold0" --out "$run" --epochs "$EPOCHS" \
       --set "train.lr_milestones=[10,14]" ${ARMS[$REFIT]}
@@ -62,8 +62,7 @@ fi
 for arm in ${ARMS_TO_RUN:-A_baseline B_small C_tversky D_deep E_context H_small_draws J_no_dropout I_tversky_deep G_256}; do
   for fold in $FOLDS; do
     run="$OUT/$arm/fold$fold"
-    [ -f "$run/model.pt" ] && continue
-    resume_or_clear "$run" && continue
+    finished_or_resumed "$run" && continue
     # shellcheck disable=SC2086
     brainseg train --data "$DATA" --out "$run" --fold "$fold" "${SCHEDULE[@]}" ${ARMS[$arm]}
   done
